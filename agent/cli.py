@@ -1,0 +1,137 @@
+"""The `edge-agent` command line: run the daemon, check a config, print its schema, run the demo.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage error, 78 (EX_CONFIG) bad configuration, so that
+systemd's RestartPreventExitStatus=78 stops a restart loop on a config a person must fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent import __version__
+from agent.errors import EX_CONFIG, ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the agent (the daemon)")
+    run.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")
+    _log_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser("check", help="validate a config and print what would be polled")
+    check.add_argument("--config", "-c", type=Path, required=True)
+    check.set_defaults(handler=_cmd_check)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config file, for editors")
+    schema.set_defaults(handler=_cmd_schema)
+
+    demo = commands.add_parser("demo", help="run the whole product on this machine with simulated devices")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
+                      help="auto: mosquitto when installed, else the embedded Python broker")
+    demo.add_argument("--state-dir", type=Path, default=None,
+                      help="where the demo keeps its buffer (default: a temporary directory)")
+    demo.add_argument("--quiet", action="store_true", help="no live view, only the summary")
+    _log_options(demo, default_level="warning")
+    demo.set_defaults(handler=_cmd_demo)
+
+    simulate = commands.add_parser("simulate", help="serve simulated Modbus TCP devices (for testing)",
+                                   add_help=False)
+    simulate.add_argument("args", nargs=argparse.REMAINDER)
+    simulate.set_defaults(handler=_cmd_simulate)
+    return parser
+
+
+def _log_options(parser: argparse.ArgumentParser, default_level: str = "info") -> None:
+    parser.add_argument("--log-level", default=default_level, choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", default="auto", choices=("auto", "text", "json"),
+                        help="auto: plain lines for journald, timestamps on a terminal")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.logs import setup_logging
+
+    config = load_config(args.config)
+    setup_logging(args.log_level, args.log_format)
+    asyncio.run(_run_until_signalled(config))
+    return 0
+
+
+async def _run_until_signalled(config: object) -> None:
+    from agent.daemon import Agent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await Agent(config).run(stop)  # type: ignore[arg-type]
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+
+    config = load_config(args.config)
+    print(f"{config.source}: OK")
+    print(f"gateway {config.gateway.id} at site {config.gateway.site}")
+    print(f"buffer {config.buffer.path} (cap {config.buffer.max_bytes} bytes, durability {config.buffer.durability})")
+    tls = "TLS" if config.mqtt.tls_enabled else "no TLS"
+    print(f"mqtt {config.mqtt.host}:{config.mqtt.effective_port} ({tls}, MQTT {config.mqtt.protocol}), "
+          f"topics {config.mqtt.topic_prefix}/{config.gateway.site}/{config.gateway.id}/...")
+    import drivers
+
+    for device in config.devices:
+        describe = getattr(drivers.load(device.driver), "describe", None)
+        lines = describe(device) if describe else [f"device {device.name} ({device.driver})"]
+        print("\n".join(lines))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from agent.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo.run import run_demo
+    from agent.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    return run_demo(duration=args.duration, broker=args.broker, state_dir=args.state_dir, quiet=args.quiet)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from drivers.modbus.simulator import main as simulate
+
+    return simulate(args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

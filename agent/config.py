@@ -1,0 +1,333 @@
+"""The configuration: one TOML file, validated completely before the first byte goes on a wire.
+
+Every problem is reported at once, each with the file, the dotted path (`devices[2].points[5].type`) and
+what was expected, so a technician can fix the file in one pass. Unknown keys are errors (a typo must not
+silently fall back to a default), with a "did you mean" where a close key exists. Device entries are
+validated by their driver's own model, looked up in `drivers.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+import drivers
+from agent.errors import ConfigError, Problem
+
+# --- value types a technician writes ---------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string such as "500ms", "1s", "15m", "1h"."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError('expected a duration such as 1, 0.5, "500ms", "1s", "15m" or "1h"')
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return value
+
+
+def parse_bytes(value: Any) -> Any:
+    """A byte count as a number, or a string such as "512MB" or "1GiB"."""
+    if isinstance(value, str):
+        match = _BYTES.match(value)
+        if not match:
+            raise ValueError('expected a size such as 1048576, "500MB" or "2GiB"')
+        unit = (match.group(2) or "").lower().removesuffix("b")
+        return int(float(match.group(1)) * _BYTE_UNITS[unit])
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, le=86400)]
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1 << 20)]
+# Names end up in MQTT topics and metric labels: no '/', '+', '#' or spaces.
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-field checks, as (path relative to this model, message). Empty when all is well."""
+        return []
+
+
+# --- sections --------------------------------------------------------------------------------------
+
+class GatewayConfig(StrictModel):
+    id: Name = Field(description="This gateway's id, unique on the platform; part of every topic.")
+    site: Name = Field(description="The site (factory) this gateway belongs to; part of every topic.")
+
+
+class BufferConfig(StrictModel):
+    path: Path = Field(Path("/var/lib/edge-agent/buffer.db"), description="SQLite file of the buffer.")
+    max_bytes: ByteSize = Field(
+        1 << 30, description="Cap on the buffer's size on disk; when reached, the oldest readings are dropped "
+        "and counted.")
+    durability: Literal["power-loss", "process-crash"] = Field(
+        "power-loss", description='"power-loss": every commit is fsynced (survives a power cut); '
+        '"process-crash": survives a crash of the agent, a power cut may lose the last second.')
+
+
+class TlsConfig(StrictModel):
+    enabled: bool = True
+    ca_file: Path | None = Field(None, description="CA bundle to verify the broker; the system store if unset.")
+    cert_file: Path | None = Field(None, description="Client certificate, for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client private key, for mutual TLS.")
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [(name, f"file not found: {path}") for name, path in
+               (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file))
+               if path is not None and not path.is_file()]
+        if (self.cert_file is None) != (self.key_file is None):
+            out.append(("key_file" if self.key_file is None else "cert_file",
+                        "mutual TLS needs both cert_file and key_file"))
+        return out
+
+
+class MqttConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535, description="Default 1883, or 8883 with TLS.")
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    client_id: str | None = Field(None, description='Default "edge-agent-<gateway.id>".')
+    keepalive: Duration = 30.0
+    username: str | None = None
+    password_file: Path | None = Field(None, description="File holding the password (first line).")
+    password_env: str | None = Field(None, description="Environment variable holding the password.")
+    allow_password_without_tls: bool = Field(
+        False, description="Send a password over a connection without TLS. Only for closed test networks.")
+    tls: TlsConfig | None = None
+    topic_prefix: Annotated[str, Field(pattern=r"^[^#+]+$")] = "edge"
+    max_inflight: int = Field(32, ge=1, le=1000, description="QoS 1 messages awaiting PUBACK at once.")
+    reconnect_min: Duration = 1.0
+    reconnect_max: Duration = 60.0
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls is not None and self.tls.enabled
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls_enabled else 1883)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if self.password_file is not None and self.password_env is not None:
+            out.append(("password_env", "give the password either in password_file or in password_env"))
+        if self.password_file is not None and not self.password_file.is_file():
+            out.append(("password_file", f"file not found: {self.password_file}"))
+        has_password = self.password_file is not None or self.password_env is not None
+        if has_password and self.username is None:
+            out.append(("username", "a password is configured but no username"))
+        if has_password and not self.tls_enabled and not self.allow_password_without_tls:
+            out.append(("tls", "a password would be sent in clear text: enable [mqtt.tls], or set "
+                               "allow_password_without_tls = true on a closed test network"))
+        if self.reconnect_max < self.reconnect_min:
+            out.append(("reconnect_max", "must be at least reconnect_min"))
+        if self.tls is not None:
+            out.extend((f"tls.{where}", msg) for where, msg in self.tls.problems())
+        return out
+
+
+class DeviceBase(StrictModel):
+    """What every device has, whatever its driver. Drivers subclass this."""
+
+    name: Name = Field(description="Unique device name; part of the topic and of every reading.")
+    driver: str
+    poll_interval: Duration = Field(
+        1.0, description="Polls are aligned to the wall clock: 1s on whole seconds, 15m on :00/:15/:30/:45.")
+    timeout: Duration = Field(1.0, description="How long one request may take before the device counts as "
+                                               "not answering.")
+
+
+class _TopLevel(StrictModel):
+    gateway: GatewayConfig
+    buffer: BufferConfig = BufferConfig()
+    mqtt: MqttConfig = MqttConfig()
+    devices: list[Any] = Field(default_factory=list, description="[[devices]] tables; see each driver.")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    source: str
+    gateway: GatewayConfig
+    buffer: BufferConfig
+    mqtt: MqttConfig
+    devices: tuple[DeviceBase, ...]
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def load_config(path: Path | str) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [Problem("", f"cannot read the config file: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [Problem("", f"not UTF-8 text: {exc}")]) from exc
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> AgentConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [Problem("", f"not valid TOML: {exc}")]) from exc
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
+    """Validate an already parsed config (the TOML file's tables as dicts)."""
+    problems: list[Problem] = []
+    top: _TopLevel | None = None
+    try:
+        top = _TopLevel.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, (), _TopLevel))
+    else:
+        problems.extend(_cross_checks(top.mqtt, ("mqtt",)))
+
+    raw_devices = raw.get("devices", [])
+    devices: list[DeviceBase] = []
+    if isinstance(raw_devices, list):
+        devices = _validate_devices(raw_devices, problems)
+        if not raw_devices:
+            problems.append(Problem("devices", "no devices configured: add at least one [[devices]] table"))
+    if problems:
+        raise ConfigError(source, problems)
+    assert top is not None
+    return AgentConfig(source, top.gateway, top.buffer, top.mqtt, tuple(devices))
+
+
+def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[DeviceBase]:
+    devices: list[DeviceBase] = []
+    first_index: dict[str, int] = {}
+    known = ", ".join(sorted(drivers.REGISTRY))
+    for index, raw in enumerate(raw_devices):
+        where = ("devices", index)
+        if not isinstance(raw, dict):
+            problems.append(Problem(_dotted(where), "expected a table ([[devices]])"))
+            continue
+        name = raw.get("name")
+        if isinstance(name, str):
+            if name in first_index:
+                problems.append(Problem(_dotted((*where, "name")), f"duplicate device name {name!r} "
+                                        f"(already used by {_dotted(('devices', first_index[name]))})"))
+            first_index.setdefault(name, index)
+        driver = raw.get("driver")
+        if driver is None:
+            problems.append(Problem(_dotted((*where, "driver")), f"missing required key; expected one of: {known}"))
+            continue
+        if driver not in drivers.REGISTRY:
+            problems.append(Problem(_dotted((*where, "driver")),
+                                    f"unknown driver {driver!r}; expected one of: {known}"))
+            continue
+        model: type[DeviceBase] = drivers.load(driver).DeviceConfig
+        try:
+            device = model.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, where, model))
+            continue
+        problems.extend(_cross_checks(device, where))
+        devices.append(device)
+    return devices
+
+
+def _cross_checks(model: StrictModel, where: tuple[str | int, ...]) -> list[Problem]:
+    return [Problem(f"{_dotted(where)}.{sub}", message) for sub, message in model.problems()]
+
+
+def _problems_from(exc: ValidationError, prefix: tuple[str | int, ...], model: type[BaseModel]) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(part for part in error["loc"] if not _is_internal(part))
+        where = _dotted(prefix + loc)
+        kind = error["type"]
+        if kind == "missing":
+            message = "missing required key"
+        elif kind == "extra_forbidden":
+            message = "unknown key" + _suggestion(model, loc)
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            given = error.get("input")
+            if isinstance(given, str | int | float | bool) and not isinstance(given, dict):
+                message += f" (got {given!r})"
+        problems.append(Problem(where, message))
+    return problems
+
+
+def _is_internal(part: str | int) -> bool:
+    # pydantic adds pseudo-locations for union members and validators, e.g. "function-before[...]".
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list"})
+
+
+def _suggestion(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
+    """Walk the model along `loc` to the table holding the unknown key, and offer the closest real key."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None:
+            return ""
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        current = _model_in(field.annotation) if field is not None else None
+    if current is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(current.model_fields), n=1, cutoff=0.6)
+    allowed = ", ".join(current.model_fields)
+    return f"; did you mean {close[0]!r}?" if close else f"; expected one of: {allowed}"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (list, tuple, typing.Union, types.UnionType, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the whole file, for editors (`edge-agent schema`)."""
+    schema = _TopLevel.model_json_schema()
+    device_schemas = [drivers.load(name).DeviceConfig.model_json_schema() for name in sorted(drivers.REGISTRY)]
+    defs = schema.setdefault("$defs", {})
+    for device_schema in device_schemas:
+        defs.update(device_schema.pop("$defs", {}))
+    schema["properties"]["devices"] = {"type": "array", "minItems": 1, "items": {"oneOf": device_schemas},
+                                       "description": "[[devices]] tables, one per device; `driver` selects "
+                                                      "the fields."}
+    schema["required"] = sorted({*schema.get("required", []), "devices"})
+    schema["title"] = "edge-agent configuration"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

@@ -1,0 +1,96 @@
+"""The agent: one TaskGroup owns the pollers, the buffer writer and the uplink.
+
+Data flows driver -> scheduler -> writer -> buffer -> uplink -> broker; acknowledgements flow back from
+the uplink to the buffer. Shutdown runs in the same order: pollers stop first, the writer commits what
+they produced, the uplink gets a short grace for messages in flight, the buffer is closed. What is not
+acknowledged by then stays in the buffer for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import drivers
+from agent.config import AgentConfig
+from agent.health import DeviceHealth, FailureLog
+from agent.payload import Encoder
+from agent.scheduler import poll_loop
+from agent.uplink import MqttUplink
+from agent.writer import BufferWriter
+from buffer.store import Buffer
+from drivers.base import PollingDriver
+
+log = logging.getLogger("agent")
+
+SHUTDOWN_GRACE = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    readings_polled: int
+    readings_committed: int
+    readings_delivered: int
+    mqtt_connected: bool
+    inflight: int
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.health = {d.name: DeviceHealth(d.name, FailureLog(f"device {d.name}", log)) for d in config.devices}
+        self.buffer: Buffer | None = None
+        self.writer: BufferWriter | None = None
+        self.uplink: MqttUplink | None = None
+        self.started = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = self.config
+        self.buffer = buffer = await Buffer.open(config.buffer.path, config.buffer.max_bytes,
+                                                 config.buffer.durability)
+        device_drivers: dict[str, PollingDriver] = {}
+        try:
+            self.uplink = uplink = MqttUplink(config.mqtt, config.gateway, buffer)
+            encoder = Encoder(config.gateway.id, config.gateway.site, buffer.buffer_id)
+            self.writer = writer = BufferWriter(buffer, encoder, uplink.notify)
+            for device in config.devices:
+                device_drivers[device.name] = drivers.load(device.driver).create(device)
+            stats = await buffer.stats()
+            log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "
+                     "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
+                     config.mqtt.host, config.mqtt.effective_port)
+            async with asyncio.TaskGroup() as group:
+                writer_task = group.create_task(writer.run(), name="buffer-writer")
+                uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
+                pollers = [group.create_task(poll_loop(d.name, d.poll_interval, device_drivers[d.name],
+                                                       self.health[d.name], writer.submit), name=f"poll:{d.name}")
+                           for d in config.devices]
+                self.started.set()
+                await stop.wait()
+                log.info("stopping: pollers first, then the buffer writer, then the uplink")
+                for task in pollers:
+                    task.cancel()
+                await asyncio.gather(*pollers, return_exceptions=True)
+                await writer.flush()
+                await uplink.drain(SHUTDOWN_GRACE)
+                writer_task.cancel()
+                uplink_task.cancel()
+        finally:
+            for driver in device_drivers.values():
+                await driver.close()
+            remaining = await buffer.stats()
+            await buffer.close()
+            log.info("stopped; %d readings remain in the buffer for the next start", remaining.readings)
+
+    def counters(self) -> Counters:
+        writer, uplink = self.writer, self.uplink
+        committed = writer.readings_committed if writer else 0
+        delivered = uplink.readings_delivered if uplink else 0
+        return Counters(
+            readings_polled=sum(h.readings for h in self.health.values()),
+            readings_committed=committed,
+            readings_delivered=delivered,
+            mqtt_connected=uplink.connected if uplink else False,
+            inflight=uplink.inflight if uplink else 0,
+        )

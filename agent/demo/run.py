@@ -1,0 +1,186 @@
+"""`edge-agent demo`: the whole product on one machine with nothing else installed.
+
+It starts simulated devices (a three-phase power meter and an environmental sensor behind one Modbus TCP
+gateway), a broker (mosquitto when installed, otherwise the embedded Python broker), and the agent with a
+real SQLite buffer on the embedded default config (`demo.toml`). It shows what reaches the broker, as the
+platform sees it, and the buffer depth; it ends with a summary of readings polled, delivered and lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, validate_config
+from agent.daemon import Agent
+from agent.demo.broker import EmbeddedBroker
+from agent.demo.mosquitto import MosquittoProcess, find_mosquitto
+from agent.monitor import Monitor
+from buffer.store import Buffer
+from drivers.modbus.simulator import EnvSensor, PowerMeter, SimServer
+
+log = logging.getLogger("agent.demo")
+
+DRAIN_TIMEOUT = 10.0
+
+
+def demo_config(modbus_port: int, mqtt_port: int, buffer_path: Path) -> AgentConfig:
+    raw: dict[str, Any] = tomllib.loads(resources.files("agent.demo").joinpath("demo.toml").read_text("utf-8"))
+    raw["buffer"]["path"] = str(buffer_path)
+    raw["mqtt"]["port"] = mqtt_port
+    for device in raw["devices"]:
+        device["port"] = modbus_port
+    return validate_config(raw, source="demo.toml (embedded)")
+
+
+def run_demo(duration: float | None = None, broker: str = "auto", state_dir: Path | None = None,
+             quiet: bool = False) -> int:
+    try:
+        return asyncio.run(_demo(duration, broker, state_dir, quiet))
+    except KeyboardInterrupt:
+        return 130
+
+
+@contextlib.asynccontextmanager
+async def _broker(kind: str, work_dir: Path) -> AsyncIterator[tuple[str, int]]:
+    binary = find_mosquitto() if kind in ("auto", "mosquitto") else None
+    if kind == "mosquitto" and binary is None:
+        raise SystemExit("edge-agent demo: --broker mosquitto, but no mosquitto binary was found")
+    if binary is not None:
+        process = MosquittoProcess(work_dir=work_dir / "mosquitto", binary=binary)
+        await asyncio.to_thread(process.start)
+        try:
+            yield f"mosquitto {binary}", process.port
+        finally:
+            await asyncio.to_thread(process.stop)
+    else:
+        embedded = EmbeddedBroker()
+        await embedded.start()
+        try:
+            yield "embedded Python broker (install mosquitto for a real one)", embedded.port
+        finally:
+            await embedded.stop()
+
+
+async def _demo(duration: float | None, broker_kind: str, state_dir: Path | None, quiet: bool) -> int:
+    with tempfile.TemporaryDirectory(prefix="edge-agent-demo-") as tmp:
+        work = Path(tmp)
+        state = state_dir or work
+        state.mkdir(parents=True, exist_ok=True)
+        async with SimServer({1: PowerMeter(), 2: EnvSensor()}) as simulator, \
+                _broker(broker_kind, work) as (broker_name, mqtt_port):
+            config = demo_config(simulator.port, mqtt_port, state / "buffer.db")
+            topic = f"{config.mqtt.topic_prefix}/{config.gateway.site}/{config.gateway.id}/#"
+            view = _LiveView(quiet)
+            monitor = Monitor("127.0.0.1", mqtt_port, topic, on_message=view.on_message)
+            await asyncio.to_thread(monitor.start)
+            try:
+                _say(quiet, f"edge-agent demo: simulated Modbus TCP gateway at 127.0.0.1:{simulator.port} "
+                            f"(power meter unit 1, environmental sensor unit 2)")
+                _say(quiet, f"broker: {broker_name} on 127.0.0.1:{mqtt_port}; buffer: {config.buffer.path}")
+                _say(quiet, f"platform view, subscribed to {topic}"
+                            f"{'' if duration else ' (Ctrl-C to stop)'}:")
+                return await _run_agent(config, monitor, view, duration, quiet)
+            finally:
+                await asyncio.to_thread(monitor.stop)
+
+
+async def _run_agent(config: AgentConfig, monitor: Monitor, view: _LiveView, duration: float | None,
+                     quiet: bool) -> int:
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (2, 15):  # SIGINT, SIGTERM: stop cleanly and print the summary
+        loop.add_signal_handler(signum, stop.set)
+    started = time.monotonic()
+    task = asyncio.create_task(agent.run(stop))
+    await agent.started.wait()
+    assert agent.buffer is not None
+    first_seq = agent.buffer.next_seq
+    try:
+        while not stop.is_set() and not task.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            view.flush(agent, await agent.buffer.stats() if not task.done() else None)
+            if duration is not None and time.monotonic() - started >= duration:
+                stop.set()
+        # Let the backlog drain before stopping the uplink, so the summary shows a settled state.
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while not task.done() and time.monotonic() < deadline and (await agent.buffer.stats()).rows:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await task
+    last_seq = agent.buffer.next_seq - 1
+    stream = monitor.stream(config.gateway.id, agent.buffer.buffer_id)
+    monitor.wait_for(lambda: all(s in stream.seqs for s in range(first_seq, last_seq + 1)), 2.0)
+    buffered = await _buffered_seqs(config)
+    polled = last_seq - first_seq + 1
+    delivered = sum(1 for s in range(first_seq, last_seq + 1) if s in stream.seqs)
+    lost = sum(1 for s in range(first_seq, last_seq + 1) if s not in stream.seqs and s not in buffered)
+    print(f"demo summary: {time.monotonic() - started:.0f} s, polled {polled} readings, delivered {delivered}, "
+          f"still buffered {len(buffered & set(range(first_seq, last_seq + 1)))}, lost {lost}, "
+          f"duplicates {stream.seqs.duplicates}", flush=True)
+    return 0 if lost == 0 else 1
+
+
+async def _buffered_seqs(config: AgentConfig) -> set[int]:
+    buffer = await Buffer.open(config.buffer.path, config.buffer.max_bytes, config.buffer.durability)
+    try:
+        rows = await buffer.read_after(0, 1 << 30)
+    finally:
+        await buffer.close()
+    return {seq for row in rows for seq in range(row.seq, row.seq + row.count)}
+
+
+def _say(quiet: bool, line: str) -> None:
+    if not quiet:
+        print(line, flush=True)
+
+
+class _LiveView:
+    """Prints, once a second, the newest message of each device as the platform received it."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    def on_message(self, topic: str, body: dict[str, Any]) -> None:  # paho's thread
+        self._pending[body["device"]] = body
+
+    def flush(self, agent: Agent, stats: Any) -> None:
+        if self.quiet:
+            return
+        pending, self._pending = self._pending, {}
+        for device, body in sorted(pending.items()):
+            readings = body["readings"]
+            values = "  ".join(_fmt(r) for r in readings)
+            seqs = f"seq {readings[0]['seq']}..{readings[-1]['seq']}"
+            print(f"{body['ts'][11:19]}Z {device:<12} {seqs:<16} {values}", flush=True)
+        counters = agent.counters()
+        depth = f"{stats.readings} readings in the buffer" if stats else "buffer closed"
+        link = "connected" if counters.mqtt_connected else "DISCONNECTED"
+        print(f"{'':9} {'agent':<12} broker {link}, {depth}, {counters.inflight} messages in flight, "
+              f"polled {counters.readings_polled}, delivered {counters.readings_delivered}", flush=True)
+
+
+def _fmt(reading: dict[str, Any]) -> str:
+    value = reading["value"]
+    if reading["quality"] != "good":
+        return f"{reading['point']}=BAD({reading.get('reason', '')})"
+    shown = f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+    return f"{reading['point']}={shown}{reading.get('unit', '') and ' ' + reading['unit']}"
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(duration=10))

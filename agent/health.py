@@ -1,0 +1,59 @@
+"""Per-device health and the logging rule for failures: the first failure loudly, repeats quietly, the
+recovery once. A gateway with a dead meter must not fill the journal."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FailureLog:
+    """Tracks one thing that can fail repeatedly (a device, the broker link, the disk)."""
+
+    what: str
+    logger: logging.Logger
+    failing_since: float | None = None
+    consecutive: int = 0
+
+    def failed(self, reason: object, detail: str = "") -> None:
+        self.consecutive += 1
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            self.logger.error("%s: %s%s (repeats are logged at debug level until it recovers)", self.what,
+                              reason, f"; {detail}" if detail else "")
+        else:
+            self.logger.debug("%s: still failing (%d in a row): %s", self.what, self.consecutive, reason)
+
+    def succeeded(self) -> None:
+        if self.failing_since is not None:
+            down = time.monotonic() - self.failing_since
+            self.logger.info("%s: recovered after %d failures over %.1f s", self.what, self.consecutive, down)
+        self.failing_since = None
+        self.consecutive = 0
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+
+@dataclass
+class DeviceHealth:
+    name: str
+    failures: FailureLog
+    polls_ok: int = 0
+    polls_failed: int = 0
+    overruns: int = 0
+    readings: int = 0
+    bad_readings: int = 0
+    last_poll_seconds: float = 0.0
+    last_success: float | None = None
+    last_error: str | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.failures.failing:
+            return "failing"
+        return "ok" if self.polls_ok else "starting"

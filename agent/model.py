@@ -1,0 +1,42 @@
+"""The values that cross module boundaries: a reading, its quality, one poll cycle's result.
+
+Drivers produce `PollResult`s, the scheduler hands them to the buffer writer, the buffer stores them
+encoded. Nothing downstream of a driver knows which protocol a reading came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+Value = float | int | bool | str | None
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value of one point. A bad reading carries `value=None` and a `reason` a person can act on."""
+
+    point: str
+    value: Value
+    unit: str | None = None
+    quality: Quality = Quality.GOOD
+    reason: str | None = None
+
+    @classmethod
+    def bad(cls, point: str, reason: str, unit: str | None = None) -> Reading:
+        return cls(point, None, unit, Quality.BAD, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """Everything one device produced in one poll cycle, stamped with one clock read (UTC epoch seconds)."""
+
+    device: str
+    ts: float
+    readings: tuple[Reading, ...]

@@ -1,0 +1,47 @@
+"""The wire format (JSON, version 1) and the topic layout. Specified for the platform in docs/payload.md.
+
+A message carries one device's poll: the poll time once, then each reading with its own sequence number.
+It is encoded once, when the buffer stores it, so what is sent after an outage is byte for byte what
+would have been sent live.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.model import PollResult, Quality
+
+SCHEMA = "edge-agent/v1"
+
+
+def data_topic(prefix: str, site: str, gateway: str, device: str) -> str:
+    return f"{prefix}/{site}/{gateway}/data/{device}"
+
+
+def status_topic(prefix: str, site: str, gateway: str) -> str:
+    return f"{prefix}/{site}/{gateway}/status"
+
+
+def iso_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Encoder:
+    def __init__(self, gateway: str, site: str, buffer_id: str) -> None:
+        self._head = {"schema": SCHEMA, "gateway": gateway, "site": site, "buffer_id": buffer_id}
+        self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+    def encode(self, result: PollResult, first_seq: int) -> bytes:
+        readings: list[dict[str, Any]] = []
+        for seq, reading in enumerate(result.readings, first_seq):
+            item: dict[str, Any] = {"seq": seq, "point": reading.point, "value": reading.value,
+                                    "quality": reading.quality.value}
+            if reading.unit is not None:
+                item["unit"] = reading.unit
+            if reading.quality is not Quality.GOOD and reading.reason:
+                item["reason"] = reading.reason
+            readings.append(item)
+        message = {**self._head, "device": result.device, "ts": iso_utc(result.ts), "readings": readings}
+        return self._dumps(message).encode()

@@ -1,0 +1,85 @@
+"""Wall-clock aligned polling: the agent owns time, the driver owns the protocol.
+
+A device with a 1 s interval is polled on whole seconds, one with 15 min on :00/:15/:30/:45 UTC (which
+is also on the quarter hours of KST), so demand windows line up with the utility meter's. Each tick is
+computed from the wall clock, never by adding intervals, so there is no drift. A poll slower than its
+interval skips the ticks it overran (counted), it never piles up. A failed poll is logged once, counted,
+and retried on a growing backoff (still aligned to ticks); nothing a driver raises can end the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from agent.errors import DeviceError
+from agent.health import DeviceHealth
+from agent.model import PollResult, Quality
+from drivers.base import PollingDriver
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 60.0
+
+
+def tick_index_after(now: float, interval: float) -> int:
+    """The index n of the first tick n * interval (seconds since the epoch) strictly after `now`."""
+    return math.floor(now / interval) + 1
+
+
+async def sleep_until(wall_time: float, clock: Callable[[], float] = time.time) -> None:
+    delay = wall_time - clock()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def backoff_ticks(consecutive_failures: int, interval: float) -> int:
+    """Ticks to wait after a failed poll: 1, 2, 4, ... up to about MAX_BACKOFF (at least one tick)."""
+    cap = max(1, math.floor(MAX_BACKOFF / interval))
+    return min(cap, 2 ** min(max(consecutive_failures - 1, 0), 30))
+
+
+async def poll_loop(name: str, interval: float, driver: PollingDriver, health: DeviceHealth,
+                    submit: Callable[[PollResult], Awaitable[None]],
+                    clock: Callable[[], float] = time.time) -> None:
+    # Ticks are counted as integers and turned into wall time by one multiplication each: no drift.
+    tick = tick_index_after(clock(), interval)
+    while True:
+        await sleep_until(tick * interval, clock)
+        started = clock()  # the one clock read of this cycle: every reading of the poll carries it
+        step = 1
+        try:
+            async with asyncio.timeout(driver.max_poll_seconds):
+                readings = await driver.poll()
+        except Exception as exc:
+            health.polls_failed += 1
+            health.last_error = _describe(exc)
+            health.failures.failed(health.last_error)
+            step = backoff_ticks(health.failures.consecutive, interval)
+        else:
+            health.polls_ok += 1
+            health.readings += len(readings)
+            health.bad_readings += sum(1 for r in readings if r.quality is not Quality.GOOD)
+            health.last_success = started
+            health.failures.succeeded()
+            await submit(PollResult(name, started, tuple(readings)))
+        now = clock()
+        health.last_poll_seconds = now - started
+        following = tick + step
+        if now >= following * interval:
+            skipped = tick_index_after(now, interval) - following
+            health.overruns += skipped
+            log.debug("%s: poll took %.3f s, skipped %d tick(s)", name, now - started, skipped)
+            following += skipped
+        tick = following
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "poll timed out"
+    if isinstance(exc, DeviceError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc}"

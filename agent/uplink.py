@@ -1,0 +1,242 @@
+"""The MQTT uplink: sends what the buffer holds, and deletes a row only after the broker's PUBACK.
+
+Invariants:
+1. Only the buffer is sent. A row is handed to paho-mqtt at QoS 1 and stays in the buffer; it is deleted
+   when paho reports the PUBACK for that message id (`on_publish`), never when `publish()` returns:
+   "handed to the client library" is not "delivered".
+2. At most `max_inflight` messages await their PUBACK, so throughput does not wait on the broker's round
+   trip and memory stays bounded however large the backlog: the backlog lives on disk, read in windows.
+3. Rows are sent in sequence order over one connection; MQTT keeps that order per topic.
+4. When the link drops, messages in flight stay with paho, which re-sends them (DUP) after reconnecting;
+   their rows are still in the buffer. If the agent stops or crashes first, they are sent again by the
+   next run: the cost of a crash is duplicates, which the platform drops by sequence number, never a loss.
+
+paho-mqtt runs its network loop in its own thread (`loop_start`); its callbacks only hand events to the
+event loop with `call_soon_threadsafe`. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import __version__
+from agent.config import GatewayConfig, MqttConfig
+from agent.health import FailureLog
+from agent.payload import data_topic, iso_utc, status_topic
+from buffer.store import Buffer, StoredBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    seq: int
+    count: int
+
+
+class MqttUplink:
+    def __init__(self, config: MqttConfig, gateway: GatewayConfig, buffer: Buffer) -> None:
+        self._config = config
+        self._gateway = gateway
+        self._buffer = buffer
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, _InFlight] = {}
+        self._acked: list[_InFlight] = []
+        self._cursor = 0  # highest sequence number handed to paho in this run
+        self._connected = False
+        self._stopping = False
+        self._link = FailureLog(f"MQTT broker {config.host}:{config.effective_port}", log)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self.readings_delivered = 0
+        self.messages_delivered = 0
+        self.status_topic = status_topic(config.topic_prefix, gateway.site, gateway.id)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def notify(self) -> None:
+        """New rows were committed to the buffer."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client = client = self._make_client()
+        client.connect_async(self._config.host, self._config.effective_port,
+                             keepalive=round(self._config.keepalive))
+        client.loop_start()
+        try:
+            await self._pump(client)
+        finally:
+            await self._disconnect(client)
+
+    async def drain(self, grace: float) -> None:
+        """At shutdown: stop sending new rows and give what is in flight `grace` seconds to be acknowledged.
+        Whatever is not acknowledged by then stays in the buffer for the next run."""
+        self._stopping = True
+        deadline = time.monotonic() + grace
+        while self._inflight and self._connected and time.monotonic() < deadline:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._wake.wait()
+            except TimeoutError:
+                break
+        await self._delete_acked()
+
+    # --- the pump: buffer -> broker ---------------------------------------------------------------
+
+    async def _pump(self, client: mqtt.Client) -> None:
+        while True:
+            self._wake.clear()
+            await self._delete_acked()
+            room = self._config.max_inflight - len(self._inflight)
+            if self._connected and not self._stopping and room > 0:
+                for row in await self._buffer.read_after(self._cursor, room):
+                    self._publish(client, row)
+            await self._wake.wait()
+
+    def _publish(self, client: mqtt.Client, row: StoredBatch) -> None:
+        topic = data_topic(self._config.topic_prefix, self._gateway.site, self._gateway.id, row.device)
+        info = client.publish(topic, row.payload, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # Not queued by paho at all: leave the cursor so the row is tried again.
+            raise RuntimeError(f"paho refused to queue a message: {mqtt.error_string(info.rc)}")
+        # MQTT_ERR_NO_CONN: the link dropped just now; paho keeps the message and sends it on reconnect.
+        self._inflight[info.mid] = _InFlight(row.seq, row.count)
+        self._cursor = row.seq
+
+    async def _delete_acked(self) -> None:
+        if not self._acked:
+            return
+        acked, self._acked = self._acked, []
+        try:
+            await self._buffer.delete([a.seq for a in acked])
+        except Exception:
+            self._acked = acked + self._acked  # retried on the next wake; a failed delete loses nothing
+            raise
+        self.readings_delivered += sum(a.count for a in acked)
+        self.messages_delivered += len(acked)
+
+    # --- paho callbacks (paho's thread) -> event loop ---------------------------------------------
+
+    def _from_paho(self, callback: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(callback, *args)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Any) -> None:
+        self._from_paho(self._connection_changed, not reason.is_failure, str(reason))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._from_paho(self._connection_changed, False, "cannot connect (refused, unreachable or TLS failed)")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Any) -> None:
+        self._from_paho(self._connection_changed, False, f"disconnected: {reason}")
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Any) -> None:
+        self._from_paho(self._on_ack, mid, reason.is_failure, str(reason))
+
+    # --- event-loop side of the callbacks -----------------------------------------------------------
+
+    def _connection_changed(self, connected: bool, reason: str) -> None:
+        was = self._connected
+        self._connected = connected
+        if connected:
+            self._link.succeeded()
+            if not was:
+                log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
+                self._publish_status("online")
+        elif not self._stopping:
+            self._link.failed(reason, f"{len(self._inflight)} messages in flight stay in the buffer; "
+                                      "reconnecting with backoff")
+        self._wake.set()
+
+    def _on_ack(self, mid: int, failed: bool, reason: str) -> None:
+        entry = self._inflight.pop(mid, None)
+        if entry is None:
+            return  # the status message, or an ack for a message of a previous connection already counted
+        if failed:
+            # MQTT 5 broker refused the message (e.g. not authorized): it was not delivered. Send it again
+            # from its position; the rows behind it may arrive twice, which sequence numbers make harmless.
+            log.error("broker refused message with readings %d..%d: %s; it stays in the buffer",
+                      entry.seq, entry.seq + entry.count - 1, reason)
+            self._cursor = min(self._cursor, entry.seq - 1)
+        else:
+            self._acked.append(entry)
+        self._wake.set()
+
+    # --- client setup and teardown --------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        config = self._config
+        client_id = config.client_id or f"edge-agent-{self._gateway.id}"
+        if config.protocol == "5":
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                 clean_session=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.max_inflight_messages_set(0)  # the window is ours (max_inflight); paho must not queue
+        client.reconnect_delay_set(min_delay=max(1, round(config.reconnect_min)),
+                                   max_delay=max(1, round(config.reconnect_max)))
+        client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        if config.username is not None:
+            client.username_pw_set(config.username, read_password(config))
+        if config.tls_enabled:
+            assert config.tls is not None
+            context = ssl.create_default_context(
+                cafile=str(config.tls.ca_file) if config.tls.ca_file else None)
+            if config.tls.cert_file and config.tls.key_file:
+                context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+            client.tls_set_context(context)
+        return client
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"state": state, "gateway": self._gateway.id, "site": self._gateway.site,
+                           "version": __version__, "ts": iso_utc(time.time())}).encode()
+
+    def _publish_status(self, state: str) -> None:
+        if self._client is not None:
+            self._client.publish(self.status_topic, self._status_payload(state), qos=1, retain=True)
+
+    async def _disconnect(self, client: mqtt.Client) -> None:
+        self._stopping = True
+        if self._connected:
+            # A clean DISCONNECT suppresses the will, so say "offline" ourselves first.
+            self._publish_status("offline")
+        client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
+        self._connected = False
+
+
+def read_password(config: MqttConfig) -> str | None:
+    """The broker password from its file or environment variable; never logged."""
+    if config.password_file is not None:
+        return config.password_file.read_text(encoding="utf-8").splitlines()[0] if \
+            config.password_file.stat().st_size else ""
+    if config.password_env is not None:
+        return os.environ.get(config.password_env)
+    return None

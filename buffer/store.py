@@ -1,0 +1,237 @@
+"""The store-and-forward buffer: every reading is on disk before anything tries to send it.
+
+Invariants (what is written when, what a crash can leave, what recovery does):
+
+1. A poll result is safe once `append()` has returned: its row was committed in one transaction together
+   with the advance of the sequence counter. Until then it exists only in the writer's memory queue.
+2. Every reading gets the next sequence number. A row holds the readings of one device's poll: `seq` is
+   its first reading's number, `count` how many follow it. The counter (`meta.next_seq`) advances in the
+   same transaction as the rows, so after any crash counter and rows agree: a number is never reused
+   and never skipped for the life of this buffer file (identified by `meta.buffer_id`).
+3. A row leaves the buffer only through `delete()`, which the uplink calls after the broker acknowledged
+   the message that carried it, or through the size cap, which counts what it drops (`meta.dropped`).
+4. Durability: the file is in WAL mode. With durability "power-loss" (synchronous=FULL) a returned
+   `append()` survives a power cut. With "process-crash" (synchronous=NORMAL) it survives a crash or
+   SIGKILL of the agent; a power cut may lose the last commits, but never corrupts the file.
+5. Recovery: opening the file lets SQLite replay or discard its WAL. A file that is not a readable
+   buffer (not a database, a damaged header or schema) is renamed aside to `<name>.corrupt-<utc time>`
+   with its WAL, a loud log line says so, and a fresh buffer with a new `buffer_id` starts: the agent
+   never crash-loops on a bad file, and the platform sees from the new buffer_id that numbering restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    seq     INTEGER PRIMARY KEY,  -- sequence number of the row's first reading
+    count   INTEGER NOT NULL,     -- readings in the row: they hold seq .. seq + count - 1
+    device  TEXT NOT NULL,
+    ts      REAL NOT NULL,        -- poll time, UTC epoch seconds
+    payload BLOB NOT NULL         -- the message body, encoded once at insert
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    seq: int
+    count: int
+    device: str
+    ts: float
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    rows: int
+    readings: int
+    oldest_ts: float | None
+    bytes_on_disk: int
+    dropped: int
+    next_seq: int
+    buffer_id: str
+
+
+class Buffer:
+    """Open with `await Buffer.open(...)`. One writer (the agent's buffer writer) appends; one reader
+    (the uplink) reads and deletes. Both run on the same event loop."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, max_bytes: int, buffer_id: str, next_seq: int,
+                 dropped: int, page_size: int) -> None:
+        self._db = db
+        self.path = path
+        self.max_bytes = max_bytes
+        self.buffer_id = buffer_id
+        self._next_seq = next_seq
+        self._dropped = dropped
+        self._page_size = page_size
+        # One connection serves the writer and the uplink: every operation holds this lock, so no
+        # transaction interleaves with another and no read ever sees a transaction that is still open.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path | str, max_bytes: int = 1 << 30,
+                   durability: Literal["power-loss", "process-crash"] = "power-loss") -> Buffer:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return await cls._open(path, max_bytes, durability)
+        except sqlite3.DatabaseError as exc:
+            aside = _move_aside(path)
+            log.error("buffer %s is unreadable (%s): moved it aside to %s and started a new, empty buffer; "
+                      "readings in the old file were not sent", path, exc, aside)
+            return await cls._open(path, max_bytes, durability)
+
+    @classmethod
+    async def _open(cls, path: Path, max_bytes: int, durability: str) -> Buffer:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={'FULL' if durability == 'power-loss' else 'NORMAL'}")
+            await db.execute("PRAGMA journal_size_limit=67108864")
+            await db.executescript(_SCHEMA)
+            meta = dict(await db.execute_fetchall("SELECT key, value FROM meta"))
+            if not meta:
+                meta = {"schema_version": SCHEMA_VERSION, "buffer_id": uuid.uuid4().hex, "next_seq": 1,
+                        "dropped": 0, "created": time.time()}
+                await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"unknown buffer schema version {meta.get('schema_version')!r}")
+            (last,), = await db.execute_fetchall("SELECT coalesce(max(seq + count), 1) FROM batches")
+            (page_size,), = await db.execute_fetchall("PRAGMA page_size")
+            next_seq = int(meta["next_seq"])
+            if last > next_seq:  # cannot happen with invariant 2; refuse to reuse numbers if it ever does
+                log.error("buffer %s: counter %d behind its rows (%d); continuing after the rows", path,
+                          next_seq, last)
+                next_seq = last
+            return cls(db, path, max_bytes, str(meta["buffer_id"]), next_seq, int(meta["dropped"]), page_size)
+        except BaseException:
+            await db.close()
+            raise
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next appended reading will get."""
+        return self._next_seq
+
+    async def append(self, batches: Sequence[StoredBatch]) -> None:
+        """Commit rows in one transaction. Their numbers must continue `next_seq` without a gap."""
+        if not batches:
+            return
+        expected = self._next_seq
+        for batch in batches:
+            if batch.seq != expected:
+                raise ValueError(f"sequence gap: row starts at {batch.seq}, expected {expected}")
+            expected += batch.count
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.executemany(
+                    "INSERT INTO batches(seq, count, device, ts, payload) VALUES (?, ?, ?, ?, ?)",
+                    [(b.seq, b.count, b.device, b.ts, b.payload) for b in batches])
+                await self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (expected,))
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+            self._next_seq = expected
+            await self._enforce_cap()
+
+    async def read_after(self, seq: int, limit: int) -> list[StoredBatch]:
+        """Rows whose first sequence number is above `seq`, oldest first."""
+        async with self._lock:
+            rows = await self._db.execute_fetchall(
+                "SELECT seq, count, device, ts, payload FROM batches WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit))
+        return [StoredBatch(*row) for row in rows]
+
+    async def delete(self, seqs: Sequence[int]) -> None:
+        """Forget rows the broker has acknowledged. A delete lost in a crash means a duplicate, never a loss."""
+        if not seqs:
+            return
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.executemany("DELETE FROM batches WHERE seq = ?", [(s,) for s in seqs])
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+
+    async def stats(self) -> BufferStats:
+        async with self._lock:
+            (rows, readings, oldest), = await self._db.execute_fetchall(
+                "SELECT count(*), coalesce(sum(count), 0), min(ts) FROM batches")
+        on_disk = sum(p.stat().st_size for p in _files(self.path) if p.exists())
+        return BufferStats(rows, readings, oldest, on_disk, self._dropped, self._next_seq, self.buffer_id)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+
+    async def _used_bytes(self) -> int:
+        (pages,), = await self._db.execute_fetchall("PRAGMA page_count")
+        (free,), = await self._db.execute_fetchall("PRAGMA freelist_count")
+        return (pages - free) * self._page_size
+
+    async def _enforce_cap(self) -> None:
+        """Drop the oldest rows while the data exceeds max_bytes; freed pages are reused, so the file stops
+        growing at the cap."""
+        used = await self._used_bytes()
+        if used <= self.max_bytes:
+            return
+        dropped = 0
+        while used > self.max_bytes * 0.95:
+            (rows,), = await self._db.execute_fetchall("SELECT count(*) FROM batches")
+            if rows == 0:
+                break
+            victims = await self._db.execute_fetchall(
+                "SELECT seq, count FROM batches ORDER BY seq LIMIT ?", (max(1, rows // 50),))
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.executemany("DELETE FROM batches WHERE seq = ?", [(s,) for s, _ in victims])
+                dropped += sum(c for _, c in victims)
+                await self._db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (self._dropped + dropped,))
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+            used = await self._used_bytes()
+        self._dropped += dropped
+        log.warning("buffer %s reached its cap of %d bytes: dropped the %d oldest readings (%d dropped in all)",
+                    self.path, self.max_bytes, dropped, self._dropped)
+
+    async def _rollback(self) -> None:
+        try:
+            await self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the failed statement may already have ended the transaction
+
+
+def _files(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for source in _files(path):
+        if source.exists():
+            source.rename(aside.with_name(aside.name + source.name[len(path.name):]))
+    return aside
