@@ -71,6 +71,12 @@ class StrictModel(BaseModel):
         """Cross-field checks, as (path relative to this model, message). Empty when all is well."""
         return []
 
+    @classmethod
+    def salvage(cls, raw: dict[str, Any]) -> list[tuple[str, str]]:
+        """The cross-field checks that can still run on the valid parts of an entry that failed validation
+        (e.g. overlapping points of a device whose host is missing)."""
+        return []
+
 
 # --- sections --------------------------------------------------------------------------------------
 
@@ -167,6 +173,9 @@ class _TopLevel(StrictModel):
     devices: list[Any] = Field(default_factory=list, description="[[devices]] tables; see each driver.")
 
 
+_SECTIONS: dict[str, type[StrictModel]] = {"gateway": GatewayConfig, "buffer": BufferConfig, "mqtt": MqttConfig}
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     source: str
@@ -205,8 +214,15 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfi
         top = _TopLevel.model_validate(raw)
     except ValidationError as exc:
         problems.extend(_problems_from(exc, (), _TopLevel))
-    else:
-        problems.extend(_cross_checks(top.mqtt, ("mqtt",)))
+    # Cross-field checks of each section that is valid on its own, even when another section is not:
+    # every problem of the file is reported in one pass.
+    for name, model in _SECTIONS.items():
+        section = raw.get(name, {})
+        if isinstance(section, dict):
+            try:
+                problems.extend(_cross_checks(model.model_validate(section), (name,)))
+            except ValidationError:
+                pass  # already reported through _TopLevel
 
     raw_devices = raw.get("devices", [])
     devices: list[DeviceBase] = []
@@ -248,6 +264,7 @@ def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[D
             device = model.model_validate(raw)
         except ValidationError as exc:
             problems.extend(_problems_from(exc, where, model))
+            problems.extend(Problem(f"{_dotted(where)}.{sub}", message) for sub, message in model.salvage(raw))
             continue
         problems.extend(_cross_checks(device, where))
         devices.append(device)

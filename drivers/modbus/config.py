@@ -8,9 +8,9 @@ function code 04 (30001 = address 0).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from agent.config import DeviceBase, Name, StrictModel
 
@@ -66,24 +66,42 @@ class ModbusDevice(DeviceBase):
     points: list[ModbusPoint] = Field(min_length=1)
 
     def problems(self) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        seen_names: dict[str, int] = {}
-        owner: dict[tuple[str, int], int] = {}
-        for index, point in enumerate(self.points):
-            if point.name in seen_names:
-                out.append((f"points[{index}].name", f"duplicate point name {point.name!r} "
-                            f"(already used by points[{seen_names[point.name]}])"))
-            seen_names.setdefault(point.name, index)
-            last = point.address + point.register_count - 1
-            if last > 65535:
-                out.append((f"points[{index}].address", f"a {point.type} needs {point.register_count} registers: "
-                            f"{point.address}..{last} runs past the last address 65535"))
-                continue
-            for register in range(point.address, last + 1):
-                other = owner.setdefault((point.function, register), index)
-                if other != index:
-                    out.append((f"points[{index}].address",
-                                f"overlaps points[{other}] ({self.points[other].name!r}) at {point.function} "
-                                f"register {register}"))
-                    break
-        return out
+        return _point_problems(list(enumerate(self.points)))
+
+    @classmethod
+    def salvage(cls, raw: dict[str, Any]) -> list[tuple[str, str]]:
+        points = raw.get("points")
+        if not isinstance(points, list):
+            return []
+        valid = []
+        for index, point in enumerate(points):
+            try:
+                valid.append((index, ModbusPoint.model_validate(point)))
+            except ValidationError:
+                continue  # reported with the device's own errors
+        return _point_problems(valid)
+
+
+def _point_problems(points: list[tuple[int, ModbusPoint]]) -> list[tuple[str, str]]:
+    """Duplicate names, values running past the last address, and points sharing a register."""
+    out: list[tuple[str, str]] = []
+    seen_names: dict[str, int] = {}
+    owner: dict[tuple[str, int], int] = {}
+    by_index = dict(points)
+    for index, point in points:
+        if point.name in seen_names:
+            out.append((f"points[{index}].name", f"duplicate point name {point.name!r} "
+                        f"(already used by points[{seen_names[point.name]}])"))
+        seen_names.setdefault(point.name, index)
+        last = point.address + point.register_count - 1
+        if last > 65535:
+            out.append((f"points[{index}].address", f"a {point.type} needs {point.register_count} registers: "
+                        f"{point.address}..{last} runs past the last address 65535"))
+            continue
+        for register in range(point.address, last + 1):
+            other = owner.setdefault((point.function, register), index)
+            if other != index:
+                out.append((f"points[{index}].address", f"overlaps points[{other}] ({by_index[other].name!r}) "
+                            f"at {point.function} register {register}"))
+                break
+    return out
