@@ -64,7 +64,10 @@ class StreamState:
 
 class Monitor:
     def __init__(self, host: str, port: int, topic_filter: str = "#", keep_latencies: int = 200_000,
-                 on_message: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_message: Callable[[str, dict[str, Any]], None] | None = None,
+                 session: str | None = None) -> None:
+        """`session`: a client id for a persistent session, so that across a broker restart (with broker
+        persistence) nothing published while this subscriber was away is missed."""
         self.host, self.port, self.topic_filter = host, port, topic_filter
         self._lock = threading.Lock()
         self.streams: dict[tuple[str, str], StreamState] = {}
@@ -74,10 +77,13 @@ class Monitor:
         self.invalid = 0
         self._subscribed = threading.Event()
         self._callback = on_message
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-monitor-{id(self):x}")
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=session or f"edge-monitor-{id(self):x}",
+                                   clean_session=session is None)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=2)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *a: self._subscribed.set()
         self._client.on_message = self._on_message
+        self._client.on_disconnect = lambda *a: self._subscribed.clear()
 
     def start(self, timeout: float = 10.0) -> Monitor:
         self._client.connect_async(self.host, self.port, keepalive=30)
@@ -86,6 +92,10 @@ class Monitor:
             self.stop()
             raise TimeoutError(f"monitor could not subscribe at {self.host}:{self.port}")
         return self
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until (re)subscribed, e.g. after a broker restart."""
+        return self._subscribed.wait(timeout)
 
     def stop(self) -> None:
         self._client.disconnect()

@@ -1,0 +1,156 @@
+"""Shared fixtures: real peers only. A mosquitto process on a free loopback port, pymodbus servers with
+registers the test controls, the agent in-process or as a process the test can SIGKILL. Every process a
+fixture starts is stopped by its PID at teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.demo.mosquitto import MosquittoProcess, find_mosquitto
+from drivers.modbus.simulator import HOLDING_REGISTERS, INPUT_REGISTERS, SimServer, SimulatedDevice
+
+REPO = Path(__file__).resolve().parent.parent
+
+requires_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="the mosquitto binary is not installed "
+                                        "(make test installs it where the machine allows)")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    if find_mosquitto() is None:
+        pytest.skip("the mosquitto binary is not installed")
+    # Persistence lets a subscriber's session (and the messages queued for it) survive a broker restart,
+    # so a test's monitor sees everything the agent delivered across an outage.
+    process = MosquittoProcess(work_dir=tmp_path / "mosquitto",
+                               extra_config=["persistence true", f"persistence_location {tmp_path}/mosquitto/"])
+    process.start()
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+class FixedRegisters(SimulatedDevice):
+    """A device whose registers the test sets: for checking values end to end, correct to the register."""
+
+    kind = "fixed"
+
+    def __init__(self, holding: list[int] | None = None, inputs: list[int] | None = None) -> None:
+        super().__init__((), holding_registers=len(holding or []), input_registers=len(inputs or []), seed=0)
+        if holding:
+            self._images[HOLDING_REGISTERS][:] = holding
+        if inputs:
+            self._images[INPUT_REGISTERS][:] = inputs
+
+    def update(self, now: float) -> None:
+        pass
+
+    def set(self, function_code: int, address: int, registers: list[int]) -> None:
+        self._images[function_code][address:address + len(registers)] = registers
+
+
+@pytest.fixture
+async def modbus_sim() -> AsyncIterator[SimServer]:
+    """The plant simulator (power meter at unit 1, environmental sensor at unit 2) on a free port."""
+    from drivers.modbus.simulator import EnvSensor, PowerMeter
+
+    async with SimServer({1: PowerMeter(seed=1), 2: EnvSensor(seed=2)}, update_interval=0.2) as server:
+        yield server
+
+
+def agent_config(tmp_path: Path, mqtt_port: int, devices: str, *, extra_mqtt: str = "",
+                 gateway: str = "gw-test", buffer_name: str = "buffer.db") -> Path:
+    """Write a config file for the agent under test and return its path."""
+    path = tmp_path / "config.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [gateway]
+        id = "{gateway}"
+        site = "test-site"
+
+        [buffer]
+        path = "{tmp_path / buffer_name}"
+        durability = "process-crash"
+
+        [mqtt]
+        host = "127.0.0.1"
+        port = {mqtt_port}
+        reconnect_min = "1s"
+        reconnect_max = "2s"
+        {textwrap.dedent(extra_mqtt)}
+        """) + textwrap.dedent(devices))
+    return path
+
+
+def meter_device(port: int, name: str = "power-meter", interval: str = "200ms", unit_id: int = 1) -> str:
+    return f"""
+        [[devices]]
+        name = "{name}"
+        driver = "modbus"
+        host = "127.0.0.1"
+        port = {port}
+        unit_id = {unit_id}
+        poll_interval = "{interval}"
+        timeout = "500ms"
+        points = [
+          {{ name = "voltage_avg",   function = "input", address = 0,  type = "float32", unit = "V" }},
+          {{ name = "current_l1",    function = "input", address = 2,  type = "float32", unit = "A" }},
+          {{ name = "active_power",  function = "input", address = 24, type = "float32", unit = "kW" }},
+          {{ name = "active_energy_wh", function = "holding", address = 100, type = "uint32", word_order = "CDAB" }},
+        ]
+        """
+
+
+class AgentProcess:
+    """`edge-agent run` as a child process, so a test can SIGKILL it like a power cut of the process."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config), "--log-format", "text"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Iterator[type[AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    class Tracked(AgentProcess):
+        def start(self) -> None:
+            super().start()
+            started.append(self)
+
+    yield Tracked
+    for process in started:
+        process.close()

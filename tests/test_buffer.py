@@ -1,0 +1,142 @@
+"""The SQLite buffer on a real file: sequence numbers, durability across reopen, the cap, a corrupt file."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.model import PollResult, Reading
+from agent.payload import Encoder
+from agent.writer import BufferWriter
+from buffer.store import Buffer, StoredBatch
+
+
+def batch(seq: int, count: int = 3, device: str = "m1", size: int = 10) -> StoredBatch:
+    return StoredBatch(seq, count, device, 1_700_000_000.0 + seq, b"x" * size)
+
+
+async def test_append_read_delete_in_sequence(tmp_path: Path) -> None:
+    buffer = await Buffer.open(tmp_path / "b.db")
+    assert buffer.next_seq == 1
+    await buffer.append([batch(1), batch(4, 2), batch(6)])
+    assert buffer.next_seq == 9
+    rows = await buffer.read_after(0, 10)
+    assert [(r.seq, r.count) for r in rows] == [(1, 3), (4, 2), (6, 3)]
+    assert [r.seq for r in await buffer.read_after(1, 10)] == [4, 6]
+    await buffer.delete([1, 4])
+    stats = await buffer.stats()
+    assert (stats.rows, stats.readings, stats.next_seq) == (1, 3, 9)
+    await buffer.close()
+
+
+async def test_a_gap_or_a_reused_number_is_refused(tmp_path: Path) -> None:
+    buffer = await Buffer.open(tmp_path / "b.db")
+    await buffer.append([batch(1)])
+    with pytest.raises(ValueError, match="sequence gap"):
+        await buffer.append([batch(5)])
+    with pytest.raises(ValueError, match="sequence gap"):
+        await buffer.append([batch(1)])
+    assert buffer.next_seq == 4
+    await buffer.close()
+
+
+async def test_numbering_continues_after_reopen_even_when_everything_was_delivered(tmp_path: Path) -> None:
+    buffer = await Buffer.open(tmp_path / "b.db")
+    buffer_id = buffer.buffer_id
+    await buffer.append([batch(1), batch(4)])
+    await buffer.delete([1, 4])
+    await buffer.close()
+    reopened = await Buffer.open(tmp_path / "b.db")
+    assert reopened.next_seq == 7
+    assert reopened.buffer_id == buffer_id
+    assert await reopened.read_after(0, 10) == []
+    await reopened.close()
+
+
+async def test_a_corrupt_file_is_moved_aside_and_a_new_buffer_starts(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "b.db"
+    path.write_bytes(b"this is not an SQLite database, it is what a bad SD card leaves behind" * 100)
+    with caplog.at_level(logging.ERROR):
+        buffer = await Buffer.open(path)
+    aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1, list(tmp_path.iterdir())
+    assert aside[0].read_bytes().startswith(b"this is not an SQLite database")
+    assert any("unreadable" in r.getMessage() and str(aside[0]) in r.getMessage() for r in caplog.records)
+    await buffer.append([batch(1)])
+    assert buffer.next_seq == 4
+    await buffer.close()
+
+
+async def test_a_damaged_header_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    buffer = await Buffer.open(path)
+    await buffer.append([batch(1)])
+    await buffer.close()
+    with path.open("r+b") as handle:  # overwrite the SQLite header magic
+        handle.write(b"\0" * 100)
+    buffer = await Buffer.open(path)
+    assert buffer.next_seq == 1
+    await buffer.close()
+    assert any(".corrupt-" in p.name for p in tmp_path.iterdir())
+
+
+async def test_the_cap_drops_the_oldest_rows_counts_them_and_bounds_the_file(tmp_path: Path) -> None:
+    cap = 1 << 20
+    buffer = await Buffer.open(tmp_path / "b.db", max_bytes=cap)
+    seq = 1
+    for _ in range(60):  # 60 x 10 rows x 4 KiB = 2.4 MB offered, more than twice the cap
+        rows = []
+        for _ in range(10):
+            rows.append(batch(seq, 5, size=4096))
+            seq += 5
+        await buffer.append(rows)
+    stats = await buffer.stats()
+    kept = await buffer.read_after(0, 10_000)
+    assert stats.dropped > 0
+    assert stats.dropped + stats.readings == seq - 1  # every reading is either kept or counted as dropped
+    assert kept[0].seq == stats.dropped + 1  # the oldest went first
+    assert kept[-1].seq == seq - 5  # the newest is kept
+    assert (tmp_path / "b.db").stat().st_size <= cap * 1.2
+    await buffer.close()
+    reopened = await Buffer.open(tmp_path / "b.db", max_bytes=cap)
+    assert (await reopened.stats()).dropped == stats.dropped  # the count survives a restart
+    await reopened.close()
+
+
+class FailingOnce(Buffer):
+    """A disk error on the first commit: a fault no real disk produces on demand."""
+
+    failed = False
+
+    async def append(self, batches: list[StoredBatch]) -> None:  # type: ignore[override]
+        if not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("disk I/O error")
+        await super().append(batches)
+
+
+async def test_writer_commits_many_results_per_transaction_and_retries_with_the_same_numbers(
+        tmp_path: Path) -> None:
+    plain = await Buffer.open(tmp_path / "b.db")
+    await plain.close()
+    buffer = await FailingOnce.open(tmp_path / "b.db")
+    commits: list[int] = []
+    writer = BufferWriter(buffer, Encoder("gw", "site", buffer.buffer_id), lambda: commits.append(1))
+    readings = (Reading("a", 1.0), Reading("b", 2))
+    for i in range(5):
+        await writer.submit(PollResult(f"dev{i}", 1_700_000_000.0, readings))
+    import asyncio
+
+    task = asyncio.create_task(writer.run())
+    async with asyncio.timeout(5):
+        await writer.flush()
+    task.cancel()
+    rows = await buffer.read_after(0, 100)
+    assert [r.seq for r in rows] == [1, 3, 5, 7, 9]
+    assert len(commits) == 1  # one transaction for the five poll results, after one failed attempt
+    assert writer.readings_committed == 10
+    await buffer.close()
