@@ -76,10 +76,15 @@ def _log_options(parser: argparse.ArgumentParser, default_level: str = "info") -
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from agent.logs import setup_logging
+    from buffer.store import BufferUnavailable
 
     config = load_config(args.config)
     setup_logging(args.log_level, args.log_format)
-    asyncio.run(_run_until_signalled(config))
+    try:
+        asyncio.run(_run_until_signalled(config))
+    except BufferUnavailable as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

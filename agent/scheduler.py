@@ -54,7 +54,7 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
         try:
             async with asyncio.timeout(driver.max_poll_seconds):
                 readings = await driver.poll()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a poll task must survive anything a driver does
             health.polls_failed += 1
             health.last_error = _describe(exc)
             health.failures.failed(health.last_error)

@@ -103,21 +103,31 @@ class MqttUplink:
     # --- the pump: buffer -> broker ---------------------------------------------------------------
 
     async def _pump(self, client: mqtt.Client) -> None:
+        storage = FailureLog("uplink reading the buffer", log)
+        delay = 0.5
         while True:
             self._wake.clear()
-            await self._delete_acked()
-            room = self._config.max_inflight - len(self._inflight)
-            if self._connected and not self._stopping and room > 0:
-                for row in await self._buffer.read_after(self._cursor, room):
-                    self._publish(client, row)
+            try:
+                await self._delete_acked()
+                room = self._config.max_inflight - len(self._inflight)
+                if self._connected and not self._stopping and room > 0:
+                    for row in await self._buffer.read_after(self._cursor, room):
+                        self._publish(client, row)
+            except Exception as exc:  # noqa: BLE001 - a disk error must not end the uplink; nothing is lost
+                storage.failed(exc, "sending pauses, the rows stay in the buffer")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            storage.succeeded()
+            delay = 0.5
             await self._wake.wait()
 
     def _publish(self, client: mqtt.Client, row: StoredBatch) -> None:
         topic = data_topic(self._config.topic_prefix, self._gateway.site, self._gateway.id, row.device)
         info = client.publish(topic, row.payload, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            # Not queued by paho at all: leave the cursor so the row is tried again.
-            raise RuntimeError(f"paho refused to queue a message: {mqtt.error_string(info.rc)}")
+            # Not queued by paho at all: the cursor stays, so the row is tried again after a pause.
+            raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
         # MQTT_ERR_NO_CONN: the link dropped just now; paho keeps the message and sends it on reconnect.
         self._inflight[info.mid] = _InFlight(row.seq, row.count)
         self._cursor = row.seq

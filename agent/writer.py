@@ -60,7 +60,7 @@ class BufferWriter:
                 seq += len(result.readings)
             try:
                 await self._buffer.append(batches)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - disk full, I/O error: keep the results and retry
                 self._failures.failed(exc, "readings wait in memory; polling slows down if this persists")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

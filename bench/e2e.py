@@ -135,7 +135,8 @@ def run(devices: int, points: int, interval: float, duration: float, warmup: flo
                 "still_buffered": len(buffered),
                 "lost": lost,
                 "duplicates": stream.seqs.duplicates,
-                "agent_cpu_us_per_reading": round((cpu1 - cpu0) / window_readings * 1e6, 2) if window_readings else None,
+                "agent_cpu_us_per_reading":
+                    round((cpu1 - cpu0) / window_readings * 1e6, 2) if window_readings else None,
                 "agent_cpu_percent_of_core": round((cpu1 - cpu0) / (t1 - t0) * 100, 1),
                 "agent_rss_mb": round(peak_rss, 1),
                 "latency_p50_ms": round(percentile(latencies, 0.50) * 1000, 1),

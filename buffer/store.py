@@ -22,6 +22,7 @@ Invariants (what is written when, what a crash can leave, what recovery does):
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import sqlite3
 import time
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import aiosqlite
 
@@ -84,19 +85,34 @@ class Buffer:
         # One connection serves the writer and the uplink: every operation holds this lock, so no
         # transaction interleaves with another and no read ever sees a transaction that is still open.
         self._lock = asyncio.Lock()
+        self._lock_file: IO[bytes] | None = None
 
     @classmethod
     async def open(cls, path: Path | str, max_bytes: int = 1 << 30,
                    durability: Literal["power-loss", "process-crash"] = "power-loss") -> Buffer:
+        """Open (or create) the buffer. Raises `BufferUnavailable` when the file cannot be used at all
+        (no permission, another agent holds it); a corrupt file is moved aside instead (invariant 5)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return await cls._open(path, max_bytes, durability)
-        except sqlite3.DatabaseError as exc:
-            aside = _move_aside(path)
-            log.error("buffer %s is unreadable (%s): moved it aside to %s and started a new, empty buffer; "
-                      "readings in the old file were not sent", path, exc, aside)
-            return await cls._open(path, max_bytes, durability)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = _lock(path)
+        except OSError as exc:
+            raise BufferUnavailable(f"cannot use the buffer {path}: {exc.strerror or exc}") from exc
+        try:
+            try:
+                buffer = await cls._open(path, max_bytes, durability)
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise BufferUnavailable(f"cannot open the buffer {path}: {exc}") from exc
+                aside = _move_aside(path)
+                log.error("buffer %s is unreadable (%s): moved it aside to %s and started a new, empty buffer; "
+                          "readings in the old file were not sent", path, exc, aside)
+                buffer = await cls._open(path, max_bytes, durability)
+        except BaseException:
+            lock.close()
+            raise
+        buffer._lock_file = lock
+        return buffer
 
     @classmethod
     async def _open(cls, path: Path, max_bytes: int, durability: str) -> Buffer:
@@ -112,7 +128,7 @@ class Buffer:
                         "dropped": 0, "created": time.time()}
                 await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
             if meta.get("schema_version") != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"unknown buffer schema version {meta.get('schema_version')!r}")
+                raise _NotABuffer(f"unknown buffer schema version {meta.get('schema_version')!r}")
             (last,), = await db.execute_fetchall("SELECT coalesce(max(seq + count), 1) FROM batches")
             (page_size,), = await db.execute_fetchall("PRAGMA page_size")
             next_seq = int(meta["next_seq"])
@@ -184,6 +200,9 @@ class Buffer:
     async def close(self) -> None:
         async with self._lock:
             await self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     async def _used_bytes(self) -> int:
         (pages,), = await self._db.execute_fetchall("PRAGMA page_count")
@@ -222,6 +241,31 @@ class Buffer:
             await self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # the failed statement may already have ended the transaction
+
+
+class BufferUnavailable(Exception):
+    """The buffer file cannot be used (permissions, held by another agent). Nothing was changed on disk."""
+
+
+class _NotABuffer(sqlite3.DatabaseError):
+    """A readable SQLite file that is not a buffer of a schema this version knows."""
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    # Only damage is a reason to set a file aside: "database is locked" or "unable to open" are not.
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, _NotABuffer) or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _lock(path: Path) -> IO[bytes]:
+    """An exclusive lock beside the buffer: two agents must never share one buffer (numbers would clash)."""
+    handle = path.with_name(path.name + ".lock").open("a+b")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise BufferUnavailable(f"the buffer {path} is in use by another edge-agent process") from exc
+    return handle
 
 
 def _files(path: Path) -> list[Path]:

@@ -140,3 +140,17 @@ async def test_writer_commits_many_results_per_transaction_and_retries_with_the_
     assert len(commits) == 1  # one transaction for the five poll results, after one failed attempt
     assert writer.readings_committed == 10
     await buffer.close()
+
+
+async def test_a_second_agent_cannot_open_a_buffer_in_use_and_the_file_is_left_alone(tmp_path: Path) -> None:
+    from buffer.store import BufferUnavailable
+
+    first = await Buffer.open(tmp_path / "b.db")
+    await first.append([batch(1)])
+    with pytest.raises(BufferUnavailable, match="in use by another edge-agent process"):
+        await Buffer.open(tmp_path / "b.db")
+    assert not any(".corrupt-" in p.name for p in tmp_path.iterdir())
+    await first.close()
+    again = await Buffer.open(tmp_path / "b.db")  # released on close
+    assert again.next_seq == 4
+    await again.close()

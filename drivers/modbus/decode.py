@@ -110,15 +110,16 @@ def _converter(point: ModbusPoint) -> Callable[[int | float], Reading]:
     scaled = scale != 1.0 or offset != 0.0
     if point.type in ("float32", "float64"):
         shorten = point.type == "float32"
+        exact_scale, exact_offset = Decimal(repr(scale)), Decimal(repr(offset))
 
         def convert_float(raw: float) -> Reading:  # type: ignore[misc]
             if not math.isfinite(raw):
                 return Reading(name, None, unit, Quality.BAD, "not a number (NaN)" if raw != raw else "infinite")
             value = shortest_float32(raw) if shorten else raw
             if scaled:
-                value = value * scale + offset
-                if shorten:
-                    value = float(f"{value:.7g}")
+                # In decimal, so that 16777216 x 0.001 is 16777.216 and 229.0 x 0.1 is 22.9: binary
+                # arithmetic would add noise, rounding to fixed digits would cut real ones.
+                value = float(Decimal(repr(value)) * exact_scale + exact_offset)
             return Reading(name, value, unit)
 
         return convert_float  # type: ignore[return-value]
@@ -146,7 +147,7 @@ def shortest_float32(value: float) -> float:
     not 229.8000030517578 (the exact binary value, which no meter means)."""
     pack, unpack = _F32.pack, _F32.unpack
     exact = pack(value)
-    for digits in (6, 7, 8):
+    for digits in (6, 7, 8, 9):  # 9 digits always identify a normal float32
         candidate = float(f"{value:.{digits}g}")
         if pack(candidate) == exact:
             return candidate
