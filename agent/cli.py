@@ -19,6 +19,11 @@ from agent.errors import EX_CONFIG, ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:  # its own parser takes every option
+        from drivers.modbus.simulator import main as simulate
+
+        return simulate(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -31,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edge-agent check ... | head`
+        sys.stderr.close()
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,10 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     _log_options(demo, default_level="warning")
     demo.set_defaults(handler=_cmd_demo)
 
-    simulate = commands.add_parser("simulate", help="serve simulated Modbus TCP devices (for testing)",
-                                   add_help=False)
-    simulate.add_argument("args", nargs=argparse.REMAINDER)
-    simulate.set_defaults(handler=_cmd_simulate)
+    commands.add_parser("simulate", help="serve simulated Modbus TCP devices: simulate --help")
     return parser
 
 
@@ -131,11 +136,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format)
     return run_demo(duration=args.duration, broker=args.broker, state_dir=args.state_dir, quiet=args.quiet)
 
-
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from drivers.modbus.simulator import main as simulate
-
-    return simulate(args.args)
 
 
 if __name__ == "__main__":

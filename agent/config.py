@@ -9,6 +9,7 @@ validated by their driver's own model, looked up in `drivers.REGISTRY`.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import tomllib
 import types
@@ -23,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
 )
 
 import drivers
@@ -58,8 +60,13 @@ def parse_bytes(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, le=86400)]
-ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1 << 20)]
+_DURATION_SCHEMA = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+                              {"type": "string", "pattern": _DURATION.pattern}],
+                    "description": 'Seconds, or a string such as "500ms", "1s", "15m", "1h".'}
+_BYTES_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 1 << 20}, {"type": "string", "pattern": _BYTES.pattern}],
+                 "description": 'Bytes, or a string such as "500MB" or "2GiB" (at least 1 MiB).'}
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, le=86400), WithJsonSchema(_DURATION_SCHEMA)]
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1 << 20), WithJsonSchema(_BYTES_SCHEMA)]
 # Names end up in MQTT topics and metric labels: no '/', '+', '#' or spaces.
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -142,6 +149,8 @@ class MqttConfig(StrictModel):
             out.append(("password_env", "give the password either in password_file or in password_env"))
         if self.password_file is not None and not self.password_file.is_file():
             out.append(("password_file", f"file not found: {self.password_file}"))
+        if self.password_env is not None and self.password_env not in os.environ:
+            out.append(("password_env", f"the environment variable {self.password_env} is not set"))
         has_password = self.password_file is not None or self.password_env is not None
         if has_password and self.username is None:
             out.append(("username", "a password is configured but no username"))
@@ -195,15 +204,34 @@ def load_config(path: Path | str) -> AgentConfig:
         raise ConfigError(path, [Problem("", f"cannot read the config file: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(path, [Problem("", f"not UTF-8 text: {exc}")]) from exc
-    return parse_config(text, source=str(path))
+    return parse_config(text, source=str(path), base_dir=path.resolve().parent)
 
 
-def parse_config(text: str, source: str = "<config>") -> AgentConfig:
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
+    """`base_dir`: where relative file paths in the config point from (the config file's folder)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [Problem("", f"not valid TOML: {exc}")]) from exc
+    if base_dir is not None:
+        _resolve_paths(raw, base_dir)
     return validate_config(raw, source)
+
+
+# Keys that name files: relative values are taken from the config file's folder, not from the working
+# directory (which is / under systemd).
+_PATH_KEYS = (("buffer", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
+              ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"))
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    for keys in _PATH_KEYS:
+        table: Any = raw
+        for key in keys[:-1]:
+            table = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict) and isinstance(table.get(keys[-1]), str):
+            value = Path(table[keys[-1]]).expanduser()
+            table[keys[-1]] = str(value if value.is_absolute() else base_dir / value)
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:

@@ -2,7 +2,6 @@
 
 - `ConfigError`: the configuration is wrong; nothing is started; the process exits 78 (EX_CONFIG).
 - `DeviceError`: a transient device or link failure (timeout, refused, reset); the scheduler retries it.
-- `FatalDeviceError`: the device can never work as configured; that device stops, the others go on.
 """
 
 from __future__ import annotations
@@ -37,7 +36,3 @@ class ConfigError(Exception):
 
 class DeviceError(Exception):
     """Transient: the device did not answer or the link failed. Retried with backoff."""
-
-
-class FatalDeviceError(Exception):
-    """Permanent for this device as configured. The device is stopped; the rest of the agent goes on."""

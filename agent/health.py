@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -50,7 +50,13 @@ class DeviceHealth:
     last_poll_seconds: float = 0.0
     last_success: float | None = None
     last_error: str | None = None
-    extra: dict[str, int] = field(default_factory=dict)
+    # A device that answers but spoils points (exception responses, NaN) is as worth a log line as one
+    # that does not answer: logged with the same once-loud, then-quiet, recovery-once rule.
+    bad_points: FailureLog | None = None
+
+    def __post_init__(self) -> None:
+        if self.bad_points is None:
+            self.bad_points = FailureLog(f"{self.failures.what}: bad readings", self.failures.logger)
 
     @property
     def state(self) -> str:

@@ -30,7 +30,9 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # paho and pymodbus are loud at debug and duplicate what the agent reports itself.
+    # aiosqlite logs every statement with its parameters (whole payloads) at debug: never useful.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    # pymodbus is loud and duplicates what the agent reports itself.
     if level.lower() != "debug":
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
         logging.getLogger("asyncio").setLevel(logging.WARNING)

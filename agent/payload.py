@@ -8,12 +8,14 @@ would have been sent live.
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.model import PollResult, Quality
+from agent.model import PollResult, Quality, Reading
 
 SCHEMA = "edge-agent/v1"
+STATUS_SCHEMA = "edge-agent/status/v1"
 
 
 def data_topic(prefix: str, site: str, gateway: str, device: str) -> str:
@@ -34,14 +36,31 @@ class Encoder:
         self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
     def encode(self, result: PollResult, first_seq: int) -> bytes:
-        readings: list[dict[str, Any]] = []
-        for seq, reading in enumerate(result.readings, first_seq):
-            item: dict[str, Any] = {"seq": seq, "point": reading.point, "value": reading.value,
-                                    "quality": reading.quality.value}
-            if reading.unit is not None:
-                item["unit"] = reading.unit
-            if reading.quality is not Quality.GOOD and reading.reason:
-                item["reason"] = reading.reason
-            readings.append(item)
+        """Never fails: a value JSON cannot carry (NaN, an unknown type) is sent as a bad reading, so one
+        odd value can neither stop the buffer writer nor be retried forever."""
+        readings = [self._item(seq, reading) for seq, reading in enumerate(result.readings, first_seq)]
         message = {**self._head, "device": result.device, "ts": iso_utc(result.ts), "readings": readings}
-        return self._dumps(message).encode()
+        try:
+            return self._dumps(message).encode()
+        except (TypeError, ValueError):
+            message["readings"] = [self._item(seq, _encodable(reading))
+                                   for seq, reading in enumerate(result.readings, first_seq)]
+            return self._dumps(message).encode()
+
+    @staticmethod
+    def _item(seq: int, reading: Reading) -> dict[str, Any]:
+        item: dict[str, Any] = {"seq": seq, "point": reading.point, "value": reading.value,
+                                "quality": reading.quality.value}
+        if reading.unit is not None:
+            item["unit"] = reading.unit
+        if reading.quality is not Quality.GOOD and reading.reason:
+            item["reason"] = reading.reason
+        return item
+
+
+def _encodable(reading: Reading) -> Reading:
+    value = reading.value
+    if value is None or isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):
+        return reading
+    what = "not a finite number" if isinstance(value, float) else f"a {type(value).__name__} cannot be sent"
+    return Reading.bad(reading.point, f"{what} ({value!r:.40})", reading.unit)

@@ -62,9 +62,16 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
         else:
             health.polls_ok += 1
             health.readings += len(readings)
-            health.bad_readings += sum(1 for r in readings if r.quality is not Quality.GOOD)
+            bad = [r for r in readings if r.quality is not Quality.GOOD]
+            health.bad_readings += len(bad)
             health.last_success = started
             health.failures.succeeded()
+            assert health.bad_points is not None
+            if bad:
+                health.bad_points.failed(f"{len(bad)} of {len(readings)} points bad, first {bad[0].point}: "
+                                         f"{bad[0].reason}")
+            else:
+                health.bad_points.succeeded()
             await submit(PollResult(name, started, tuple(readings)))
         now = clock()
         health.last_poll_seconds = now - started

@@ -33,7 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent import __version__
 from agent.config import GatewayConfig, MqttConfig
 from agent.health import FailureLog
-from agent.payload import data_topic, iso_utc, status_topic
+from agent.payload import STATUS_SCHEMA, data_topic, iso_utc, status_topic
 from buffer.store import Buffer, StoredBatch
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ class MqttUplink:
         client.max_inflight_messages_set(0)  # the window is ours (max_inflight); paho must not queue
         client.reconnect_delay_set(min_delay=max(1, round(config.reconnect_min)),
                                    max_delay=max(1, round(config.reconnect_max)))
-        client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        # The broker publishes the will long after this moment: it carries no timestamp.
+        client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
         if config.username is not None:
             client.username_pw_set(config.username, read_password(config))
         if config.tls_enabled:
@@ -224,9 +225,12 @@ class MqttUplink:
             client.tls_set_context(context)
         return client
 
-    def _status_payload(self, state: str) -> bytes:
-        return json.dumps({"state": state, "gateway": self._gateway.id, "site": self._gateway.site,
-                           "version": __version__, "ts": iso_utc(time.time())}).encode()
+    def _status_payload(self, state: str, stamped: bool = True) -> bytes:
+        status = {"schema": STATUS_SCHEMA, "state": state, "gateway": self._gateway.id, "site": self._gateway.site,
+                  "version": __version__}
+        if stamped:
+            status["ts"] = iso_utc(time.time())
+        return json.dumps(status, separators=(",", ":")).encode()
 
     def _publish_status(self, state: str) -> None:
         if self._client is not None:

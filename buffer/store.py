@@ -86,6 +86,7 @@ class Buffer:
         # transaction interleaves with another and no read ever sees a transaction that is still open.
         self._lock = asyncio.Lock()
         self._lock_file: IO[bytes] | None = None
+        self._capped = False  # inside an episode of dropping at the cap: log its start once
 
     @classmethod
     async def open(cls, path: Path | str, max_bytes: int = 1 << 30,
@@ -120,15 +121,21 @@ class Buffer:
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute(f"PRAGMA synchronous={'FULL' if durability == 'power-loss' else 'NORMAL'}")
-            await db.execute("PRAGMA journal_size_limit=67108864")
+            # The WAL is truncated back to this after each checkpoint, so it cannot grow far past the cap.
+            await db.execute(f"PRAGMA journal_size_limit={min(64 << 20, max_bytes // 16)}")
             await db.executescript(_SCHEMA)
             meta = dict(await db.execute_fetchall("SELECT key, value FROM meta"))
             if not meta:
                 meta = {"schema_version": SCHEMA_VERSION, "buffer_id": uuid.uuid4().hex, "next_seq": 1,
                         "dropped": 0, "created": time.time()}
                 await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
-            if meta.get("schema_version") != SCHEMA_VERSION:
-                raise _NotABuffer(f"unknown buffer schema version {meta.get('schema_version')!r}")
+            version = meta.get("schema_version")
+            if isinstance(version, int) and version > SCHEMA_VERSION:
+                raise BufferUnavailable(f"the buffer {path} was written by a newer edge-agent (buffer schema "
+                                        f"{version}, this version reads {SCHEMA_VERSION}); its readings are "
+                                        "kept: run the newer agent, or move the file away to start afresh")
+            if version != SCHEMA_VERSION:
+                raise _NotABuffer(f"unknown buffer schema version {version!r}")
             (last,), = await db.execute_fetchall("SELECT coalesce(max(seq + count), 1) FROM batches")
             (page_size,), = await db.execute_fetchall("PRAGMA page_size")
             next_seq = int(meta["next_seq"])
@@ -214,6 +221,9 @@ class Buffer:
         growing at the cap."""
         used = await self._used_bytes()
         if used <= self.max_bytes:
+            if self._capped and used < self.max_bytes * 0.9:
+                self._capped = False
+                log.info("buffer %s is below its cap again (%d readings dropped in all)", self.path, self._dropped)
             return
         dropped = 0
         while used > self.max_bytes * 0.95:
@@ -233,8 +243,11 @@ class Buffer:
                 raise
             used = await self._used_bytes()
         self._dropped += dropped
-        log.warning("buffer %s reached its cap of %d bytes: dropped the %d oldest readings (%d dropped in all)",
-                    self.path, self.max_bytes, dropped, self._dropped)
+        log.log(logging.DEBUG if self._capped else logging.WARNING,
+                "buffer %s reached its cap of %d bytes: dropping the oldest readings (%d now, %d in all)%s",
+                self.path, self.max_bytes, dropped, self._dropped,
+                "" if self._capped else "; further drops are logged at debug level until it is below the cap")
+        self._capped = True
 
     async def _rollback(self) -> None:
         try:

@@ -19,6 +19,13 @@ import pytest
 from agent.config import AgentConfig, load_config, parse_bytes, parse_config, parse_duration
 from agent.errors import EX_CONFIG, ConfigError
 
+
+@pytest.fixture(autouse=True)
+def _password_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The configs below name EDGE_MQTT_PASSWORD; an unset variable is a problem of its own (tested apart)."""
+    monkeypatch.setenv("EDGE_MQTT_PASSWORD", "not-a-real-password")
+    monkeypatch.delenv("EDGE_TEST_UNSET_VARIABLE", raising=False)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 30
 
@@ -102,6 +109,9 @@ BAD_CONFIGS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("password without TLS",
      GATEWAY + '[mqtt]\nusername = "gw"\npassword_env = "EDGE_MQTT_PASSWORD"\n' + device(),
      [("mqtt.tls", "clear text")]),
+    ("password_env naming a variable that is not set",
+     GATEWAY + '[mqtt]\nusername = "gw"\npassword_env = "EDGE_TEST_UNSET_VARIABLE"\n[mqtt.tls]\n' + device(),
+     [("mqtt.password_env", "EDGE_TEST_UNSET_VARIABLE is not set")]),
     ("password_file that does not exist",
      GATEWAY + '[mqtt]\nusername = "gw"\npassword_file = "/nonexistent/edge-agent/mqtt.pw"\n'
                'allow_password_without_tls = true\n' + device(),
@@ -267,7 +277,7 @@ def test_check_good_file_prints_the_read_plan_with_both_numberings(tmp_path: Pat
     result = cli("check", "--config", str(path))
     assert result.returncode == 0, result
     assert f"{path}: OK" in result.stdout
-    assert "2 points in 2 request(s) per poll" in result.stdout
+    assert "2 points in 2 requests per poll" in result.stdout
     assert "FC04 input registers 0..1 (30001..30002), 2 registers" in result.stdout
     assert "FC03 holding registers 99..100 (40100..40101), 2 registers" in result.stdout
     assert "(30001) float32" in result.stdout
@@ -300,3 +310,17 @@ def test_schema_prints_json_with_the_modbus_device_fields() -> None:
     point_ref = modbus["properties"]["points"]["items"]["$ref"].rsplit("/", 1)[-1]
     point = schema["$defs"][point_ref]["properties"]
     assert {"name", "function", "address", "type", "word_order", "scale", "offset", "unit"} <= set(point)
+
+
+def test_relative_file_paths_are_taken_from_the_config_files_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "secret").write_text("pw\n")
+    (folder / "config.toml").write_text(
+        '[gateway]\nid = "gw"\nsite = "s"\n[buffer]\npath = "state/buffer.db"\n'
+        '[mqtt]\nusername = "u"\npassword_file = "secret"\nallow_password_without_tls = true\n'
+        '[[devices]]\nname = "m"\ndriver = "modbus"\nhost = "127.0.0.1"\n'
+        'points = [{ name = "v", function = "input", address = 0, type = "float32" }]\n')
+    config = load_config(folder / "config.toml")
+    assert config.buffer.path == folder / "state" / "buffer.db"
+    assert config.mqtt.password_file == folder / "secret"

@@ -9,6 +9,7 @@ the interval, never before it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -171,7 +172,8 @@ class Loop:
 @pytest.fixture
 def device_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[logging.LogRecord]]:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    return lambda: [r for r in caplog.records if r.name == LOGGER]
+    # Lines about bad points of an answering device have their own test; these are about failed polls.
+    return lambda: [r for r in caplog.records if r.name == LOGGER and ": bad readings:" not in r.getMessage()]
 
 
 async def test_polls_happen_on_consecutive_wall_clock_ticks() -> None:
@@ -313,3 +315,43 @@ async def test_cancelling_during_a_poll_cancels_the_poll_and_ends_the_loop() -> 
     assert meter.cancelled == 1
     assert meter.active == 0
     assert loop.health.polls_failed == 0  # a shutdown is not a device failure
+
+
+async def test_points_a_device_spoils_are_logged_once_and_their_recovery_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    answers = [[Reading.bad("pf", "Modbus exception 2 (illegal data address)"), Reading("v", 1.0)]] * 3 + \
+        [[Reading("pf", 0.9), Reading("v", 1.0)]] * 100
+
+    class Spoiling:
+        max_poll_seconds = 1.0
+
+        def __init__(self) -> None:
+            self.polls = 0
+
+        async def poll(self) -> list[Reading]:
+            self.polls += 1
+            return answers[self.polls - 1]
+
+        async def close(self) -> None:
+            pass
+
+    driver = Spoiling()
+    logger = logging.getLogger("test.bad_points")
+    health = DeviceHealth("m", FailureLog("device m", logger))
+    five_polls = asyncio.Event()
+
+    async def submit(result: object) -> None:
+        if driver.polls >= 5:
+            five_polls.set()
+
+    with caplog.at_level(logging.DEBUG, logger="test.bad_points"):
+        task = asyncio.create_task(poll_loop("m", 0.05, driver, health, submit))
+        async with asyncio.timeout(5):
+            await five_polls.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.bad_points"]
+    assert [level for level, _ in lines] == ["ERROR", "DEBUG", "DEBUG", "INFO"], lines
+    assert "1 of 2 points bad, first pf: Modbus exception 2" in lines[0][1]
+    assert health.bad_readings == 3 and health.polls_failed == 0

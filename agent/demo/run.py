@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -99,7 +100,7 @@ async def _run_agent(config: AgentConfig, monitor: Monitor, view: _LiveView, dur
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (2, 15):  # SIGINT, SIGTERM: stop cleanly and print the summary
+    for signum in (signal.SIGINT, signal.SIGTERM):  # stop cleanly and print the summary
         loop.add_signal_handler(signum, stop.set)
     started = time.monotonic()
     task = asyncio.create_task(agent.run(stop))

@@ -24,16 +24,20 @@ def describe(config: DeviceConfig) -> list[str]:
 
     requests = plan(config.points)
     lines = [f"device {config.name}: modbus {config.transport} {config.host}:{config.port} unit {config.unit_id}, "
-             f"every {config.poll_interval:g} s, timeout {config.timeout:g} s: {len(config.points)} points in "
-             f"{len(requests)} request(s) per poll"]
+             f"every {config.poll_interval:g} s, timeout {config.timeout:g} s: {_count(len(config.points), 'point')} "
+             f"in {_count(len(requests), 'request')} per poll"]
     for request in requests:
         base = 40001 if request.function == "holding" else 30001
         first, last = request.address, request.address + request.count - 1
         lines.append(f"  FC{request.function_code:02d} {request.function} registers {first}..{last} "
-                     f"({base + first}..{base + last}), {request.count} registers")
+                     f"({base + first}..{base + last}), {_count(request.count, 'register')}")
         for point in request.decoder.points:
             scale = f" x{point.scale:g}" if point.scale != 1 else ""
             offset = f" {point.offset:+g}" if point.offset else ""
             lines.append(f"    {point.name:<24} address {point.address:>5} ({base + point.address}) "
                          f"{point.type:<7} {point.word_order}{scale}{offset} {point.unit or ''}".rstrip())
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -1,0 +1,52 @@
+"""The JSON wire format: what the platform receives, and that no value can break the encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.model import PollResult, Quality, Reading
+from agent.payload import SCHEMA, Encoder, data_topic, iso_utc, status_topic
+
+
+def test_a_message_carries_each_reading_with_its_own_sequence_number() -> None:
+    result = PollResult("meter-1", 1_764_020_700.25, (
+        Reading("voltage", 229.8, "V"), Reading("energy", 4_000_000_123, "Wh"),
+        Reading.bad("pf", "Modbus exception 2 (illegal data address) for FC04 22+2")))
+    message = json.loads(Encoder("gw-1", "plant-a", "buf123").encode(result, 41))
+    assert message == {
+        "schema": SCHEMA, "gateway": "gw-1", "site": "plant-a", "buffer_id": "buf123", "device": "meter-1",
+        "ts": "2025-11-24T21:45:00.250Z",
+        "readings": [
+            {"seq": 41, "point": "voltage", "value": 229.8, "quality": "good", "unit": "V"},
+            {"seq": 42, "point": "energy", "value": 4_000_000_123, "quality": "good", "unit": "Wh"},
+            {"seq": 43, "point": "pf", "value": None, "quality": "bad",
+             "reason": "Modbus exception 2 (illegal data address) for FC04 22+2"},
+        ]}
+
+
+def test_a_value_json_cannot_carry_becomes_a_bad_reading_instead_of_stopping_the_writer() -> None:
+    result = PollResult("m", 0.0, (Reading("ok", 1.5), Reading("nan", float("nan")), Reading("inf", float("inf")),
+                                   Reading("odd", b"\x01\x02"), Reading("text", "가동")))  # type: ignore[arg-type]
+    readings = json.loads(Encoder("gw", "s", "b").encode(result, 1))["readings"]
+    assert [(r["seq"], r["quality"]) for r in readings] == [
+        (1, "good"), (2, "bad"), (3, "bad"), (4, "bad"), (5, "good")]
+    assert readings[1]["value"] is None and "not a finite number" in readings[1]["reason"]
+    assert "bytes cannot be sent" in readings[3]["reason"]
+    assert readings[4]["value"] == "가동"
+
+
+def test_topics_and_timestamps() -> None:
+    assert data_topic("edge", "plant-a", "gw-1", "meter-1") == "edge/plant-a/gw-1/data/meter-1"
+    assert status_topic("edge", "plant-a", "gw-1") == "edge/plant-a/gw-1/status"
+    assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_the_documented_schema_accepts_what_the_encoder_writes() -> None:
+    import jsonschema
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text())
+    result = PollResult("meter-1", 1_764_020_700.0, (Reading("v", 229.8, "V"), Reading.bad("x", "timeout"),
+                                                     Reading("n", 7), Reading("s", "run"), Reading("b", True)))
+    jsonschema.validate(json.loads(Encoder("gw-1", "plant-a", "0123456789abcdef0123456789abcdef").encode(result, 1)),
+                        schema)
+    assert Quality.UNCERTAIN.value in json.dumps(schema)
