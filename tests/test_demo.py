@@ -27,5 +27,6 @@ def test_demo_delivers_everything_it_polls(broker: str) -> None:
     assert polled >= 3 * 16  # the meter polled every second (16 points)
     assert lost == 0 and delivered + buffered == polled
     # The live view shows what reached the broker, decoded as the platform sees it.
-    assert re.search(r"power-meter +seq \d+\.\.\d+ +.*voltage_avg=2\d\d(\.\d+)? V", result.stdout), result.stdout
+    assert re.search(r"power-meter +seq \d+\.\.\d+\n(.*\n)*? +.*voltage_avg=2\d\d(\.\d+)?\xa0V", result.stdout), \
+        result.stdout
     assert "Traceback" not in result.stderr

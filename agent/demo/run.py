@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -163,16 +165,19 @@ class _LiveView:
         if self.quiet:
             return
         pending, self._pending = self._pending, {}
+        width = max(60, shutil.get_terminal_size((120, 24)).columns)
         for device, body in sorted(pending.items()):
             readings = body["readings"]
-            values = "  ".join(_fmt(r) for r in readings)
-            seqs = f"seq {readings[0]['seq']}..{readings[-1]['seq']}"
-            print(f"{body['ts'][11:19]}Z {device:<12} {seqs:<16} {values}", flush=True)
+            head = f"{body['ts'][11:19]}Z {device:<12} seq {readings[0]['seq']}..{readings[-1]['seq']}"
+            values = textwrap.wrap("  ".join(_fmt(r) for r in readings), width - 10, break_on_hyphens=False)
+            print(head, flush=True)
+            for line in values:
+                print(f"{'':10}{line}", flush=True)
         counters = agent.counters()
         depth = f"{stats.readings} readings in the buffer" if stats else "buffer closed"
         link = "connected" if counters.mqtt_connected else "DISCONNECTED"
         print(f"{'':9} {'agent':<12} broker {link}, {depth}, {counters.inflight} messages in flight, "
-              f"polled {counters.readings_polled}, delivered {counters.readings_delivered}", flush=True)
+              f"polled {counters.readings_polled}, delivered {counters.readings_delivered}\n", flush=True)
 
 
 def _fmt(reading: dict[str, Any]) -> str:
@@ -180,7 +185,8 @@ def _fmt(reading: dict[str, Any]) -> str:
     if reading["quality"] != "good":
         return f"{reading['point']}=BAD({reading.get('reason', '')})"
     shown = f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
-    return f"{reading['point']}={shown}{reading.get('unit', '') and ' ' + reading['unit']}"
+    # A no-break space keeps a value and its unit on one line when the view wraps.
+    return f"{reading['point']}={shown}{reading.get('unit', '') and chr(0xA0) + reading['unit']}"
 
 
 if __name__ == "__main__":
