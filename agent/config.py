@@ -66,6 +66,9 @@ _DURATION_SCHEMA = {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum
 _BYTES_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 1 << 20}, {"type": "string", "pattern": _BYTES.pattern}],
                  "description": 'Bytes, or a string such as "500MB" or "2GiB" (at least 1 MiB).'}
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, le=86400), WithJsonSchema(_DURATION_SCHEMA)]
+# An age can be long: a buffer's max_age is counted in days.
+Age = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, le=3650 * 86400),
+                WithJsonSchema({**_DURATION_SCHEMA, "description": 'Seconds, or a string such as "12h" or "30d".'})]
 ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1 << 20), WithJsonSchema(_BYTES_SCHEMA)]
 # Names end up in MQTT topics and metric labels: no '/', '+', '#' or spaces.
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -90,6 +93,8 @@ class StrictModel(BaseModel):
 class GatewayConfig(StrictModel):
     id: Name = Field(description="This gateway's id, unique on the platform; part of every topic.")
     site: Name = Field(description="The site (factory) this gateway belongs to; part of every topic.")
+    status_interval: Duration = Field(60.0, description="How often the status message (buffer, losses, device "
+                                                        "health) is sent; also at once after every reconnect.")
 
 
 class BufferConfig(StrictModel):
@@ -97,6 +102,12 @@ class BufferConfig(StrictModel):
     max_bytes: ByteSize = Field(
         1 << 30, description="Cap on the buffer's size on disk; when reached, the oldest readings are dropped "
         "and counted.")
+    on_full: Literal["drop_oldest", "reject_new"] = Field(
+        "drop_oldest", description='At the cap: "drop_oldest" keeps the newest readings (the oldest are dropped '
+        'and counted); "reject_new" keeps the oldest (new readings are refused and counted).')
+    max_age: Age | None = Field(
+        None, description="Delete readings older than this even if unsent (counted as expired). Off by default: "
+        "an outage must not purge unsent data unless you decide it.")
     durability: Literal["power-loss", "process-crash"] = Field(
         "power-loss", description='"power-loss": every commit is fsynced (survives a power cut); '
         '"process-crash": survives a crash of the agent, a power cut may lose the last second.')

@@ -9,6 +9,7 @@ acknowledged by then stays in the buffer for the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from agent.config import AgentConfig
 from agent.health import DeviceHealth, FailureLog
 from agent.payload import Encoder
 from agent.scheduler import poll_loop
+from agent.status import StatusReporter
 from agent.uplink import MqttUplink
 from agent.writer import BufferWriter
 from buffer.store import Buffer
@@ -47,8 +49,9 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
-        self.buffer = buffer = await Buffer.open(config.buffer.path, config.buffer.max_bytes,
-                                                 config.buffer.durability)
+        limits = config.buffer
+        self.buffer = buffer = await Buffer.open(limits.path, limits.max_bytes, limits.durability, limits.on_full,
+                                                 limits.max_age)
         device_drivers: dict[str, PollingDriver] = {}
         try:
             self.uplink = uplink = MqttUplink(config.mqtt, config.gateway, buffer)
@@ -63,6 +66,8 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 writer_task = group.create_task(writer.run(), name="buffer-writer")
                 uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
+                status_task = group.create_task(self._report_status(StatusReporter(buffer, self.health)),
+                                                name="status")
                 pollers = [group.create_task(poll_loop(d.name, d.poll_interval, device_drivers[d.name],
                                                        self.health[d.name], writer.submit), name=f"poll:{d.name}")
                            for d in config.devices]
@@ -72,6 +77,7 @@ class Agent:
                 for task in pollers:
                     task.cancel()
                 await asyncio.gather(*pollers, return_exceptions=True)
+                status_task.cancel()
                 await writer.flush()
                 await uplink.drain(SHUTDOWN_GRACE)
                 writer_task.cancel()
@@ -82,6 +88,26 @@ class Agent:
             remaining = await buffer.stats()
             await buffer.close()
             log.info("stopped; %d readings remain in the buffer for the next start", remaining.readings)
+
+    async def _report_status(self, reporter: StatusReporter) -> None:
+        """Every status_interval, and at once after each (re)connect: expire old rows (max_age) and send
+        the status message. A failure here is logged and retried next time; it never stops the agent."""
+        assert self.uplink is not None and self.buffer is not None
+        uplink, buffer = self.uplink, self.buffer
+        failures = FailureLog("status message", log)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.gateway.status_interval):
+                    await uplink.status_due.wait()
+            uplink.status_due.clear()
+            try:
+                await buffer.expire()
+                if uplink.connected:
+                    uplink.publish_status(await reporter.snapshot(uplink.inflight, uplink.readings_delivered))
+            except Exception as exc:  # noqa: BLE001 - status is best effort; the data path is unaffected
+                failures.failed(exc)
+            else:
+                failures.succeeded()
 
     def counters(self) -> Counters:
         writer, uplink = self.writer, self.uplink

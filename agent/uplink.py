@@ -21,7 +21,10 @@ import asyncio
 import json
 import logging
 import os
+import random
+import socket
 import ssl
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +61,13 @@ class MqttUplink:
         self._stopping = False
         self._link = FailureLog(f"MQTT broker {config.host}:{config.effective_port}", log)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._socket_error: str | None = None
         self._client: mqtt.Client | None = None
         self.readings_delivered = 0
         self.messages_delivered = 0
         self.status_topic = status_topic(config.topic_prefix, gateway.site, gateway.id)
+        # Set on every (re)connect: the agent then sends a full status message at once.
+        self.status_due = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -153,14 +159,26 @@ class MqttUplink:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
-        self._from_paho(self._connection_changed, not reason.is_failure, str(reason))
+        text = str(reason)
+        if reason.is_failure and any(word in text.lower() for word in ("authori", "password", "user name")):
+            text += ": the broker refused the login; check mqtt.username and the password (password_file or " \
+                    "password_env)"
+        self._from_paho(self._connection_changed, not reason.is_failure, text)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._from_paho(self._connection_changed, False, "cannot connect (refused, unreachable or TLS failed)")
+        # paho calls this inside its `except OSError:` around the connect: the exception says why.
+        self._from_paho(self._connection_changed, False, describe_connect_error(sys.exc_info()[1]))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
-        self._from_paho(self._connection_changed, False, f"disconnected: {reason}")
+        detail, self._socket_error = self._socket_error, None
+        self._from_paho(self._connection_changed, False, describe_disconnect(str(reason), detail))
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        # paho reports why a socket failed only in its log (e.g. a TLS alert after the handshake); keep the
+        # last such line for the disconnect message. Its error lines never hold credentials.
+        if level in (mqtt.MQTT_LOG_ERR, mqtt.MQTT_LOG_WARNING):
+            self._socket_error = text
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:
@@ -175,11 +193,20 @@ class MqttUplink:
             self._link.succeeded()
             if not was:
                 log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
-                self._publish_status("online")
+                self.status_due.set()
         elif not self._stopping:
             self._link.failed(reason, f"{len(self._inflight)} messages in flight stay in the buffer; "
                                       "reconnecting with backoff")
+            self._jitter_reconnect()
         self._wake.set()
+
+    def _jitter_reconnect(self) -> None:
+        """Spread reconnects: after a platform broker restart, hundreds of gateways must not all come back
+        in the same second. paho doubles the delay from its minimum; a random minimum per attempt
+        decorrelates the whole sequence."""
+        if self._client is not None:
+            low, high = self._config.reconnect_min, self._config.reconnect_max
+            self._client.reconnect_delay_set(min_delay=random.uniform(low, min(2 * low, high)), max_delay=high)
 
     def _on_ack(self, mid: int, failed: bool, reason: str) -> None:
         entry = self._inflight.pop(mid, None)
@@ -209,9 +236,9 @@ class MqttUplink:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         client.max_inflight_messages_set(0)  # the window is ours (max_inflight); paho must not queue
-        client.reconnect_delay_set(min_delay=max(1, round(config.reconnect_min)),
-                                   max_delay=max(1, round(config.reconnect_max)))
+        client.reconnect_delay_set(min_delay=config.reconnect_min, max_delay=config.reconnect_max)
         # The broker publishes the will long after this moment: it carries no timestamp.
         client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
         if config.username is not None:
@@ -225,16 +252,24 @@ class MqttUplink:
             client.tls_set_context(context)
         return client
 
-    def _status_payload(self, state: str, stamped: bool = True) -> bytes:
-        status = {"schema": STATUS_SCHEMA, "state": state, "gateway": self._gateway.id, "site": self._gateway.site,
-                  "version": __version__}
+    def publish_status(self, details: dict[str, Any]) -> bool:
+        """Send the status message (retained), if connected; the next one carries everything anew."""
+        if not self._connected or self._stopping:
+            return False
+        self._publish_status("online", details)
+        return True
+
+    def _status_payload(self, state: str, stamped: bool = True, details: dict[str, Any] | None = None) -> bytes:
+        status: dict[str, Any] = {"schema": STATUS_SCHEMA, "state": state, "gateway": self._gateway.id,
+                                  "site": self._gateway.site, "version": __version__}
         if stamped:
             status["ts"] = iso_utc(time.time())
+        status.update(details or {})
         return json.dumps(status, separators=(",", ":")).encode()
 
-    def _publish_status(self, state: str) -> None:
+    def _publish_status(self, state: str, details: dict[str, Any] | None = None) -> None:
         if self._client is not None:
-            self._client.publish(self.status_topic, self._status_payload(state), qos=1, retain=True)
+            self._client.publish(self.status_topic, self._status_payload(state, details=details), qos=1, retain=True)
 
     async def _disconnect(self, client: mqtt.Client) -> None:
         self._stopping = True
@@ -244,6 +279,39 @@ class MqttUplink:
         client.disconnect()
         await asyncio.to_thread(client.loop_stop)
         self._connected = False
+
+
+def describe_connect_error(exc: BaseException | None) -> str:
+    """Why a connection attempt failed, in words that point at the fix."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the broker's certificate was not accepted ({exc.verify_message}); check mqtt.tls.ca_file "
+                "and that mqtt.host is a name the certificate was issued for")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}); check the TLS settings of the broker and of [mqtt.tls]"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens on that host and port"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "connection timed out: the broker does not answer (network, firewall)"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the broker's host name ({exc.strerror})"
+    if isinstance(exc, OSError):
+        return f"cannot connect: {exc.strerror or exc}"
+    return "cannot connect"
+
+
+def describe_disconnect(reason: str, socket_error: str | None) -> str:
+    """Why the link dropped. paho's reason is often just "Unspecified error"; its socket error says more."""
+    if socket_error is None:
+        return f"disconnected: {reason}"
+    text = socket_error.upper()
+    if "CERTIFICATE_REQUIRED" in text:
+        hint = "the broker requires a client certificate: set mqtt.tls.cert_file and mqtt.tls.key_file"
+    elif "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text or "CERTIFICATE_UNKNOWN" in text:
+        hint = "the broker did not accept the client certificate (mqtt.tls.cert_file): is it signed by a CA the " \
+               "broker trusts?"
+    else:
+        hint = ""
+    return f"disconnected: {reason} ({socket_error}){'; ' + hint if hint else ''}"
 
 
 def read_password(config: MqttConfig) -> str | None:

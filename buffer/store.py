@@ -9,7 +9,12 @@ Invariants (what is written when, what a crash can leave, what recovery does):
    same transaction as the rows, so after any crash counter and rows agree: a number is never reused
    and never skipped for the life of this buffer file (identified by `meta.buffer_id`).
 3. A row leaves the buffer only through `delete()`, which the uplink calls after the broker acknowledged
-   the message that carried it, or through the size cap, which counts what it drops (`meta.dropped`).
+   the message that carried it, or through a limit, which counts every reading it gives up:
+   - the size cap with policy "drop_oldest" deletes the oldest rows (`meta.dropped_oldest`);
+   - the size cap with policy "reject_new" stores no new rows while the data is over the cap, but still
+     advances the counter past them (`meta.rejected`), so the platform sees the loss as a gap;
+   - `max_age` deletes rows older than that (`meta.expired`); it is off unless configured.
+   The counters are persisted in the same transaction as the deletion.
 4. Durability: the file is in WAL mode. With durability "power-loss" (synchronous=FULL) a returned
    `append()` survives a power cut. With "process-crash" (synchronous=NORMAL) it survives a crash or
    SIGKILL of the agent; a power cut may lose the last commits, but never corrupts the file.
@@ -27,10 +32,11 @@ import logging
 import sqlite3
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import aiosqlite
 
@@ -44,7 +50,7 @@ CREATE TABLE IF NOT EXISTS batches (
     count   INTEGER NOT NULL,     -- readings in the row: they hold seq .. seq + count - 1
     device  TEXT NOT NULL,
     ts      REAL NOT NULL,        -- poll time, UTC epoch seconds
-    payload BLOB NOT NULL         -- the message body, encoded once at insert
+    payload BLOB NOT NULL         -- the encoded poll, zlib-compressed (level 1: ~5x smaller, ~0.2 us/reading)
 );
 """
 
@@ -64,23 +70,36 @@ class BufferStats:
     readings: int
     oldest_ts: float | None
     bytes_on_disk: int
-    dropped: int
+    dropped_oldest: int
+    rejected: int
+    expired: int
     next_seq: int
     buffer_id: str
+
+    @property
+    def dropped(self) -> int:
+        """Every reading the buffer gave up, for any reason."""
+        return self.dropped_oldest + self.rejected + self.expired
+
+
+OnFull = Literal["drop_oldest", "reject_new"]
+_LOSS_KEYS = ("dropped_oldest", "rejected", "expired")
 
 
 class Buffer:
     """Open with `await Buffer.open(...)`. One writer (the agent's buffer writer) appends; one reader
     (the uplink) reads and deletes. Both run on the same event loop."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, max_bytes: int, buffer_id: str, next_seq: int,
-                 dropped: int, page_size: int) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, buffer_id: str, next_seq: int,
+                 losses: dict[str, int], page_size: int) -> None:
         self._db = db
         self.path = path
-        self.max_bytes = max_bytes
+        self.max_bytes = 1 << 30
+        self.on_full: OnFull = "drop_oldest"
+        self.max_age: float | None = None
         self.buffer_id = buffer_id
         self._next_seq = next_seq
-        self._dropped = dropped
+        self._losses = losses
         self._page_size = page_size
         # One connection serves the writer and the uplink: every operation holds this lock, so no
         # transaction interleaves with another and no read ever sees a transaction that is still open.
@@ -90,7 +109,8 @@ class Buffer:
 
     @classmethod
     async def open(cls, path: Path | str, max_bytes: int = 1 << 30,
-                   durability: Literal["power-loss", "process-crash"] = "power-loss") -> Buffer:
+                   durability: Literal["power-loss", "process-crash"] = "power-loss",
+                   on_full: OnFull = "drop_oldest", max_age: float | None = None) -> Buffer:
         """Open (or create) the buffer. Raises `BufferUnavailable` when the file cannot be used at all
         (no permission, another agent holds it); a corrupt file is moved aside instead (invariant 5)."""
         path = Path(path)
@@ -102,6 +122,8 @@ class Buffer:
         try:
             try:
                 buffer = await cls._open(path, max_bytes, durability)
+            except BufferUnavailable:
+                raise
             except sqlite3.DatabaseError as exc:
                 if not _is_corruption(exc):
                     raise BufferUnavailable(f"cannot open the buffer {path}: {exc}") from exc
@@ -113,6 +135,7 @@ class Buffer:
             lock.close()
             raise
         buffer._lock_file = lock
+        buffer.max_bytes, buffer.on_full, buffer.max_age = max_bytes, on_full, max_age
         return buffer
 
     @classmethod
@@ -127,7 +150,7 @@ class Buffer:
             meta = dict(await db.execute_fetchall("SELECT key, value FROM meta"))
             if not meta:
                 meta = {"schema_version": SCHEMA_VERSION, "buffer_id": uuid.uuid4().hex, "next_seq": 1,
-                        "dropped": 0, "created": time.time()}
+                        "created": time.time(), **dict.fromkeys(_LOSS_KEYS, 0)}
                 await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
             version = meta.get("schema_version")
             if isinstance(version, int) and version > SCHEMA_VERSION:
@@ -143,7 +166,8 @@ class Buffer:
                 log.error("buffer %s: counter %d behind its rows (%d); continuing after the rows", path,
                           next_seq, last)
                 next_seq = last
-            return cls(db, path, max_bytes, str(meta["buffer_id"]), next_seq, int(meta["dropped"]), page_size)
+            losses = {key: int(meta.get(key, 0)) for key in _LOSS_KEYS}
+            return cls(db, path, str(meta["buffer_id"]), next_seq, losses, page_size)
         except BaseException:
             await db.close()
             raise
@@ -162,19 +186,29 @@ class Buffer:
             if batch.seq != expected:
                 raise ValueError(f"sequence gap: row starts at {batch.seq}, expected {expected}")
             expected += batch.count
+        rows = [(b.seq, b.count, b.device, b.ts, zlib.compress(b.payload, 1)) for b in batches]
         async with self._lock:
+            reject = self.on_full == "reject_new" and await self._used_bytes() > self.max_bytes
             await self._db.execute("BEGIN IMMEDIATE")
             try:
-                await self._db.executemany(
-                    "INSERT INTO batches(seq, count, device, ts, payload) VALUES (?, ?, ?, ?, ?)",
-                    [(b.seq, b.count, b.device, b.ts, b.payload) for b in batches])
+                if reject:
+                    await self._count_loss("rejected", expected - self._next_seq)
+                else:
+                    await self._db.executemany(
+                        "INSERT INTO batches(seq, count, device, ts, payload) VALUES (?, ?, ?, ?, ?)", rows)
                 await self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (expected,))
                 await self._db.execute("COMMIT")
             except BaseException:
                 await self._rollback()
                 raise
+            rejected = expected - self._next_seq if reject else 0
             self._next_seq = expected
-            await self._enforce_cap()
+            if reject:
+                self._episode_log(f"refusing new readings ({rejected} now, {self._losses['rejected']} in all)")
+            elif self.on_full == "drop_oldest":
+                await self._drop_oldest_over_cap()
+            else:
+                await self._end_episode_below_cap()
 
     async def read_after(self, seq: int, limit: int) -> list[StoredBatch]:
         """Rows whose first sequence number is above `seq`, oldest first."""
@@ -182,7 +216,7 @@ class Buffer:
             rows = await self._db.execute_fetchall(
                 "SELECT seq, count, device, ts, payload FROM batches WHERE seq > ? ORDER BY seq LIMIT ?",
                 (seq, limit))
-        return [StoredBatch(*row) for row in rows]
+        return [StoredBatch(seq, count, device, ts, zlib.decompress(blob)) for seq, count, device, ts, blob in rows]
 
     async def delete(self, seqs: Sequence[int]) -> None:
         """Forget rows the broker has acknowledged. A delete lost in a crash means a duplicate, never a loss."""
@@ -202,7 +236,24 @@ class Buffer:
             (rows, readings, oldest), = await self._db.execute_fetchall(
                 "SELECT count(*), coalesce(sum(count), 0), min(ts) FROM batches")
         on_disk = sum(p.stat().st_size for p in _files(self.path) if p.exists())
-        return BufferStats(rows, readings, oldest, on_disk, self._dropped, self._next_seq, self.buffer_id)
+        return BufferStats(rows, readings, oldest, on_disk, self._losses["dropped_oldest"], self._losses["rejected"],
+                           self._losses["expired"], self._next_seq, self.buffer_id)
+
+    async def expire(self, now: float | None = None) -> int:
+        """Delete rows older than `max_age` (when set), counted as expired. Returns how many readings went."""
+        if self.max_age is None:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.max_age
+        async with self._lock:
+            victims = await self._db.execute_fetchall(
+                "SELECT seq, count FROM batches WHERE ts < ? ORDER BY seq", (cutoff,))
+            if victims:
+                await self._delete_counted(victims, "expired")
+        expired = sum(count for _, count in victims)
+        if expired:
+            log.warning("buffer %s: %d readings older than max_age (%g s) were deleted unsent (%d in all)",
+                        self.path, expired, self.max_age, self._losses["expired"])
+        return expired
 
     async def close(self) -> None:
         async with self._lock:
@@ -216,14 +267,12 @@ class Buffer:
         (free,), = await self._db.execute_fetchall("PRAGMA freelist_count")
         return (pages - free) * self._page_size
 
-    async def _enforce_cap(self) -> None:
+    async def _drop_oldest_over_cap(self) -> None:
         """Drop the oldest rows while the data exceeds max_bytes; freed pages are reused, so the file stops
         growing at the cap."""
         used = await self._used_bytes()
         if used <= self.max_bytes:
-            if self._capped and used < self.max_bytes * 0.9:
-                self._capped = False
-                log.info("buffer %s is below its cap again (%d readings dropped in all)", self.path, self._dropped)
+            await self._end_episode_below_cap(used)
             return
         dropped = 0
         while used > self.max_bytes * 0.95:
@@ -232,22 +281,41 @@ class Buffer:
                 break
             victims = await self._db.execute_fetchall(
                 "SELECT seq, count FROM batches ORDER BY seq LIMIT ?", (max(1, rows // 50),))
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._db.executemany("DELETE FROM batches WHERE seq = ?", [(s,) for s, _ in victims])
-                dropped += sum(c for _, c in victims)
-                await self._db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (self._dropped + dropped,))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._rollback()
-                raise
+            await self._delete_counted(victims, "dropped_oldest")
+            dropped += sum(count for _, count in victims)
             used = await self._used_bytes()
-        self._dropped += dropped
+        self._episode_log(f"dropping the oldest readings ({dropped} now, {self._losses['dropped_oldest']} in all)")
+
+    async def _delete_counted(self, victims: list[Any], reason: str) -> None:
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.executemany("DELETE FROM batches WHERE seq = ?", [(seq,) for seq, _ in victims])
+            await self._count_loss(reason, sum(count for _, count in victims))
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def _count_loss(self, reason: str, readings: int) -> None:
+        """Inside a transaction: add to a loss counter, in memory once the transaction commits."""
+        await self._db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                               "value = value + excluded.value", (reason, readings))
+        self._losses[reason] += readings
+
+    def _episode_log(self, what: str) -> None:
         log.log(logging.DEBUG if self._capped else logging.WARNING,
-                "buffer %s reached its cap of %d bytes: dropping the oldest readings (%d now, %d in all)%s",
-                self.path, self.max_bytes, dropped, self._dropped,
-                "" if self._capped else "; further drops are logged at debug level until it is below the cap")
+                "buffer %s reached its cap of %d bytes: %s%s", self.path, self.max_bytes, what,
+                "" if self._capped else "; further losses are logged at debug level until it is below the cap")
         self._capped = True
+
+    async def _end_episode_below_cap(self, used: int | None = None) -> None:
+        if not self._capped:
+            return
+        used = await self._used_bytes() if used is None else used
+        if used < self.max_bytes * 0.9:
+            self._capped = False
+            lost = sum(self._losses.values())
+            log.info("buffer %s is below its cap again (%d readings lost to limits in all)", self.path, lost)
 
     async def _rollback(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from buffer.store import Buffer, StoredBatch
 
 
 def batch(seq: int, count: int = 3, device: str = "m1", size: int = 10) -> StoredBatch:
-    return StoredBatch(seq, count, device, 1_700_000_000.0 + seq, b"x" * size)
+    """A row whose payload does not compress, so that `size` is what it takes on disk."""
+    return StoredBatch(seq, count, device, 1_700_000_000.0 + seq, random.Random(seq).randbytes(size))
 
 
 async def test_append_read_delete_in_sequence(tmp_path: Path) -> None:
@@ -154,3 +156,57 @@ async def test_a_second_agent_cannot_open_a_buffer_in_use_and_the_file_is_left_a
     again = await Buffer.open(tmp_path / "b.db")  # released on close
     assert again.next_seq == 4
     await again.close()
+
+
+async def test_reject_new_keeps_the_oldest_counts_the_refused_and_leaves_a_gap(tmp_path: Path) -> None:
+    cap = 1 << 20
+    buffer = await Buffer.open(tmp_path / "b.db", max_bytes=cap, on_full="reject_new")
+    seq = 1
+    for _ in range(60):
+        rows = []
+        for _ in range(10):
+            rows.append(batch(seq, 5, size=4096))
+            seq += 5
+        await buffer.append(rows)
+    stats = await buffer.stats()
+    kept = await buffer.read_after(0, 10_000)
+    assert stats.rejected > 0 and stats.dropped_oldest == 0
+    assert stats.rejected + stats.readings == seq - 1
+    assert kept[0].seq == 1  # the oldest stay
+    assert stats.next_seq == seq  # refused readings still used their numbers: the platform sees a gap
+    # Once the uplink has delivered (deleted) rows, new readings are accepted again.
+    await buffer.delete([row.seq for row in kept])
+    await buffer.append([StoredBatch(seq, 5, "m1", 0.0, b"after")])
+    assert [r.seq for r in await buffer.read_after(0, 10)] == [seq]
+    await buffer.close()
+
+
+async def test_max_age_deletes_old_rows_unsent_and_counts_them(tmp_path: Path) -> None:
+    buffer = await Buffer.open(tmp_path / "b.db", max_age=3600.0)
+    now = 1_800_000_000.0
+    await buffer.append([StoredBatch(1, 2, "m", now - 7200, b"old"), StoredBatch(3, 2, "m", now - 60, b"new")])
+    assert await buffer.expire(now) == 2
+    stats = await buffer.stats()
+    assert (stats.expired, stats.readings, [r.seq for r in await buffer.read_after(0, 10)]) == (2, 2, [3])
+    await buffer.close()
+    reopened = await Buffer.open(tmp_path / "b.db")
+    assert (await reopened.stats()).expired == 2
+    await reopened.close()
+
+
+async def test_rows_are_stored_compressed(tmp_path: Path) -> None:
+    encoder = Encoder("changwon-a-gw01", "changwon-plant-a", "0123456789abcdef0123456789abcdef")
+    payload = encoder.encode(PollResult("dev0001", 1_764_000_000.0, tuple(
+        Reading(f"p{i}", 220.0 + i / 7, "V") for i in range(50))), 1_000_000)
+    buffer = await Buffer.open(tmp_path / "b.db")
+    await buffer.close()
+    buffer = await Buffer.open(tmp_path / "b.db")
+    buffer._next_seq = 1_000_000  # as a long-running gateway would be
+    await buffer.append([StoredBatch(1_000_000, 50, "dev0001", 0.0, payload)])
+    assert (await buffer.read_after(0, 1))[0].payload == payload
+    await buffer.close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "b.db") as db:
+        (stored,), = db.execute("SELECT length(payload) FROM batches").fetchall()
+    assert stored < len(payload) / 3, (stored, len(payload))
