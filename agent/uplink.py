@@ -6,7 +6,12 @@ Invariants:
    "handed to the client library" is not "delivered".
 2. At most `max_inflight` messages await their PUBACK, so throughput does not wait on the broker's round
    trip and memory stays bounded however large the backlog: the backlog lives on disk, read in windows.
-3. Rows are sent in sequence order over one connection; MQTT keeps that order per topic.
+3. Live and backlog together: at each (re)connect, the rows already in the buffer become a backlog range.
+   Each fill of the window gives the live stream (rows committed since) at most half and the backlog the
+   rest, so after an outage the platform's live view recovers at once while the backlog drains at full
+   speed, and neither starves. Within the live stream and within each backlog range, rows go out in
+   sequence order over one connection, and MQTT keeps that order per topic: a device's readings arrive in
+   order within each stream; a live reading may overtake the same device's backlog.
 4. When the link drops, messages in flight stay with paho, which re-sends them (DUP) after reconnecting;
    their rows are still in the buffer. If the agent stops or crashes first, they are sent again by the
    next run: the cost of a crash is duplicates, which the platform drops by sequence number, never a loss.
@@ -26,6 +31,7 @@ import socket
 import ssl
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +62,9 @@ class MqttUplink:
         self._wake = asyncio.Event()
         self._inflight: dict[int, _InFlight] = {}
         self._acked: list[_InFlight] = []
-        self._cursor = 0  # highest sequence number handed to paho in this run
+        self._cursor = 0  # live stream: the highest sequence number handed to paho
+        # Backlog ranges still to send, oldest first: rows with after < seq < before.
+        self._backlog: deque[tuple[int, int]] = deque()
         self._connected = False
         self._stopping = False
         self._link = FailureLog(f"MQTT broker {config.host}:{config.effective_port}", log)
@@ -115,10 +123,8 @@ class MqttUplink:
             self._wake.clear()
             try:
                 await self._delete_acked()
-                room = self._config.max_inflight - len(self._inflight)
-                if self._connected and not self._stopping and room > 0:
-                    for row in await self._buffer.read_after(self._cursor, room):
-                        self._publish(client, row)
+                if self._connected and not self._stopping:
+                    await self._fill_window(client)
             except Exception as exc:  # noqa: BLE001 - a disk error must not end the uplink; nothing is lost
                 storage.failed(exc, "sending pauses, the rows stay in the buffer")
                 await asyncio.sleep(delay)
@@ -128,6 +134,26 @@ class MqttUplink:
             delay = 0.5
             await self._wake.wait()
 
+    async def _fill_window(self, client: mqtt.Client) -> None:
+        room = self._config.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        live = await self._buffer.read_after(self._cursor, room // 2 if self._backlog else room)
+        for row in live:
+            self._publish(client, row)
+            self._cursor = row.seq
+        room -= len(live)
+        while room > 0 and self._backlog:
+            after, before = self._backlog[0]
+            rows = await self._buffer.read_after(after, room, before)
+            for row in rows:
+                self._publish(client, row)
+            if len(rows) < room:
+                self._backlog.popleft()
+            else:
+                self._backlog[0] = (rows[-1].seq, before)
+            room -= len(rows)
+
     def _publish(self, client: mqtt.Client, row: StoredBatch) -> None:
         topic = data_topic(self._config.topic_prefix, self._gateway.site, self._gateway.id, row.device)
         info = client.publish(topic, row.payload, qos=1)
@@ -136,7 +162,6 @@ class MqttUplink:
             raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
         # MQTT_ERR_NO_CONN: the link dropped just now; paho keeps the message and sends it on reconnect.
         self._inflight[info.mid] = _InFlight(row.seq, row.count)
-        self._cursor = row.seq
 
     async def _delete_acked(self) -> None:
         if not self._acked:
@@ -193,6 +218,11 @@ class MqttUplink:
             self._link.succeeded()
             if not was:
                 log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
+                # What piled up while disconnected (or before this run) becomes a backlog range.
+                live_from = self._buffer.next_seq
+                if live_from - 1 > self._cursor:
+                    self._backlog.append((self._cursor, live_from))
+                    self._cursor = live_from - 1
                 self.status_due.set()
         elif not self._stopping:
             self._link.failed(reason, f"{len(self._inflight)} messages in flight stay in the buffer; "
@@ -213,11 +243,11 @@ class MqttUplink:
         if entry is None:
             return  # the status message, or an ack for a message of a previous connection already counted
         if failed:
-            # MQTT 5 broker refused the message (e.g. not authorized): it was not delivered. Send it again
-            # from its position; the rows behind it may arrive twice, which sequence numbers make harmless.
-            log.error("broker refused message with readings %d..%d: %s; it stays in the buffer",
+            # An MQTT 5 broker refused the message (e.g. quota exceeded): it was not delivered. It is queued
+            # again as a one-row backlog range.
+            log.error("broker refused message with readings %d..%d: %s; it stays in the buffer and is sent again",
                       entry.seq, entry.seq + entry.count - 1, reason)
-            self._cursor = min(self._cursor, entry.seq - 1)
+            self._backlog.appendleft((entry.seq - 1, entry.seq + 1))
         else:
             self._acked.append(entry)
         self._wake.set()

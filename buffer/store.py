@@ -210,12 +210,12 @@ class Buffer:
             else:
                 await self._end_episode_below_cap()
 
-    async def read_after(self, seq: int, limit: int) -> list[StoredBatch]:
-        """Rows whose first sequence number is above `seq`, oldest first."""
+    async def read_after(self, seq: int, limit: int, before: int | None = None) -> list[StoredBatch]:
+        """Rows whose first sequence number is above `seq` (and below `before`), oldest first."""
         async with self._lock:
             rows = await self._db.execute_fetchall(
-                "SELECT seq, count, device, ts, payload FROM batches WHERE seq > ? ORDER BY seq LIMIT ?",
-                (seq, limit))
+                "SELECT seq, count, device, ts, payload FROM batches WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
+                (seq, (1 << 62) if before is None else before, limit))
         return [StoredBatch(seq, count, device, ts, zlib.decompress(blob)) for seq, count, device, ts, blob in rows]
 
     async def delete(self, seqs: Sequence[int]) -> None:

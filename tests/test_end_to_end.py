@@ -238,3 +238,43 @@ async def test_handed_to_the_client_library_is_not_delivered(
         await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 10,
                          "every committed reading delivered or still buffered")
     assert stream.seqs.missing(1, last) == sorted(still_buffered & set(range(1, last + 1)))
+
+
+async def test_after_an_outage_live_readings_flow_while_the_backlog_drains(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+    """The backlog of a long outage must not hold the live stream back, nor the live stream the backlog."""
+    from agent.model import PollResult, Reading
+    from agent.payload import Encoder
+    from buffer.store import StoredBatch
+
+    backlog_rows, per_row = 3000, 10
+    buffer = await Buffer.open(tmp_path / "buffer.db")
+    encoder = Encoder(GATEWAY, "test-site", buffer.buffer_id)
+    readings = tuple(Reading(f"p{i}", float(i)) for i in range(per_row))
+    rows = [StoredBatch(1 + n * per_row, per_row, "old-meter", 1_700_000_000.0 + n,
+                        encoder.encode(PollResult("old-meter", 1_700_000_000.0 + n, readings), 1 + n * per_row))
+            for n in range(backlog_rows)]
+    await buffer.append(rows)
+    await buffer.close()
+    backlog_last = backlog_rows * per_row
+
+    arrivals: list[tuple[float, str, int]] = []  # (arrival, device, first seq), in arrival order
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"),
+                          extra_mqtt="max_inflight = 2")
+    with Monitor("127.0.0.1", mosquitto.port, f"edge/test-site/{GATEWAY}/data/#",
+                 on_message=lambda topic, body: arrivals.append(
+                     (time.monotonic(), body["device"], body["readings"][0]["seq"]))) as monitor:
+        _, stop, task = await start_agent(config)
+        stream = monitor.stream(GATEWAY)
+        await eventually(lambda: all(s in monitor.stream(GATEWAY).seqs for s in range(1, backlog_last + 1)), 60,
+                         "the backlog to drain")
+        await stop_agent(stop, task)
+    backlog_done = max(at for at, device, _ in arrivals if device == "old-meter")
+    live = [(at, seq) for at, device, seq in arrivals if device == "power-meter"]
+    live_during_drain = [seq for at, seq in live if at < backlog_done]
+    assert len(live_during_drain) >= 3, f"live readings waited for the backlog ({len(live)} live in all)"
+    # Each stream keeps its order.
+    assert [seq for _, seq in live] == sorted(seq for _, seq in live)
+    old = [seq for _, device, seq in arrivals if device == "old-meter"]
+    assert old == sorted(old)
+    assert stream.seqs.duplicates == 0
