@@ -66,8 +66,8 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 writer_task = group.create_task(writer.run(), name="buffer-writer")
                 uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
-                status_task = group.create_task(self._report_status(StatusReporter(buffer, self.health)),
-                                                name="status")
+                status_task = group.create_task(
+                    self._report_status(StatusReporter(buffer, self.health, stats.dropped)), name="status")
                 pollers = [group.create_task(poll_loop(d.name, d.poll_interval, device_drivers[d.name],
                                                        self.health[d.name], writer.submit), name=f"poll:{d.name}")
                            for d in config.devices]

@@ -17,16 +17,18 @@ from buffer.store import Buffer
 
 
 class StatusReporter:
-    def __init__(self, buffer: Buffer, health: dict[str, DeviceHealth]) -> None:
+    def __init__(self, buffer: Buffer, health: dict[str, DeviceHealth], lost_at_start: int) -> None:
+        """`lost_at_start`: the buffer's loss total when the agent started, so the first status reports
+        what was lost since then."""
         self._buffer = buffer
         self._health = health
         self._started = time.time()
-        self._lost_reported: int | None = None
+        self._lost_reported = lost_at_start
 
     async def snapshot(self, inflight: int, delivered: int) -> dict[str, Any]:
         stats = await self._buffer.stats()
         now = time.time()
-        lost_since = stats.dropped - (self._lost_reported if self._lost_reported is not None else stats.dropped)
+        lost_since = stats.dropped - self._lost_reported
         self._lost_reported = stats.dropped
         return {
             "uptime_s": round(now - self._started),

@@ -29,8 +29,10 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
         pytest.skip("the mosquitto binary is not installed")
     # Persistence lets a subscriber's session (and the messages queued for it) survive a broker restart,
     # so a test's monitor sees everything the agent delivered across an outage.
+    # autosave_interval 1 keeps that session even through a SIGKILL of the broker.
     process = MosquittoProcess(work_dir=tmp_path / "mosquitto",
-                               extra_config=["persistence true", f"persistence_location {tmp_path}/mosquitto/"])
+                               extra_config=["persistence true", f"persistence_location {tmp_path}/mosquitto/",
+                                             "autosave_interval 1"])
     process.start()
     try:
         yield process
