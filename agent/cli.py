@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", type=Path, required=True)
     check.set_defaults(handler=_cmd_check)
 
+    buffer = commands.add_parser("buffer", help="look into the buffer (works while the agent runs)")
+    buffer_commands = buffer.add_subparsers(dest="buffer_command", metavar="COMMAND", required=True)
+    stats = buffer_commands.add_parser("stats", help="depth, oldest reading's age, bytes on disk, losses, in flight")
+    stats.add_argument("--config", "-c", type=Path, required=True)
+    stats.add_argument("--json", action="store_true", help="one JSON object instead of lines for a person")
+    stats.set_defaults(handler=_cmd_buffer_stats)
+
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file, for editors")
     schema.set_defaults(handler=_cmd_schema)
 
@@ -120,6 +127,46 @@ def _cmd_check(args: argparse.Namespace) -> int:
         lines = describe(device) if describe else [f"device {device.name} ({device.driver})"]
         print("\n".join(lines))
     return 0
+
+
+def _cmd_buffer_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.config import load_config
+    from agent.payload import iso_utc
+    from buffer.store import BufferUnavailable, read_stats
+
+    config = load_config(args.config)
+    try:
+        stats = read_stats(config.buffer.path)
+    except BufferUnavailable as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    cap = config.buffer.max_bytes
+    oldest = "none" if stats["oldest_ts"] is None else \
+        f"{iso_utc(stats['oldest_ts'])} ({_age(stats['oldest_age_s'])} ago)"
+    inflight = "unknown (the agent has not reported yet)" if stats["inflight"] is None else \
+        f"{stats['inflight']} messages (as the agent reported {_age(time.time() - stats['inflight_noted'])} ago)"
+    print(f"buffer      {stats['path']} (id {stats['buffer_id']})")
+    print(f"depth       {stats['readings']} readings in {stats['rows']} rows waiting for the broker")
+    print(f"oldest      {oldest}")
+    print(f"on disk     {stats['bytes_on_disk']:,} bytes (cap {cap:,}, policy {config.buffer.on_full})")
+    print(f"lost        {stats['dropped']} readings: {stats['dropped_oldest']} dropped at the cap, "
+          f"{stats['rejected']} refused at the cap, {stats['expired']} older than max_age")
+    print(f"in flight   {inflight}")
+    print(f"next seq    {stats['next_seq']}")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:

@@ -102,6 +102,7 @@ class Agent:
             uplink.status_due.clear()
             try:
                 await buffer.expire()
+                await buffer.note_uplink(uplink.inflight)
                 if uplink.connected:
                     uplink.publish_status(await reporter.snapshot(uplink.inflight, uplink.readings_delivered))
             except Exception as exc:  # noqa: BLE001 - status is best effort; the data path is unaffected

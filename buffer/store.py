@@ -239,6 +239,13 @@ class Buffer:
         return BufferStats(rows, readings, oldest, on_disk, self._losses["dropped_oldest"], self._losses["rejected"],
                            self._losses["expired"], self._next_seq, self.buffer_id)
 
+    async def note_uplink(self, inflight: int) -> None:
+        """Record the uplink's in-flight count, so `edge-agent buffer stats` can show it from outside."""
+        async with self._lock:
+            await self._db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [("uplink_inflight", inflight), ("uplink_noted", time.time())])
+
     async def expire(self, now: float | None = None) -> int:
         """Delete rows older than `max_age` (when set), counted as expired. Returns how many readings went."""
         if self.max_age is None:
@@ -322,6 +329,31 @@ class Buffer:
             await self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # the failed statement may already have ended the transaction
+
+
+def read_stats(path: Path) -> dict[str, Any]:
+    """The buffer's figures, read-only and without the agent's lock, so it works while the agent runs."""
+    if not path.exists():
+        raise BufferUnavailable(f"no buffer at {path}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise BufferUnavailable(f"cannot read the buffer {path}: {exc}") from exc
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        (rows, readings, oldest), = db.execute("SELECT count(*), coalesce(sum(count), 0), min(ts) FROM batches")
+    except sqlite3.DatabaseError as exc:
+        raise BufferUnavailable(f"cannot read the buffer {path}: {exc}") from exc
+    finally:
+        db.close()
+    losses = {key: int(meta.get(key, 0)) for key in _LOSS_KEYS}
+    return {
+        "path": str(path), "buffer_id": meta.get("buffer_id"), "rows": rows, "readings": readings,
+        "oldest_ts": oldest, "oldest_age_s": round(time.time() - oldest, 1) if oldest is not None else None,
+        "bytes_on_disk": sum(p.stat().st_size for p in _files(path) if p.exists()),
+        "next_seq": int(meta.get("next_seq", 1)), **losses, "dropped": sum(losses.values()),
+        "inflight": meta.get("uplink_inflight"), "inflight_noted": meta.get("uplink_noted"),
+    }
 
 
 class BufferUnavailable(Exception):

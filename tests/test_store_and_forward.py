@@ -163,3 +163,29 @@ async def test_a_corrupt_buffer_file_is_set_aside_and_the_agent_starts(
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"\x00garbage")
     log = agent.log()
     assert "is unreadable" in log and "moved it aside" in log and str(aside[0]) in log
+
+
+async def test_buffer_stats_reads_a_buffer_the_running_agent_holds(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    mosquitto.stop()  # readings pile up in the buffer
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"))
+    agent, stop, task = await start_agent(config)
+    assert agent.buffer is not None
+    await eventually(lambda: agent.buffer.next_seq > 40, 10, "readings in the buffer")
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "agent", "buffer", "stats", "--config", str(config), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=30)
+    human = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "agent", "buffer", "stats", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=30)
+    await stop_agent(stop, task)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["readings"] >= 40 and stats["rows"] >= 10 and stats["oldest_age_s"] >= 0
+    assert stats["buffer_id"] == agent.buffer.buffer_id and stats["dropped"] == 0
+    assert human.returncode == 0 and "readings in" in human.stdout and "waiting for the broker" in human.stdout
