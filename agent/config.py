@@ -29,6 +29,7 @@ from pydantic import (
 
 import drivers
 from agent.errors import ConfigError, Problem
+from agent.payload import DATA_TOPIC, STATUS_TOPIC, topic_template_problem
 
 # --- value types a technician writes ---------------------------------------------------------------
 
@@ -142,6 +143,10 @@ class MqttConfig(StrictModel):
         False, description="Send a password over a connection without TLS. Only for closed test networks.")
     tls: TlsConfig | None = None
     topic_prefix: Annotated[str, Field(pattern=r"^[^#+]+$")] = "edge"
+    data_topic: str = Field(DATA_TOPIC, description="Topic of each device's readings. Placeholders: {prefix} "
+                                                    "(topic_prefix), {site}, {gateway}, {device} (required).")
+    status_topic: str = Field(STATUS_TOPIC, description="Topic of the retained status message and last will. "
+                                                        "Placeholders: {prefix}, {site}, {gateway}.")
     max_inflight: int = Field(32, ge=1, le=1000, description="QoS 1 messages awaiting PUBACK at once.")
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 60.0
@@ -168,6 +173,11 @@ class MqttConfig(StrictModel):
         if has_password and not self.tls_enabled and not self.allow_password_without_tls:
             out.append(("tls", "a password would be sent in clear text: enable [mqtt.tls], or set "
                                "allow_password_without_tls = true on a closed test network"))
+        for key, template, device_allowed in (("data_topic", self.data_topic, True),
+                                              ("status_topic", self.status_topic, False)):
+            problem = topic_template_problem(template, device_allowed)
+            if problem:
+                out.append((key, problem))
         if self.reconnect_max < self.reconnect_min:
             out.append(("reconnect_max", "must be at least reconnect_min"))
         if self.tls is not None:

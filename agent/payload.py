@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,12 +19,42 @@ SCHEMA = "edge-agent/v1"
 STATUS_SCHEMA = "edge-agent/status/v1"
 
 
-def data_topic(prefix: str, site: str, gateway: str, device: str) -> str:
-    return f"{prefix}/{site}/{gateway}/data/{device}"
+DATA_TOPIC = "{prefix}/{site}/{gateway}/data/{device}"
+STATUS_TOPIC = "{prefix}/{site}/{gateway}/status"
+_PLACEHOLDERS = {"prefix", "site", "gateway", "device"}
 
 
-def status_topic(prefix: str, site: str, gateway: str) -> str:
-    return f"{prefix}/{site}/{gateway}/status"
+def topic_template_problem(template: str, device_allowed: bool) -> str | None:
+    """What is wrong with a topic template, or None. Checked at config time, never at publish time."""
+    allowed = _PLACEHOLDERS if device_allowed else _PLACEHOLDERS - {"device"}
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        return f"not a valid template ({exc}); placeholders are written {{site}}"
+    unknown = sorted(fields - allowed)
+    if unknown:
+        return f"unknown placeholder {{{unknown[0]}}}; allowed: " + ", ".join(f"{{{n}}}" for n in sorted(allowed))
+    if any(char in template for char in "+#\0"):
+        return "an MQTT topic to publish to cannot contain '+', '#' or NUL"
+    if device_allowed and "device" not in fields:
+        return "must contain {device}: the platform tells devices apart by topic"
+    return None
+
+
+class Topics:
+    """The rendered topics of one gateway; the data topic of each device is rendered once."""
+
+    def __init__(self, data_template: str, status_template: str, prefix: str, site: str, gateway: str) -> None:
+        self._data_template = data_template
+        self._fields = {"prefix": prefix, "site": site, "gateway": gateway}
+        self.status = status_template.format(**self._fields)
+        self._data: dict[str, str] = {}
+
+    def data(self, device: str) -> str:
+        topic = self._data.get(device)
+        if topic is None:
+            topic = self._data[device] = self._data_template.format(device=device, **self._fields)
+        return topic
 
 
 def iso_utc(ts: float) -> str:

@@ -42,7 +42,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent import __version__
 from agent.config import GatewayConfig, MqttConfig
 from agent.health import FailureLog
-from agent.payload import STATUS_SCHEMA, data_topic, iso_utc, status_topic
+from agent.payload import STATUS_SCHEMA, Topics, iso_utc
 from buffer.store import Buffer, StoredBatch
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ class MqttUplink:
         self._client: mqtt.Client | None = None
         self.readings_delivered = 0
         self.messages_delivered = 0
-        self.status_topic = status_topic(config.topic_prefix, gateway.site, gateway.id)
+        self.topics = Topics(config.data_topic, config.status_topic, config.topic_prefix, gateway.site, gateway.id)
+        self.status_topic = self.topics.status
         # Set on every (re)connect: the agent then sends a full status message at once.
         self.status_due = asyncio.Event()
 
@@ -155,8 +156,7 @@ class MqttUplink:
             room -= len(rows)
 
     def _publish(self, client: mqtt.Client, row: StoredBatch) -> None:
-        topic = data_topic(self._config.topic_prefix, self._gateway.site, self._gateway.id, row.device)
-        info = client.publish(topic, row.payload, qos=1)
+        info = client.publish(self.topics.data(row.device), row.payload, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # Not queued by paho at all: the cursor stays, so the row is tried again after a pause.
             raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")

@@ -324,3 +324,10 @@ def test_relative_file_paths_are_taken_from_the_config_files_folder(tmp_path: Pa
     config = load_config(folder / "config.toml")
     assert config.buffer.path == folder / "state" / "buffer.db"
     assert config.mqtt.password_file == folder / "secret"
+
+
+def test_a_bad_topic_template_is_reported_at_its_key() -> None:
+    text = GATEWAY + '[mqtt]\ndata_topic = "edge/{site}/{devcie}"\nstatus_topic = "edge/{device}/status"\n' + device()
+    problems = dict(problems_of(text))
+    assert "unknown placeholder {devcie}" in problems["mqtt.data_topic"]
+    assert "unknown placeholder {device}" in problems["mqtt.status_topic"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from agent.model import PollResult, Quality, Reading
-from agent.payload import SCHEMA, Encoder, data_topic, iso_utc, status_topic
+from agent.payload import DATA_TOPIC, SCHEMA, STATUS_TOPIC, Encoder, Topics, iso_utc, topic_template_problem
 
 
 def test_a_message_carries_each_reading_with_its_own_sequence_number() -> None:
@@ -37,8 +37,20 @@ def test_a_value_json_cannot_carry_becomes_a_bad_reading_instead_of_stopping_the
 
 
 def test_topics_and_timestamps() -> None:
-    assert data_topic("edge", "plant-a", "gw-1", "meter-1") == "edge/plant-a/gw-1/data/meter-1"
-    assert status_topic("edge", "plant-a", "gw-1") == "edge/plant-a/gw-1/status"
+    topics = Topics(DATA_TOPIC, STATUS_TOPIC, "edge", "plant-a", "gw-1")
+    assert topics.data("meter-1") == "edge/plant-a/gw-1/data/meter-1"
+    assert topics.status == "edge/plant-a/gw-1/status"
+    custom = Topics("fems/{site}/{device}/{gateway}", "fems/{site}/gateways/{gateway}", "edge", "plant-a", "gw-1")
+    assert (custom.data("m1"), custom.status) == ("fems/plant-a/m1/gw-1", "fems/plant-a/gateways/gw-1")
+
+
+def test_topic_templates_are_checked() -> None:
+    assert topic_template_problem(DATA_TOPIC, device_allowed=True) is None
+    assert "{devcie}" in (topic_template_problem("{prefix}/{devcie}", device_allowed=True) or "")
+    assert "must contain {device}" in (topic_template_problem("{prefix}/{site}", device_allowed=True) or "")
+    assert "unknown placeholder {device}" in (topic_template_problem("a/{device}", device_allowed=False) or "")
+    assert "'+'" in (topic_template_problem("a/+/{device}", device_allowed=True) or "")
+    assert "not a valid template" in (topic_template_problem("a/{device", device_allowed=True) or "")
     assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
 
 
