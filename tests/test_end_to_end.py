@@ -278,3 +278,21 @@ async def test_after_an_outage_live_readings_flow_while_the_backlog_drains(
     old = [seq for _, device, seq in arrivals if device == "old-meter"]
     assert old == sorted(old)
     assert stream.seqs.duplicates == 0
+
+
+async def test_mqtt_5_delivers_like_3_1_1(tmp_path: Path, mosquitto: MosquittoProcess,
+                                          modbus_sim: SimServer) -> None:
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"),
+                          extra_mqtt='protocol = "5"')
+    with Monitor("127.0.0.1", mosquitto.port, f"edge/test-site/{GATEWAY}/#") as monitor:
+        agent, stop, task = await start_agent(config)
+        await eventually(lambda: monitor.received(GATEWAY) >= 40, 10, "readings over MQTT 5")
+        await stop_agent(stop, task)
+        buffer_id, last, still_buffered = await all_sequence_numbers(tmp_path / "buffer.db")
+        stream = monitor.stream(GATEWAY, buffer_id)
+        await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 10,
+                         "every reading delivered or still buffered")
+        await eventually(lambda: any(s.get("state") == "offline" for s in monitor.status.values()), 5,
+                         "'offline' said on a clean stop")
+    assert agent.uplink is not None and agent.uplink.readings_delivered >= 40
+    assert [s for s in stream.seqs.missing(1, last) if s not in still_buffered] == []
