@@ -20,10 +20,18 @@ from agent.errors import EX_CONFIG, ConfigError
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["simulate"]:  # its own parser takes every option
+    # These bring their own parsers and libraries (paho, jsonschema): loaded only when asked for, so that
+    # `edge-agent run` starts without them.
+    if argv[:1] == ["simulate"]:
         from drivers.modbus.simulator import main as simulate
 
         return simulate(argv[1:])
+    if argv[:1] == ["monitor"]:
+        from agent import monitor
+
+        monitor_parser = argparse.ArgumentParser(prog="edge-agent monitor", description=monitor.__doc__)
+        monitor.add_arguments(monitor_parser)
+        return monitor.run(monitor_parser.parse_args(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -61,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--config", "-c", type=Path, required=True)
     stats.add_argument("--json", action="store_true", help="one JSON object instead of lines for a person")
     stats.set_defaults(handler=_cmd_buffer_stats)
+
+    commands.add_parser("monitor", help="the platform's view: validate what gateways deliver, find gaps and "
+                                        "duplicates: monitor --help")
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file, for editors")
     schema.set_defaults(handler=_cmd_schema)

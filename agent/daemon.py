@@ -29,6 +29,22 @@ log = logging.getLogger("agent")
 SHUTDOWN_GRACE = 2.0
 
 
+async def stop_tasks(tasks: list[asyncio.Task[None]], grace: float = 2.0, attempts: int = 3) -> None:
+    """Cancel tasks and wait for them, cancelling again any that go on (a cancellation can be lost in a
+    library), and name those that still refuse, so a hung stop is never silent."""
+    pending = [task for task in tasks if not task.done()]
+    for _ in range(attempts):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, still = await asyncio.wait(pending, timeout=grace)
+        pending = list(still)
+    if pending:
+        log.error("tasks refusing to stop after %d cancellations: %s", attempts,
+                  ", ".join(task.get_name() for task in pending))
+
+
 @dataclass(frozen=True, slots=True)
 class Counters:
     readings_polled: int
@@ -74,10 +90,7 @@ class Agent:
                 self.started.set()
                 await stop.wait()
                 log.info("stopping: pollers first, then the buffer writer, then the uplink")
-                for task in pollers:
-                    task.cancel()
-                await asyncio.gather(*pollers, return_exceptions=True)
-                status_task.cancel()
+                await stop_tasks([*pollers, status_task])
                 await writer.flush()
                 await uplink.drain(SHUTDOWN_GRACE)
                 writer_task.cancel()

@@ -48,12 +48,14 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
     # Ticks are counted as integers and turned into wall time by one multiplication each: no drift.
     tick = tick_index_after(clock(), interval)
     while True:
+        _honour_swallowed_cancel()
         await sleep_until(tick * interval, clock)
         started = clock()  # the one clock read of this cycle: every reading of the poll carries it
         step = 1
         try:
             async with asyncio.timeout(driver.max_poll_seconds):
                 readings = await driver.poll()
+            _honour_swallowed_cancel()
         except Exception as exc:  # noqa: BLE001 - a poll task must survive anything a driver does
             health.polls_failed += 1
             health.last_error = _describe(exc)
@@ -82,6 +84,15 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
             log.debug("%s: poll took %.3f s, skipped %d tick(s)", name, now - started, skipped)
             following += skipped
         tick = following
+
+
+def _honour_swallowed_cancel() -> None:
+    """Python 3.11's asyncio.wait_for (which pymodbus uses for every request) returns the result and drops
+    the cancellation when both arrive together; the request is still counted on the task. Without this
+    check a poll task could go on polling after shutdown asked it to stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _describe(exc: BaseException) -> str:

@@ -62,3 +62,10 @@ def test_the_documented_schema_accepts_what_the_encoder_writes() -> None:
     jsonschema.validate(json.loads(Encoder("gw-1", "plant-a", "0123456789abcdef0123456789abcdef").encode(result, 1)),
                         schema)
     assert Quality.UNCERTAIN.value in json.dumps(schema)
+
+
+def test_the_schema_shipped_in_the_package_is_the_documented_one() -> None:
+    from importlib import resources
+
+    docs = (Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text()
+    assert resources.files("agent").joinpath("payload.schema.json").read_text() == docs

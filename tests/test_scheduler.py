@@ -355,3 +355,64 @@ async def test_points_a_device_spoils_are_logged_once_and_their_recovery_once(
     assert [level for level, _ in lines] == ["ERROR", "DEBUG", "DEBUG", "INFO"], lines
     assert "1 of 2 points bad, first pf: Modbus exception 2" in lines[0][1]
     assert health.bad_readings == 3 and health.polls_failed == 0
+
+
+async def test_a_cancellation_swallowed_inside_the_driver_still_stops_the_loop() -> None:
+    """Python 3.11's asyncio.wait_for, used by pymodbus for each request, returns the result and drops a
+    cancellation that arrives as the read completes. The poll loop must stop anyway."""
+
+    class Swallowing:
+        max_poll_seconds = 30.0
+
+        async def poll(self) -> list[Reading]:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return [Reading("v", 1.0)]  # what wait_for does when the read finished at the same moment
+            return []
+
+        async def close(self) -> None:
+            pass
+
+    submitted: list[PollResult] = []
+
+    async def submit(result: PollResult) -> None:
+        submitted.append(result)
+
+    health = DeviceHealth("m", FailureLog("m", logging.getLogger(LOGGER)))
+    task = asyncio.create_task(poll_loop("m", 0.05, Swallowing(), health, submit))
+    await asyncio.sleep(0.2)  # inside poll()
+    task.cancel()
+    async with asyncio.timeout(2):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert task.cancelled()
+    assert submitted == []  # the swallowed poll's result is not passed on after the stop
+
+
+async def test_stop_tasks_cancels_again_and_names_a_task_that_refuses(caplog: pytest.LogCaptureFixture) -> None:
+    from agent.daemon import stop_tasks
+
+    async def ignores_first_cancel() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        await asyncio.sleep(10)
+
+    release = asyncio.Event()
+
+    async def refuses() -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    stubborn = asyncio.create_task(ignores_first_cancel(), name="stubborn")
+    hopeless = asyncio.create_task(refuses(), name="hopeless")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR, logger="agent"):
+        await stop_tasks([stubborn, hopeless], grace=0.1, attempts=3)
+    assert stubborn.cancelled()
+    assert not hopeless.done()
+    assert any("refusing to stop" in r.getMessage() and "hopeless" in r.getMessage() for r in caplog.records)
+    assert "stubborn" not in " ".join(r.getMessage() for r in caplog.records)
+    release.set()
+    await hopeless
