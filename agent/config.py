@@ -148,6 +148,9 @@ class MqttConfig(StrictModel):
     status_topic: str = Field(STATUS_TOPIC, description="Topic of the retained status message and last will. "
                                                         "Placeholders: {prefix}, {site}, {gateway}.")
     max_inflight: int = Field(32, ge=1, le=1000, description="QoS 1 messages awaiting PUBACK at once.")
+    max_message_bytes: Annotated[int, BeforeValidator(parse_bytes), Field(ge=1024, le=256 << 20)] = Field(
+        65536, description="Largest message: after an outage a device's polls are batched up to this size. "
+        "A single poll larger than it is still sent alone.")
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 60.0
 

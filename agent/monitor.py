@@ -516,21 +516,22 @@ class Monitor:
         if problems:
             self._reject(gateway, problems)
             return
-        latency = arrived - _parse_ts(body["ts"])
-        readings = body["readings"]
         with self._lock:
             stream = self.streams.setdefault((gateway, body["buffer_id"]), StreamState())
-            stream.record([r["seq"] for r in readings], latency, now, self.gap_grace, self.rate_window)
-            self.latencies.append(latency)
             state = self.gateways.setdefault(gateway, GatewayState()).devices.setdefault(device, DeviceState())
             state.messages += 1
-            state.readings += len(readings)
-            state.bad += sum(1 for r in readings if r["quality"] != "good")
-            state.last_seen, state.last_ts = arrived, body["ts"]
             latest = self.latest.setdefault(device, {})
-            for reading in readings:
-                latest[reading["point"]] = Latest(reading["value"], reading.get("unit"), reading["quality"],
-                                                  body["ts"])
+            for poll in body["polls"]:  # oldest first; several after an outage
+                latency = arrived - _parse_ts(poll["ts"])
+                readings = poll["readings"]
+                stream.record([r["seq"] for r in readings], latency, now, self.gap_grace, self.rate_window)
+                self.latencies.append(latency)
+                state.readings += len(readings)
+                state.bad += sum(1 for r in readings if r["quality"] != "good")
+                state.last_seen, state.last_ts = arrived, poll["ts"]
+                for reading in readings:
+                    latest[reading["point"]] = Latest(reading["value"], reading.get("unit"), reading["quality"],
+                                                      poll["ts"])
         if self._callback is not None:
             self._callback(topic, body)
 

@@ -1,8 +1,9 @@
 """The wire format (JSON, version 1) and the topic layout. Specified for the platform in docs/payload.md.
 
-A message carries one device's poll: the poll time once, then each reading with its own sequence number.
-It is encoded once, when the buffer stores it, so what is sent after an outage is byte for byte what
-would have been sent live.
+A message carries one device's polls: live usually one, after an outage as many as fit the configured
+message size. Each poll has its time once and each reading its own sequence number. A poll is encoded
+once, when the buffer stores it (a "fragment"); a message is the fragments joined under a header, byte
+concatenation only, so what is sent after an outage is byte for byte what would have been sent live.
 """
 
 from __future__ import annotations
@@ -61,22 +62,40 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_POLLS_OPEN, _POLLS_CLOSE = b',"polls":[', b"]}"
+
+
 class Encoder:
     def __init__(self, gateway: str, site: str, buffer_id: str) -> None:
-        self._head = {"schema": SCHEMA, "gateway": gateway, "site": site, "buffer_id": buffer_id}
         self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+        head = {"schema": SCHEMA, "gateway": gateway, "site": site, "buffer_id": buffer_id}
+        self._head = self._dumps(head)[:-1].encode() + b',"device":'
 
     def encode(self, result: PollResult, first_seq: int) -> bytes:
-        """Never fails: a value JSON cannot carry (NaN, an unknown type) is sent as a bad reading, so one
-        odd value can neither stop the buffer writer nor be retried forever."""
+        """One poll as a fragment of a message. Never fails: a value JSON cannot carry (NaN, an unknown
+        type) is sent as a bad reading, so one odd value can neither stop the buffer writer nor be retried
+        forever."""
         readings = [self._item(seq, reading) for seq, reading in enumerate(result.readings, first_seq)]
-        message = {**self._head, "device": result.device, "ts": iso_utc(result.ts), "readings": readings}
+        poll = {"ts": iso_utc(result.ts), "readings": readings}
         try:
-            return self._dumps(message).encode()
+            return self._dumps(poll).encode()
         except (TypeError, ValueError):
-            message["readings"] = [self._item(seq, _encodable(reading))
-                                   for seq, reading in enumerate(result.readings, first_seq)]
-            return self._dumps(message).encode()
+            poll["readings"] = [self._item(seq, _encodable(reading))
+                                for seq, reading in enumerate(result.readings, first_seq)]
+            return self._dumps(poll).encode()
+
+    def frame(self, device: str, polls: list[bytes]) -> bytes:
+        """The message for some polls of one device, oldest first."""
+        return b"".join((self._head, self._dumps(device).encode(), _POLLS_OPEN, b",".join(polls), _POLLS_CLOSE))
+
+    def framed_size(self, device: str, polls_bytes: int, polls: int) -> int:
+        """len(frame(...)) without building it: device names are ASCII (config pattern), quoted once."""
+        return len(self._head) + len(device) + 2 + len(_POLLS_OPEN) + polls_bytes + max(polls - 1, 0) + \
+            len(_POLLS_CLOSE)
+
+    def message(self, result: PollResult, first_seq: int) -> bytes:
+        """A single poll as a whole message (tests, tools)."""
+        return self.frame(result.device, [self.encode(result, first_seq)])
 
     @staticmethod
     def _item(seq: int, reading: Reading) -> dict[str, Any]:

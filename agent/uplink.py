@@ -6,6 +6,8 @@ Invariants:
    "handed to the client library" is not "delivered".
 2. At most `max_inflight` messages await their PUBACK, so throughput does not wait on the broker's round
    trip and memory stays bounded however large the backlog: the backlog lives on disk, read in windows.
+   A message carries the polls of one device, as many as fit `max_message_bytes`: live usually one, in a
+   backlog many. Rows read but not yet sent wait in a bounded list and go first at the next fill.
 3. Live and backlog together: at each (re)connect, the rows already in the buffer become a backlog range.
    Each fill of the window gives the live stream (rows committed since) at most half and the backlog the
    rest, so after an outage the platform's live view recovers at once while the backlog drains at full
@@ -42,7 +44,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent import __version__
 from agent.config import GatewayConfig, MqttConfig
 from agent.health import FailureLog
-from agent.payload import STATUS_SCHEMA, Topics, iso_utc
+from agent.payload import STATUS_SCHEMA, Encoder, Topics, iso_utc
 from buffer.store import Buffer, StoredBatch
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _InFlight:
-    seq: int
-    count: int
+    seqs: list[int]  # the buffer rows the message carries
+    readings: int
+
+
+LIVE, BACKLOG = 0, 1
+ROWS_READ_PER_MESSAGE = 16  # how many rows a fill reads per free window slot, so that messages can batch
 
 
 class MqttUplink:
@@ -62,6 +68,8 @@ class MqttUplink:
         self._wake = asyncio.Event()
         self._inflight: dict[int, _InFlight] = {}
         self._acked: list[_InFlight] = []
+        self._pending: list[tuple[int, StoredBatch]] = []  # (stream, row): read, not yet handed to paho
+        self._encoder = Encoder(gateway.id, gateway.site, buffer.buffer_id)
         self._cursor = 0  # live stream: the highest sequence number handed to paho
         # Backlog ranges still to send, oldest first: rows with after < seq < before.
         self._backlog: deque[tuple[int, int]] = deque()
@@ -139,40 +147,82 @@ class MqttUplink:
         room = self._config.max_inflight - len(self._inflight)
         if room <= 0:
             return
-        live = await self._buffer.read_after(self._cursor, room // 2 if self._backlog else room)
-        for row in live:
-            self._publish(client, row)
-            self._cursor = row.seq
-        room -= len(live)
-        while room > 0 and self._backlog:
+        if not self._pending:
+            await self._read_rows(room)
+        sent = self._send_pending(client, room)
+        if sent < room and not self._pending:  # everything pending went out: read on, within the room left
+            await self._read_rows(room - sent)
+            self._send_pending(client, room - sent)
+
+    async def _read_rows(self, room: int) -> None:
+        """Read rows into `_pending`: the live stream at most half the room while a backlog exists."""
+        live_rows = (room // 2 if self._backlog else room) * ROWS_READ_PER_MESSAGE
+        live = await self._buffer.read_after(self._cursor, live_rows)
+        if live:
+            self._cursor = live[-1].seq
+            self._pending.extend((LIVE, row) for row in live)
+        left = room * ROWS_READ_PER_MESSAGE - len(live)
+        while left > 0 and self._backlog:
             after, before = self._backlog[0]
-            rows = await self._buffer.read_after(after, room, before)
-            for row in rows:
-                self._publish(client, row)
-            if len(rows) < room:
+            rows = await self._buffer.read_after(after, left, before)
+            self._pending.extend((BACKLOG, row) for row in rows)
+            if len(rows) < left:
                 self._backlog.popleft()
             else:
                 self._backlog[0] = (rows[-1].seq, before)
-            room -= len(rows)
+            left -= len(rows)
 
-    def _publish(self, client: mqtt.Client, row: StoredBatch) -> None:
-        info = client.publish(self.topics.data(row.device), row.payload, qos=1)
+    def _send_pending(self, client: mqtt.Client, room: int) -> int:
+        """Group pending rows into messages per stream and device (oldest first, at most max_message_bytes)
+        and send up to `room` of them: live first up to half the room, then the backlog, then more live.
+        Only whole prefixes of each stream go, so a device's rows stay in order."""
+        chunks: dict[int, list[list[StoredBatch]]] = {LIVE: [], BACKLOG: []}
+        open_chunks: dict[tuple[int, str], tuple[list[StoredBatch], int]] = {}
+        limit = self._config.max_message_bytes
+        for stream, row in self._pending:
+            key = (stream, row.device)
+            chunk, size = open_chunks.get(key, ([], 0))
+            if not chunk or self._encoder.framed_size(row.device, size + len(row.payload), len(chunk) + 1) > limit:
+                chunk, size = [], 0
+                chunks[stream].append(chunk)
+            chunk.append(row)
+            open_chunks[key] = (chunk, size + len(row.payload))
+        live_first = min(len(chunks[LIVE]), max(1, room // 2) if chunks[BACKLOG] else room)
+        backlog = min(len(chunks[BACKLOG]), room - live_first)
+        live = min(len(chunks[LIVE]), room - backlog)
+        self._pending = [(stream, row) for stream, count in ((LIVE, live), (BACKLOG, backlog))
+                         for chunk in chunks[stream][count:] for row in chunk]
+        to_send = [(LIVE, chunk) for chunk in chunks[LIVE][:live]] + \
+                  [(BACKLOG, chunk) for chunk in chunks[BACKLOG][:backlog]]
+        for index, (_, chunk) in enumerate(to_send):
+            try:
+                self._publish(client, chunk)
+            except Exception:
+                # This chunk and the ones after it were not sent: back to the front, in order.
+                self._pending[:0] = [(stream, row) for stream, unsent in to_send[index:] for row in unsent]
+                raise
+        return live + backlog
+
+    def _publish(self, client: mqtt.Client, rows: list[StoredBatch]) -> None:
+        device = rows[0].device
+        payload = self._encoder.frame(device, [row.payload for row in rows])
+        info = client.publish(self.topics.data(device), payload, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            # Not queued by paho at all: the cursor stays, so the row is tried again after a pause.
+            # Not queued by paho at all: the caller puts the rows back; tried again after a pause.
             raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
         # MQTT_ERR_NO_CONN: the link dropped just now; paho keeps the message and sends it on reconnect.
-        self._inflight[info.mid] = _InFlight(row.seq, row.count)
+        self._inflight[info.mid] = _InFlight([row.seq for row in rows], sum(row.count for row in rows))
 
     async def _delete_acked(self) -> None:
         if not self._acked:
             return
         acked, self._acked = self._acked, []
         try:
-            await self._buffer.delete([a.seq for a in acked])
+            await self._buffer.delete([seq for a in acked for seq in a.seqs])
         except Exception:
             self._acked = acked + self._acked  # retried on the next wake; a failed delete loses nothing
             raise
-        self.readings_delivered += sum(a.count for a in acked)
+        self.readings_delivered += sum(a.readings for a in acked)
         self.messages_delivered += len(acked)
 
     # --- paho callbacks (paho's thread) -> event loop ---------------------------------------------
@@ -245,9 +295,9 @@ class MqttUplink:
         if failed:
             # An MQTT 5 broker refused the message (e.g. quota exceeded): it was not delivered. It is queued
             # again as a one-row backlog range.
-            log.error("broker refused message with readings %d..%d: %s; it stays in the buffer and is sent again",
-                      entry.seq, entry.seq + entry.count - 1, reason)
-            self._backlog.appendleft((entry.seq - 1, entry.seq + 1))
+            log.error("broker refused a message of %d readings (rows from %d): %s; they stay in the buffer and "
+                      "are sent again", entry.readings, entry.seqs[0], reason)
+            self._backlog.extendleft((seq - 1, seq + 1) for seq in reversed(entry.seqs))
         else:
             self._acked.append(entry)
         self._wake.set()

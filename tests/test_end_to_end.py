@@ -259,11 +259,13 @@ async def test_after_an_outage_live_readings_flow_while_the_backlog_drains(
     backlog_last = backlog_rows * per_row
 
     arrivals: list[tuple[float, str, int]] = []  # (arrival, device, first seq), in arrival order
+    polls_per_message: list[int] = []
     config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"),
                           extra_mqtt="max_inflight = 2")
     with Monitor("127.0.0.1", mosquitto.port, f"edge/test-site/{GATEWAY}/data/#",
-                 on_message=lambda topic, body: arrivals.append(
-                     (time.monotonic(), body["device"], body["readings"][0]["seq"]))) as monitor:
+                 on_message=lambda topic, body: (
+                     arrivals.append((time.monotonic(), body["device"], body["polls"][0]["readings"][0]["seq"])),
+                     polls_per_message.append(len(body["polls"])))) as monitor:
         _, stop, task = await start_agent(config)
         stream = monitor.stream(GATEWAY)
         await eventually(lambda: all(s in monitor.stream(GATEWAY).seqs for s in range(1, backlog_last + 1)), 60,
@@ -277,6 +279,8 @@ async def test_after_an_outage_live_readings_flow_while_the_backlog_drains(
     assert [seq for _, seq in live] == sorted(seq for _, seq in live)
     old = [seq for _, device, seq in arrivals if device == "old-meter"]
     assert old == sorted(old)
+    # The backlog went out batched (many polls a message), not one message per poll.
+    assert len(old) < backlog_rows / 10 and max(polls_per_message) > 10
     assert stream.seqs.duplicates == 0
 
 

@@ -30,7 +30,7 @@ def data_message(seqs: range | list[int], device: str = "meter-1", gateway: str 
     readings = [{"seq": s, "point": f"p{i}", "value": 230.5, "quality": "good", "unit": "V"}
                 for i, s in enumerate(seqs)]
     body = {"schema": "edge-agent/v1", "gateway": gateway, "site": "site-1", "buffer_id": buffer_id,
-            "device": device, "ts": iso_utc(time.time()), "readings": readings, **changes}
+            "device": device, "polls": [{"ts": iso_utc(time.time()), "readings": readings}], **changes}
     return f"edge/site-1/{gateway}/data/{device}", body
 
 
@@ -98,7 +98,7 @@ def test_counts_duplicates_gaps_bad_readings_and_status(mosquitto: MosquittoProc
     with Monitor("127.0.0.1", mosquitto.port, "edge/#", gap_grace=60) as monitor:
         bad = {"seq": 8, "point": "p3", "value": None, "quality": "bad", "reason": "Modbus exception 2"}
         second = data_message(range(5, 8), device="meter-2")
-        second[1]["readings"].append(bad)
+        second[1]["polls"][0]["readings"].append(bad)
         publish(mosquitto.port, [
             status_message("online"),
             data_message(range(1, 5)),
@@ -133,14 +133,16 @@ def test_counts_duplicates_gaps_bad_readings_and_status(mosquitto: MosquittoProc
 
 def test_invalid_messages_are_counted_per_gateway_with_their_errors(mosquitto: MosquittoProcess) -> None:
     null_but_good = data_message([1])
-    null_but_good[1]["readings"][0]["value"] = None
+    null_but_good[1]["polls"][0]["readings"][0]["value"] = None
     wrong_device = data_message([2])
     wrong_device[1]["device"] = "meter-9"
+    bad_date = data_message([3])
+    bad_date[1]["polls"][0]["ts"] = "2026-13-45T25:61:61.000Z"
     with Monitor("127.0.0.1", mosquitto.port, "edge/#") as monitor:
         publish(mosquitto.port, [
             null_but_good,
             wrong_device,                                          # the topic says meter-1
-            data_message([3], ts="2026-13-45T25:61:61.000Z"),      # matches the pattern, not a date
+            bad_date,                                              # matches the pattern, not a date
             data_message([4], schema="edge-agent/v2"),
             ("edge/site-1/gw-a/data/meter-1", b"{not json"),
             data_message([5], gateway="gw-b"),
@@ -153,9 +155,9 @@ def test_invalid_messages_are_counted_per_gateway_with_their_errors(mosquitto: M
     assert (gw_a.invalid, gw_a.readings, gw_b.invalid, gw_b.readings) == (5, 0, 1, 1)
     errors = "\n".join(gw_a.invalid_errors)
     assert len(gw_a.invalid_errors) == 5
-    assert "meter-1: $.readings[0].value: None is not of type" in errors
+    assert "meter-1: $.polls[0].readings[0].value: None is not of type" in errors
     assert "$.device: 'meter-9' but the topic 'edge/site-1/gw-a/data/meter-1' says 'meter-1'" in errors
-    assert "$.ts: '2026-13-45T25:61:61.000Z' is not a 'date-time'" in errors
+    assert "$.polls[0].ts: '2026-13-45T25:61:61.000Z' is not a 'date-time'" in errors
     assert "$.schema: 'edge-agent/v1' was expected" in errors
     assert "meter-1: not JSON" in errors
     assert gw_b.invalid_errors[0].startswith("status: not an edge-agent/status/v1 message")
@@ -238,7 +240,7 @@ async def test_a_real_agent_delivers_without_gaps_or_invalid_messages(
 
 def test_without_validation_only_the_schema_field_is_checked(mosquitto: MosquittoProcess) -> None:
     null_but_good = data_message([1, 2])
-    null_but_good[1]["readings"][0]["value"] = None
+    null_but_good[1]["polls"][0]["readings"][0]["value"] = None
     with Monitor("127.0.0.1", mosquitto.port, "edge/#", validate=False) as monitor:
         publish(mosquitto.port, [null_but_good, data_message([3], schema="edge-agent/v2")])
         assert monitor.wait_for(lambda: monitor.invalid == 1 and monitor.received("gw-a") == 2, 5)

@@ -13,22 +13,33 @@ def test_a_message_carries_each_reading_with_its_own_sequence_number() -> None:
     result = PollResult("meter-1", 1_764_020_700.25, (
         Reading("voltage", 229.8, "V"), Reading("energy", 4_000_000_123, "Wh"),
         Reading.bad("pf", "Modbus exception 2 (illegal data address) for FC04 22+2")))
-    message = json.loads(Encoder("gw-1", "plant-a", "buf123").encode(result, 41))
+    message = json.loads(Encoder("gw-1", "plant-a", "buf123").message(result, 41))
     assert message == {
         "schema": SCHEMA, "gateway": "gw-1", "site": "plant-a", "buffer_id": "buf123", "device": "meter-1",
-        "ts": "2025-11-24T21:45:00.250Z",
-        "readings": [
+        "polls": [{"ts": "2025-11-24T21:45:00.250Z", "readings": [
             {"seq": 41, "point": "voltage", "value": 229.8, "quality": "good", "unit": "V"},
             {"seq": 42, "point": "energy", "value": 4_000_000_123, "quality": "good", "unit": "Wh"},
             {"seq": 43, "point": "pf", "value": None, "quality": "bad",
              "reason": "Modbus exception 2 (illegal data address) for FC04 22+2"},
-        ]}
+        ]}]}
+
+
+def test_a_batched_message_is_the_stored_polls_joined_byte_for_byte() -> None:
+    encoder = Encoder("gw-1", "plant-a", "0123456789abcdef0123456789abcdef")
+    first = encoder.encode(PollResult("m1", 1_764_020_700.0, (Reading("v", 229.8, "V"),)), 1)
+    second = encoder.encode(PollResult("m1", 1_764_020_701.0, (Reading("v", 229.9, "V"),)), 2)
+    framed = encoder.frame("m1", [first, second])
+    assert first in framed and second in framed  # no re-encoding: what was stored is what is sent
+    assert len(framed) == encoder.framed_size("m1", len(first) + len(second), 2)
+    polls = json.loads(framed)["polls"]
+    assert [(p["ts"], p["readings"][0]["seq"]) for p in polls] == [
+        ("2025-11-24T21:45:00.000Z", 1), ("2025-11-24T21:45:01.000Z", 2)]
 
 
 def test_a_value_json_cannot_carry_becomes_a_bad_reading_instead_of_stopping_the_writer() -> None:
     result = PollResult("m", 0.0, (Reading("ok", 1.5), Reading("nan", float("nan")), Reading("inf", float("inf")),
                                    Reading("odd", b"\x01\x02"), Reading("text", "가동")))  # type: ignore[arg-type]
-    readings = json.loads(Encoder("gw", "s", "b").encode(result, 1))["readings"]
+    readings = json.loads(Encoder("gw", "s", "b").encode(result, 1))["readings"]  # one poll's fragment
     assert [(r["seq"], r["quality"]) for r in readings] == [
         (1, "good"), (2, "bad"), (3, "bad"), (4, "bad"), (5, "good")]
     assert readings[1]["value"] is None and "not a finite number" in readings[1]["reason"]
@@ -59,7 +70,7 @@ def test_the_documented_schema_accepts_what_the_encoder_writes() -> None:
     schema = json.loads((Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text())
     result = PollResult("meter-1", 1_764_020_700.0, (Reading("v", 229.8, "V"), Reading.bad("x", "timeout"),
                                                      Reading("n", 7), Reading("s", "run"), Reading("b", True)))
-    jsonschema.validate(json.loads(Encoder("gw-1", "plant-a", "0123456789abcdef0123456789abcdef").encode(result, 1)),
+    jsonschema.validate(json.loads(Encoder("gw-1", "plant-a", "0123456789abcdef0123456789abcdef").message(result, 1)),
                         schema)
     assert Quality.UNCERTAIN.value in json.dumps(schema)
 

@@ -167,8 +167,9 @@ class _LiveView:
         pending, self._pending = self._pending, {}
         width = max(60, shutil.get_terminal_size((120, 24)).columns)
         for device, body in sorted(pending.items()):
-            readings = body["readings"]
-            head = f"{body['ts'][11:19]}Z {device:<12} seq {readings[0]['seq']}..{readings[-1]['seq']}"
+            poll = body["polls"][-1]  # the newest poll of the newest message
+            readings = poll["readings"]
+            head = f"{poll['ts'][11:19]}Z {device:<12} seq {readings[0]['seq']}..{readings[-1]['seq']}"
             values = textwrap.wrap("  ".join(_fmt(r) for r in readings), width - 10, break_on_hyphens=False)
             print(head, flush=True)
             for line in values:
