@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -84,6 +85,14 @@ def _is_date_time(value: object) -> bool:
     return True
 
 
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def with_lock(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return with_lock
+
+
 class SeqSet:
     """Which sequence numbers arrived, one byte each: compact for the millions a benchmark produces.
 
@@ -93,6 +102,9 @@ class SeqSet:
     """
 
     def __init__(self, window: int = SEQ_WINDOW) -> None:
+        # Numbers arrive on the monitor's worker thread while tests and benchmarks ask from theirs; folding
+        # rewrites the ranges, so every public method holds this (re-entrant: missing() asks `in`).
+        self._lock = threading.RLock()
         self._window = max(window, 2)
         self._seen = bytearray()
         self._base = 0                       # the number _seen[0] stands for
@@ -103,6 +115,7 @@ class SeqSet:
         self.first = 0    # the first number seen: gaps are counted from here
         self.lowest = 0
 
+    @_locked
     def add(self, seq: int) -> None:
         if not self.count:
             self._base = self.first = self.lowest = self.highest = seq
@@ -128,16 +141,19 @@ class SeqSet:
         self.count += 1
         self.highest = max(self.highest, seq)
 
+    @_locked
     def __contains__(self, seq: int) -> bool:
         if seq >= self._base:
             index = seq - self._base
             return index < len(self._seen) and bool(self._seen[index])
         return self.count > 0 and seq >= self.lowest and self._folded_index(seq) is None
 
+    @_locked
     def missing(self, first: int, last: int) -> list[int]:
         """Numbers in first..last (inclusive) that never arrived."""
         return [s for s in range(first, last + 1) if s not in self]
 
+    @_locked
     def gaps(self, upto: int | None = None) -> list[tuple[int, int]]:
         """Missing ranges (first, last) from the first number seen up to `upto` (default: the highest)."""
         high = self.highest if upto is None else min(upto, self.highest)
