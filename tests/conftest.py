@@ -4,6 +4,7 @@ fixture starts is stopped by its PID at teardown."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -156,3 +157,88 @@ def agent_process(tmp_path: Path) -> Iterator[type[AgentProcess]]:
     yield Tracked
     for process in started:
         process.close()
+
+
+class _Link:
+    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter, blackholed: bool) -> None:
+        self.client, self.upstream, self.blackholed = client, upstream, blackholed
+
+
+class PartitionProxy:
+    """A TCP proxy between the agent and the broker that can cut the network: `partition()` silently drops
+    everything the agent sends on its current connections (as a failed link does), new connections flow
+    again after `heal()`.
+
+    Why tests need it: mosquitto acknowledges a PUBLISH and queues it for subscribers in the same step
+    and writes both later, so a SIGKILL can lose a message the broker had already acknowledged (it keeps
+    nothing on disk between autosaves). No publisher can prevent that. Cutting the agent off first lets the
+    broker finish handing out what it acknowledged, while everything the agent sends meanwhile stays
+    unacknowledged: the agent's guarantees are tested, not the broker's durability."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._cut = False
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def partition(self) -> None:
+        self._cut = True
+        for link in self._links:
+            link.blackholed = True
+
+    def heal(self) -> None:
+        self._cut = False
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links):
+            link.client.close()
+            link.upstream.close()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            self._handlers.discard(task)
+            return
+        link = _Link(writer, up_writer, self._cut)
+        self._links.add(link)
+        await asyncio.gather(self._pump(reader, up_writer, link), self._pump(up_reader, writer, None))
+        self._links.discard(link)
+        self._handlers.discard(task)
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, target: asyncio.StreamWriter, link: _Link | None) -> None:
+        """Copy one direction; `link` given: the agent-to-broker direction, which a partition blackholes."""
+        try:
+            while data := await source.read(65536):
+                if link is None or not link.blackholed:
+                    target.write(data)
+                    await target.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            target.close()
+
+
+@pytest.fixture
+async def partition_proxy(mosquitto: MosquittoProcess) -> AsyncIterator[PartitionProxy]:
+    proxy = PartitionProxy(mosquitto.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()

@@ -17,7 +17,7 @@ from agent.demo.mosquitto import MosquittoProcess
 from agent.monitor import Monitor
 from buffer.store import Buffer
 from drivers.modbus.simulator import SimServer
-from tests.conftest import AgentProcess, FixedRegisters, agent_config, meter_device
+from tests.conftest import AgentProcess, FixedRegisters, PartitionProxy, agent_config, meter_device
 
 GATEWAY = "gw-test"
 
@@ -204,35 +204,29 @@ async def test_sigterm_stops_the_agent_within_seconds_and_keeps_the_buffer(
 
 
 async def test_handed_to_the_client_library_is_not_delivered(
-        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer,
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer, partition_proxy: PartitionProxy,
         agent_process: type[AgentProcess]) -> None:
     """ThingsBoard gateway #2157: readings sent but not yet acknowledged must survive the agent dying.
 
-    The broker is frozen (SIGSTOP), so the agent's messages go out but no PUBACK comes back; then the
-    agent and the broker are both killed, losing everything that lived only in their memory. Whatever
-    was not acknowledged must still be in the agent's buffer and be delivered after the restart."""
-    import os
-    import signal
-
-    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"))
+    The link to the broker is cut: the agent's messages leave it but never arrive, so no PUBACK comes back.
+    Then the agent is killed: whatever lived only in its memory (and its client library's) is gone.
+    Everything unacknowledged must still be in the buffer and be delivered after the restart."""
+    config = agent_config(tmp_path, partition_proxy.port, meter_device(modbus_sim.port, interval="100ms"))
     with Monitor("127.0.0.1", mosquitto.port, f"edge/test-site/{GATEWAY}/#") as monitor:
         first = agent_process(config, tmp_path / "agent.log")
         first.start()
-        await eventually(lambda: monitor.received(GATEWAY) >= 40, 15, "readings before the freeze")
-        assert mosquitto.pid is not None
-        os.kill(mosquitto.pid, signal.SIGSTOP)
-        await asyncio.sleep(1.5)  # ~15 polls: sent into the socket, never acknowledged
-        first.kill()
-        mosquitto.kill()
-        mosquitto.restart()
-        assert await asyncio.to_thread(monitor.wait_subscribed, 10), "monitor did not resubscribe"
+        await eventually(lambda: monitor.received(GATEWAY) >= 40, 15, "readings before the cut")
+        partition_proxy.partition()
+        await asyncio.sleep(1.5)  # ~15 polls: sent into the cut link, never acknowledged
+        await asyncio.to_thread(first.kill)
+        partition_proxy.heal()
 
         second = agent_process(config, tmp_path / "agent.log")
         second.start()
         await eventually(lambda: "connected to MQTT broker" in second.log().split("agent started")[-1], 15,
                          "the second run to connect")
         await asyncio.sleep(1)
-        assert second.terminate() == 0
+        assert await asyncio.to_thread(second.terminate) == 0
         buffer_id, last, still_buffered = await all_sequence_numbers(tmp_path / "buffer.db")
         stream = monitor.stream(GATEWAY, buffer_id)
         await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 10,

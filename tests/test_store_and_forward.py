@@ -15,7 +15,7 @@ from agent.monitor import Monitor
 from agent.payload import Encoder
 from buffer.store import Buffer, StoredBatch
 from drivers.modbus.simulator import SimServer
-from tests.conftest import AgentProcess, agent_config, meter_device
+from tests.conftest import AgentProcess, PartitionProxy, agent_config, meter_device
 from tests.test_end_to_end import GATEWAY, all_sequence_numbers, eventually, start_agent, stop_agent
 
 TOPIC = f"edge/test-site/{GATEWAY}/#"
@@ -27,8 +27,9 @@ def devices(port: int, count: int, interval: str = "100ms") -> str:
 
 
 async def test_broker_killed_under_load_and_back_30_s_later_leaves_no_gap(
-        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
-    config = agent_config(tmp_path, mosquitto.port, devices(modbus_sim.port, 8))  # ~320 readings/s
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer, partition_proxy: PartitionProxy) -> None:
+    # The agent reaches the broker through a proxy that can cut the link (see PartitionProxy for why).
+    config = agent_config(tmp_path, partition_proxy.port, devices(modbus_sim.port, 8))  # ~320 readings/s
     monitor = Monitor("127.0.0.1", mosquitto.port, TOPIC, session="platform")
     monitor.start()
     try:
@@ -36,7 +37,11 @@ async def test_broker_killed_under_load_and_back_30_s_later_leaves_no_gap(
         assert agent.uplink is not None and agent.buffer is not None
         await eventually(lambda: monitor.received(GATEWAY) >= 2000, 20, "load before the kill")
         await asyncio.sleep(1.5)  # let the broker autosave the subscriber's session
+        partition_proxy.partition()  # the link fails; the agent keeps polling and sending into it
+        await asyncio.sleep(1.0)
+        assert agent.uplink.inflight > 0  # sent, unacknowledged: what the crash must not lose
         mosquitto.kill()
+        partition_proxy.heal()
         await asyncio.sleep(30)
         assert (await agent.buffer.stats()).readings >= 30 * 300  # polling went on into the buffer
         mosquitto.restart()
