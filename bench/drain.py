@@ -25,7 +25,16 @@ from agent.model import PollResult
 from agent.monitor import Monitor
 from agent.payload import Encoder
 from bench.buffer import POINTS, polls
-from bench.e2e import REPO, _buffer_state, cpu_seconds, percentile, rss_mb, start_simulator, write_config
+from bench.e2e import (
+    REPO,
+    _buffer_state,
+    cpu_seconds,
+    percentile,
+    rss_mb,
+    start_simulator,
+    stop_processes,
+    write_config,
+)
 from buffer.store import Buffer, StoredBatch
 
 
@@ -103,12 +112,7 @@ def run(backlog: int, devices: int, points: int, inflight: int) -> dict[str, obj
                 "still_buffered": len(buffered),
             }
         finally:
-            if agent is not None and agent.poll() is None:
-                agent.kill()
-                agent.wait()
-            simulator.terminate()
-            simulator.wait(10)
-            broker.close()
+            stop_processes(agent, simulator, broker)
 
 
 def main() -> int:

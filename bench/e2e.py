@@ -147,12 +147,18 @@ def run(devices: int, points: int, interval: float, duration: float, warmup: flo
                             "platform": platform.platform()},
             }
         finally:
-            if agent is not None and agent.poll() is None:
-                agent.kill()
-                agent.wait()
-            simulator.terminate()
-            simulator.wait(10)
-            broker.close()
+            stop_processes(agent, simulator, broker)
+
+
+def stop_processes(agent: subprocess.Popen[bytes] | None, simulator: subprocess.Popen[str],
+                   broker: MosquittoProcess) -> None:
+    """Stop what a benchmark started, by PID, whatever state the run ended in."""
+    if agent is not None and agent.poll() is None:
+        agent.kill()
+        agent.wait()
+    simulator.terminate()
+    simulator.wait(10)
+    broker.close()
 
 
 def _buffer_state(path: Path) -> tuple[int, set[int]]:
