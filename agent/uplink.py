@@ -156,7 +156,7 @@ class MqttUplink:
 
     async def _read_rows(self, room: int) -> None:
         """Read rows into `_pending`: the live stream at most half the room while a backlog exists."""
-        live_rows = (room // 2 if self._backlog else room) * ROWS_READ_PER_MESSAGE
+        live_rows = (max(1, room // 2) if self._backlog else room) * ROWS_READ_PER_MESSAGE
         live = await self._buffer.read_after(self._cursor, live_rows)
         if live:
             self._cursor = live[-1].seq
