@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import drivers
 from agent.config import AgentConfig
@@ -19,6 +20,7 @@ from agent.health import DeviceHealth, FailureLog
 from agent.payload import Encoder
 from agent.scheduler import poll_loop
 from agent.status import StatusReporter
+from agent.systemd import Notifier
 from agent.uplink import MqttUplink
 from agent.writer import BufferWriter
 from buffer.store import Buffer
@@ -27,6 +29,16 @@ from drivers.base import PollingDriver
 log = logging.getLogger("agent")
 
 SHUTDOWN_GRACE = 2.0
+
+
+def status_line(snapshot: dict[str, Any], connected: bool) -> str:
+    """One line for `systemctl status`: is everything polled, is it getting out, is anything lost."""
+    devices = snapshot["devices"].values()
+    failing = sum(1 for d in devices if d["state"] == "failing")
+    buffer = snapshot["buffer"]
+    return (f"{len(devices) - failing}/{len(devices)} devices ok; broker {'connected' if connected else 'DOWN'}; "
+            f"{buffer['readings']} readings buffered (oldest {buffer['oldest_age_s']:.0f} s); "
+            f"{buffer['dropped_oldest'] + buffer['rejected'] + buffer['expired']} lost to buffer limits")
 
 
 async def stop_tasks(tasks: list[asyncio.Task[None]], grace: float = 2.0, attempts: int = 3) -> None:
@@ -62,6 +74,7 @@ class Agent:
         self.writer: BufferWriter | None = None
         self.uplink: MqttUplink | None = None
         self.started = asyncio.Event()
+        self.notifier = Notifier()
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
@@ -80,6 +93,7 @@ class Agent:
                      "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
                      config.mqtt.host, config.mqtt.effective_port)
             async with asyncio.TaskGroup() as group:
+                watchdog_task = group.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 writer_task = group.create_task(writer.run(), name="buffer-writer")
                 uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
                 status_task = group.create_task(
@@ -88,18 +102,23 @@ class Agent:
                                                        self.health[d.name], writer.submit), name=f"poll:{d.name}")
                            for d in config.devices]
                 self.started.set()
+                self.notifier.notify("READY=1", f"STATUS=polling {len(config.devices)} device(s); buffer holds "
+                                                f"{stats.readings} readings")
                 await stop.wait()
+                self.notifier.notify("STOPPING=1", "STATUS=stopping: committing what was polled")
                 log.info("stopping: pollers first, then the buffer writer, then the uplink")
                 await stop_tasks([*pollers, status_task])
                 await writer.flush()
                 await uplink.drain(SHUTDOWN_GRACE)
                 writer_task.cancel()
                 uplink_task.cancel()
+                watchdog_task.cancel()
         finally:
             for driver in device_drivers.values():
                 await driver.close()
             remaining = await buffer.stats()
             await buffer.close()
+            self.notifier.close()
             log.info("stopped; %d readings remain in the buffer for the next start", remaining.readings)
 
     async def _report_status(self, reporter: StatusReporter) -> None:
@@ -116,8 +135,10 @@ class Agent:
             try:
                 await buffer.expire()
                 await buffer.note_uplink(uplink.inflight)
+                snapshot = await reporter.snapshot(uplink.inflight, uplink.readings_delivered)
                 if uplink.connected:
-                    uplink.publish_status(await reporter.snapshot(uplink.inflight, uplink.readings_delivered))
+                    uplink.publish_status(snapshot)
+                self.notifier.notify(f"STATUS={status_line(snapshot, uplink.connected)}")
             except Exception as exc:  # noqa: BLE001 - status is best effort; the data path is unaffected
                 failures.failed(exc)
             else:
