@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", type=Path, required=True)
     check.set_defaults(handler=_cmd_check)
 
+    status = commands.add_parser("status", help="the running agent, one line per device (from its metrics endpoint)")
+    status.add_argument("--config", "-c", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="the raw status snapshot")
+    status.set_defaults(handler=_cmd_status)
+
     buffer = commands.add_parser("buffer", help="look into the buffer (works while the agent runs)")
     buffer_commands = buffer.add_subparsers(dest="buffer_command", metavar="COMMAND", required=True)
     stats = buffer_commands.add_parser("stats", help="depth, oldest reading's age, bytes on disk, losses, in flight")
@@ -137,6 +142,44 @@ def _cmd_check(args: argparse.Namespace) -> int:
         describe = getattr(drivers.load(device.driver), "describe", None)
         lines = describe(device) if describe else [f"device {device.name} ({device.driver})"]
         print("\n".join(lines))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from agent.config import load_config
+
+    config = load_config(args.config)
+    if not config.metrics.enabled:
+        print("edge-agent: [metrics] enabled = false in the config: the running agent cannot be asked",
+              file=sys.stderr)
+        return 1
+    url = f"http://{config.metrics.host}:{config.metrics.port}/status.json"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"edge-agent: no answer from the agent at {url} ({reason}): is it running "
+              "(systemctl status edge-agent)?", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    buffer = status["buffer"]
+    lost = buffer["dropped_oldest"] + buffer["rejected"] + buffer["expired"]
+    print(f"gateway {status['gateway']} at {status['site']}, up {_age(status['uptime_s'])}; broker "
+          f"{'connected' if status['mqtt_connected'] else 'NOT CONNECTED'}, {status['uplink']['inflight']} in flight")
+    print(f"buffer  {buffer['readings']} readings waiting (oldest {_age(buffer['oldest_age_s'])}), "
+          f"{buffer['bytes']:,} bytes, {lost} lost to limits")
+    print(f"{'device':<20} {'state':<9} {'polls ok':>9} {'failed':>7} {'overruns':>8} {'bad':>6} {'last poll':>10}  "
+          "last success / last error")
+    for name, device in status["devices"].items():
+        detail = device["last_error"] or device["last_success"] or "-"
+        print(f"{name:<20} {device['state']:<9} {device['polls_ok']:>9} {device['polls_failed']:>7} "
+              f"{device['overruns']:>8} {device['bad_readings']:>6} {device['last_poll_ms']:>8.1f}ms  {detail}")
     return 0
 
 

@@ -188,6 +188,13 @@ class MqttConfig(StrictModel):
         return out
 
 
+class MetricsConfig(StrictModel):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Address to listen on. Keep it on localhost unless the network "
+                                               "is trusted: the figures name every device.")
+    port: int = Field(9108, ge=0, le=65535, description="TCP port of /metrics (Prometheus) and /status.json.")
+
+
 class DeviceBase(StrictModel):
     """What every device has, whatever its driver. Drivers subclass this."""
 
@@ -203,6 +210,7 @@ class _TopLevel(StrictModel):
     gateway: GatewayConfig
     buffer: BufferConfig = BufferConfig()
     mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
     devices: list[Any] = Field(default_factory=list, description="[[devices]] tables; see each driver.")
 
 
@@ -215,6 +223,7 @@ class AgentConfig:
     gateway: GatewayConfig
     buffer: BufferConfig
     mqtt: MqttConfig
+    metrics: MetricsConfig
     devices: tuple[DeviceBase, ...]
 
 
@@ -285,7 +294,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfi
     if problems:
         raise ConfigError(source, problems)
     assert top is not None
-    return AgentConfig(source, top.gateway, top.buffer, top.mqtt, tuple(devices))
+    return AgentConfig(source, top.gateway, top.buffer, top.mqtt, top.metrics, tuple(devices))
 
 
 def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[DeviceBase]:

@@ -17,6 +17,7 @@ from typing import Any
 import drivers
 from agent.config import AgentConfig
 from agent.health import DeviceHealth, FailureLog
+from agent.metrics import MetricsServer
 from agent.payload import Encoder
 from agent.scheduler import poll_loop
 from agent.status import StatusReporter
@@ -75,6 +76,7 @@ class Agent:
         self.uplink: MqttUplink | None = None
         self.started = asyncio.Event()
         self.notifier = Notifier()
+        self.metrics: MetricsServer | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
@@ -92,12 +94,13 @@ class Agent:
             log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "
                      "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
                      config.mqtt.host, config.mqtt.effective_port)
+            reporter = StatusReporter(buffer, self.health, stats.dropped)
+            self.metrics = await self._start_metrics(reporter)
             async with asyncio.TaskGroup() as group:
                 watchdog_task = group.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 writer_task = group.create_task(writer.run(), name="buffer-writer")
                 uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
-                status_task = group.create_task(
-                    self._report_status(StatusReporter(buffer, self.health, stats.dropped)), name="status")
+                status_task = group.create_task(self._report_status(reporter), name="status")
                 pollers = [group.create_task(poll_loop(d.name, d.poll_interval, device_drivers[d.name],
                                                        self.health[d.name], writer.submit), name=f"poll:{d.name}")
                            for d in config.devices]
@@ -114,12 +117,36 @@ class Agent:
                 uplink_task.cancel()
                 watchdog_task.cancel()
         finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
             for driver in device_drivers.values():
                 await driver.close()
             remaining = await buffer.stats()
             await buffer.close()
             self.notifier.close()
             log.info("stopped; %d readings remain in the buffer for the next start", remaining.readings)
+
+    async def _start_metrics(self, reporter: StatusReporter) -> MetricsServer | None:
+        """The local endpoint; if it cannot listen, the agent runs without it (the data path matters more)."""
+        settings = self.config.metrics
+        if not settings.enabled:
+            return None
+        assert self.uplink is not None
+        uplink = self.uplink
+
+        async def snapshot() -> dict[str, Any]:
+            status = await reporter.snapshot(uplink.inflight, uplink.readings_delivered, mark_reported=False)
+            return {**status, "gateway": self.config.gateway.id, "site": self.config.gateway.site,
+                    "mqtt_connected": uplink.connected}
+
+        server = MetricsServer(settings.host, settings.port, snapshot)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s:%d (%s); running without the metrics endpoint",
+                      settings.host, settings.port, exc.strerror or exc)
+            return None
+        return server
 
     async def _report_status(self, reporter: StatusReporter) -> None:
         """Every status_interval, and at once after each (re)connect: expire old rows (max_age) and send

@@ -25,11 +25,14 @@ class StatusReporter:
         self._started = time.time()
         self._lost_reported = lost_at_start
 
-    async def snapshot(self, inflight: int, delivered: int) -> dict[str, Any]:
+    async def snapshot(self, inflight: int, delivered: int, mark_reported: bool = True) -> dict[str, Any]:
+        """`mark_reported`: this snapshot goes to the platform, so the next one counts losses from here.
+        A metrics scrape passes False and leaves that count alone."""
         stats = await self._buffer.stats()
         now = time.time()
         lost_since = stats.dropped - self._lost_reported
-        self._lost_reported = stats.dropped
+        if mark_reported:
+            self._lost_reported = stats.dropped
         return {
             "uptime_s": round(now - self._started),
             "buffer": {

@@ -88,6 +88,9 @@ def agent_config(tmp_path: Path, mqtt_port: int, devices: str, *, extra_mqtt: st
         reconnect_min = "1s"
         reconnect_max = "2s"
         {textwrap.dedent(extra_mqtt)}
+
+        [metrics]
+        port = 0  # a free port: tests must not fight over 9108
         """) + textwrap.dedent(devices))
     return path
 
