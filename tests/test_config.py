@@ -61,7 +61,7 @@ BAD_CONFIGS: list[tuple[str, str, list[tuple[str, str]]]] = [
      [("buffers", "did you mean 'buffer'?")]),
     ("unknown top-level key, nothing close",
      'loglevel = "debug"\n' + GOOD,
-     [("loglevel", "expected one of: gateway, buffer, mqtt, devices")]),
+     [("loglevel", "expected one of: gateway, buffer, mqtt, metrics, devices")]),
     ("unknown key in [mqtt]",
      GATEWAY + '[mqtt]\nhots = "broker.local"\n' + device(),
      [("mqtt.hots", "did you mean 'host'?")]),
