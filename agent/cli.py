@@ -119,11 +119,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 async def _run_until_signalled(config: object) -> None:
     from agent.daemon import Agent
 
+    agent = Agent(config)  # type: ignore[arg-type]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await Agent(config).run(stop)  # type: ignore[arg-type]
+    loop.add_signal_handler(signal.SIGHUP, agent.request_reload)  # systemctl reload
+    await agent.run(stop)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

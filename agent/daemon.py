@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import drivers
-from agent.config import AgentConfig
+from agent.config import AgentConfig, DeviceBase, load_config
+from agent.errors import ConfigError
 from agent.health import DeviceHealth, FailureLog
 from agent.metrics import MetricsServer
 from agent.payload import Encoder
@@ -77,19 +78,73 @@ class Agent:
         self.started = asyncio.Event()
         self.notifier = Notifier()
         self.metrics: MetricsServer | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._drivers: dict[str, PollingDriver] = {}
+        self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._reload_requested = asyncio.Event()
+        self.reloads = 0  # completed reloads, rejected ones not counted
+
+    def request_reload(self) -> None:
+        """SIGHUP (systemctl reload): re-read the config file. Only sets an event; the reload runs in the loop."""
+        self._reload_requested.set()
+
+    def _start_device(self, device: DeviceBase) -> None:
+        assert self._group is not None and self.writer is not None
+        self.health[device.name] = DeviceHealth(device.name, FailureLog(f"device {device.name}", log))
+        self._drivers[device.name] = drivers.load(device.driver).create(device)
+        self._pollers[device.name] = self._group.create_task(
+            poll_loop(device.name, device.poll_interval, self._drivers[device.name], self.health[device.name],
+                      self.writer.submit), name=f"poll:{device.name}")
+
+    async def _stop_device(self, name: str) -> None:
+        await stop_tasks([self._pollers.pop(name)])
+        await self._drivers.pop(name).close()
+        del self.health[name]
+
+    async def _reload_on_request(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            await self._reload()
+
+    async def _reload(self) -> None:
+        """Apply a changed config to the devices: restart only those whose entry changed, add and remove the
+        others; the buffer and the MQTT session are never touched. A config that does not validate is
+        rejected with its problems and the running one stays."""
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            log.error("reload rejected, the running configuration stays:\n%s", exc.render())
+            self.notifier.notify("STATUS=reload rejected: the config file has errors (see the journal)")
+            return
+        for section in ("gateway", "buffer", "mqtt", "metrics"):
+            if getattr(new, section) != getattr(self.config, section):
+                log.warning("reload: [%s] changed; that takes effect at the next restart (devices are reloaded "
+                            "now)", section)
+        old_devices = {d.name: d for d in self.config.devices}
+        new_devices = {d.name: d for d in new.devices}
+        changed = [n for n in new_devices if n in old_devices and new_devices[n] != old_devices[n]]
+        removed = [n for n in old_devices if n not in new_devices]
+        added = [n for n in new_devices if n not in old_devices]
+        for name in removed + changed:
+            await self._stop_device(name)
+        for name in changed + added:
+            self._start_device(new_devices[name])
+        self.config = replace(self.config, devices=new.devices)
+        self.reloads += 1
+        log.info("reload: %d device(s) added, %d changed, %d removed, %d unchanged; buffer and MQTT session kept",
+                 len(added), len(changed), len(removed), len(new_devices) - len(added) - len(changed))
+        self.notifier.notify("READY=1", f"STATUS=reloaded: {len(new_devices)} device(s)")
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
         limits = config.buffer
         self.buffer = buffer = await Buffer.open(limits.path, limits.max_bytes, limits.durability, limits.on_full,
                                                  limits.max_age)
-        device_drivers: dict[str, PollingDriver] = {}
         try:
             self.uplink = uplink = MqttUplink(config.mqtt, config.gateway, buffer)
             encoder = Encoder(config.gateway.id, config.gateway.site, buffer.buffer_id)
             self.writer = writer = BufferWriter(buffer, encoder, uplink.notify)
-            for device in config.devices:
-                device_drivers[device.name] = drivers.load(device.driver).create(device)
             stats = await buffer.stats()
             log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "
                      "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
@@ -97,20 +152,21 @@ class Agent:
             reporter = StatusReporter(buffer, self.health, stats.dropped)
             self.metrics = await self._start_metrics(reporter)
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 watchdog_task = group.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 writer_task = group.create_task(writer.run(), name="buffer-writer")
                 uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
                 status_task = group.create_task(self._report_status(reporter), name="status")
-                pollers = [group.create_task(poll_loop(d.name, d.poll_interval, device_drivers[d.name],
-                                                       self.health[d.name], writer.submit), name=f"poll:{d.name}")
-                           for d in config.devices]
+                reload_task = group.create_task(self._reload_on_request(), name="reload")
+                for device in config.devices:
+                    self._start_device(device)
                 self.started.set()
                 self.notifier.notify("READY=1", f"STATUS=polling {len(config.devices)} device(s); buffer holds "
                                                 f"{stats.readings} readings")
                 await stop.wait()
                 self.notifier.notify("STOPPING=1", "STATUS=stopping: committing what was polled")
                 log.info("stopping: pollers first, then the buffer writer, then the uplink")
-                await stop_tasks([*pollers, status_task])
+                await stop_tasks([reload_task, *self._pollers.values(), status_task])
                 await writer.flush()
                 await uplink.drain(SHUTDOWN_GRACE)
                 writer_task.cancel()
@@ -119,7 +175,7 @@ class Agent:
         finally:
             if self.metrics is not None:
                 await self.metrics.stop()
-            for driver in device_drivers.values():
+            for driver in self._drivers.values():
                 await driver.close()
             remaining = await buffer.stats()
             await buffer.close()
