@@ -8,6 +8,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,17 @@ async def all_sequence_numbers(buffer_path: Path) -> tuple[str, int, set[int]]:
         return buffer.buffer_id, buffer.next_seq - 1, {s for r in rows for s in range(r.seq, r.seq + r.count)}
     finally:
         await buffer.close()
+
+
+async def nothing_lost(monitor: Monitor, buffer_path: Path, timeout: float = 10.0) -> tuple[Any, int, set[int]]:
+    """The platform's proof, once the agent has stopped: every sequence number it assigned reached the
+    subscriber or is still in the buffer (what the broker acknowledged may still be on its way, so wait).
+    Returns (the subscriber's stream, the last number assigned, the numbers still buffered)."""
+    buffer_id, last, still_buffered = await all_sequence_numbers(buffer_path)
+    stream = monitor.stream(GATEWAY, buffer_id)  # one buffer_id: restarts and reloads continue its numbering
+    await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), timeout,
+                     "every committed reading delivered or still buffered")
+    return stream, last, still_buffered
 
 
 async def test_decoded_values_arrive_correct_to_the_register(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
@@ -158,10 +170,7 @@ async def test_sigkill_loses_no_committed_reading_and_numbering_continues(
         await eventually(lambda: monitor.stream(GATEWAY).seqs.highest >= received_at_kill + 40, 15,
                          "readings from the second run")
         assert second.terminate() == 0
-        buffer_id, last, still_buffered = await all_sequence_numbers(tmp_path / "buffer.db")
-        stream = monitor.stream(GATEWAY, buffer_id)  # one buffer_id for both runs: numbering continued
-        await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 10,
-                         "every committed reading delivered or still buffered")
+        stream, last, still_buffered = await nothing_lost(monitor, tmp_path / "buffer.db", 10)
     assert [s for s in range(1, last + 1) if s not in stream.seqs and s not in still_buffered] == []
     # Duplicates come only from the in-flight window at the moment of the kill (32 messages x 4 readings).
     assert stream.seqs.duplicates <= 32 * 4
@@ -227,10 +236,7 @@ async def test_handed_to_the_client_library_is_not_delivered(
                          "the second run to connect")
         await asyncio.sleep(1)
         assert await asyncio.to_thread(second.terminate) == 0
-        buffer_id, last, still_buffered = await all_sequence_numbers(tmp_path / "buffer.db")
-        stream = monitor.stream(GATEWAY, buffer_id)
-        await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 10,
-                         "every committed reading delivered or still buffered")
+        stream, last, still_buffered = await nothing_lost(monitor, tmp_path / "buffer.db", 10)
     assert stream.seqs.missing(1, last) == sorted(still_buffered & set(range(1, last + 1)))
 
 
@@ -286,10 +292,7 @@ async def test_mqtt_5_delivers_like_3_1_1(tmp_path: Path, mosquitto: MosquittoPr
         agent, stop, task = await start_agent(config)
         await eventually(lambda: monitor.received(GATEWAY) >= 40, 10, "readings over MQTT 5")
         await stop_agent(stop, task)
-        buffer_id, last, still_buffered = await all_sequence_numbers(tmp_path / "buffer.db")
-        stream = monitor.stream(GATEWAY, buffer_id)
-        await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 10,
-                         "every reading delivered or still buffered")
+        stream, last, still_buffered = await nothing_lost(monitor, tmp_path / "buffer.db", 10)
         await eventually(lambda: any(s.get("state") == "offline" for s in monitor.status.values()), 5,
                          "'offline' said on a clean stop")
     assert agent.uplink is not None and agent.uplink.readings_delivered >= 40

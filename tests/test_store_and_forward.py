@@ -16,7 +16,7 @@ from agent.payload import Encoder
 from buffer.store import Buffer, StoredBatch
 from drivers.modbus.simulator import SimServer
 from tests.conftest import AgentProcess, PartitionProxy, agent_config, meter_device
-from tests.test_end_to_end import GATEWAY, all_sequence_numbers, eventually, start_agent, stop_agent
+from tests.test_end_to_end import GATEWAY, all_sequence_numbers, eventually, nothing_lost, start_agent, stop_agent
 
 TOPIC = f"edge/test-site/{GATEWAY}/#"
 
@@ -51,11 +51,7 @@ async def test_broker_killed_under_load_and_back_30_s_later_leaves_no_gap(
                 break
             await asyncio.sleep(0.1)
         await stop_agent(stop, task)
-        buffer_id, last, still_buffered = await all_sequence_numbers(tmp_path / "buffer.db")
-        stream = monitor.stream(GATEWAY, buffer_id)
-        # What the broker acknowledged may still be on its way to the subscriber.
-        await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 30,
-                         "every acknowledged reading to reach the subscriber")
+        stream, last, still_buffered = await nothing_lost(monitor, tmp_path / "buffer.db", 30)
     finally:
         monitor.stop()
     assert [s for s in stream.seqs.missing(1, last) if s not in still_buffered] == []
@@ -81,10 +77,7 @@ async def test_agent_killed_five_times_under_load_loses_no_committed_reading(
                          "the last run to connect")
         await asyncio.sleep(2)
         assert final.terminate() == 0
-        buffer_id, last, still_buffered = await all_sequence_numbers(tmp_path / "buffer.db")
-        stream = monitor.stream(GATEWAY, buffer_id)  # one buffer_id: every run continued the same numbering
-        await eventually(lambda: all(s in stream.seqs or s in still_buffered for s in range(1, last + 1)), 15,
-                         "every committed reading delivered or still buffered")
+        stream, last, still_buffered = await nothing_lost(monitor, tmp_path / "buffer.db", 15)
     assert last > 5 * 300
     assert [s for s in range(1, last + 1) if s not in stream.seqs and s not in still_buffered] == []
     assert stream.seqs.duplicates <= 5 * 32 * 4  # at most one window per kill
