@@ -13,9 +13,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.errors import EX_CONFIG, ConfigError
+
+if TYPE_CHECKING:  # the config module loads pydantic: only the commands that need it import it
+    from agent.config import AgentConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,10 +120,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_until_signalled(config: object) -> None:
+async def _run_until_signalled(config: AgentConfig) -> None:
     from agent.daemon import Agent
 
-    agent = Agent(config)  # type: ignore[arg-type]
+    agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -52,11 +52,10 @@ class DeviceHealth:
     last_error: str | None = None
     # A device that answers but spoils points (exception responses, NaN) is as worth a log line as one
     # that does not answer: logged with the same once-loud, then-quiet, recovery-once rule.
-    bad_points: FailureLog | None = None
+    bad_points: FailureLog = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.bad_points is None:
-            self.bad_points = FailureLog(f"{self.failures.what}: bad readings", self.failures.logger)
+        self.bad_points = FailureLog(f"{self.failures.what}: bad readings", self.failures.logger)
 
     @property
     def state(self) -> str:

@@ -68,7 +68,6 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
             health.bad_readings += len(bad)
             health.last_success = started
             health.failures.succeeded()
-            assert health.bad_points is not None
             if bad:
                 health.bad_points.failed(f"{len(bad)} of {len(readings)} points bad, first {bad[0].point}: "
                                          f"{bad[0].reason}")

@@ -147,6 +147,10 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def connected(self) -> bool:
+        """This run (not an earlier one sharing the log file) has connected to the broker."""
+        return "connected to MQTT broker" in self.log().split("agent started")[-1]
+
 
 @pytest.fixture
 def agent_process(tmp_path: Path) -> Iterator[type[AgentProcess]]:

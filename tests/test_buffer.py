@@ -20,6 +20,18 @@ def batch(seq: int, count: int = 3, device: str = "m1", size: int = 10) -> Store
     return StoredBatch(seq, count, device, 1_700_000_000.0 + seq, random.Random(seq).randbytes(size))
 
 
+async def offer_more_than_twice_the_cap(buffer: Buffer) -> int:
+    """600 rows of 5 readings and 4 KiB each (2.4 MB) into a 1 MiB buffer; returns the next sequence number."""
+    seq = 1
+    for _ in range(60):
+        rows = []
+        for _ in range(10):
+            rows.append(batch(seq, 5, size=4096))
+            seq += 5
+        await buffer.append(rows)
+    return seq
+
+
 async def test_append_read_delete_in_sequence(tmp_path: Path) -> None:
     buffer = await Buffer.open(tmp_path / "b.db")
     assert buffer.next_seq == 1
@@ -89,13 +101,7 @@ async def test_a_damaged_header_is_moved_aside(tmp_path: Path) -> None:
 async def test_the_cap_drops_the_oldest_rows_counts_them_and_bounds_the_file(tmp_path: Path) -> None:
     cap = 1 << 20
     buffer = await Buffer.open(tmp_path / "b.db", max_bytes=cap)
-    seq = 1
-    for _ in range(60):  # 60 x 10 rows x 4 KiB = 2.4 MB offered, more than twice the cap
-        rows = []
-        for _ in range(10):
-            rows.append(batch(seq, 5, size=4096))
-            seq += 5
-        await buffer.append(rows)
+    seq = await offer_more_than_twice_the_cap(buffer)
     stats = await buffer.stats()
     kept = await buffer.read_after(0, 10_000)
     assert stats.dropped > 0
@@ -161,13 +167,7 @@ async def test_a_second_agent_cannot_open_a_buffer_in_use_and_the_file_is_left_a
 async def test_reject_new_keeps_the_oldest_counts_the_refused_and_leaves_a_gap(tmp_path: Path) -> None:
     cap = 1 << 20
     buffer = await Buffer.open(tmp_path / "b.db", max_bytes=cap, on_full="reject_new")
-    seq = 1
-    for _ in range(60):
-        rows = []
-        for _ in range(10):
-            rows.append(batch(seq, 5, size=4096))
-            seq += 5
-        await buffer.append(rows)
+    seq = await offer_more_than_twice_the_cap(buffer)
     stats = await buffer.stats()
     kept = await buffer.read_after(0, 10_000)
     assert stats.rejected > 0 and stats.dropped_oldest == 0

@@ -232,8 +232,7 @@ async def test_handed_to_the_client_library_is_not_delivered(
 
         second = agent_process(config, tmp_path / "agent.log")
         second.start()
-        await eventually(lambda: "connected to MQTT broker" in second.log().split("agent started")[-1], 15,
-                         "the second run to connect")
+        await eventually(second.connected, 15, "the second run to connect")
         await asyncio.sleep(1)
         assert await asyncio.to_thread(second.terminate) == 0
         stream, last, still_buffered = await nothing_lost(monitor, tmp_path / "buffer.db", 10)
