@@ -30,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from drivers.modbus.simulator import main as simulate
 
         return simulate(argv[1:])
+    if argv[:1] in (["modbus"], ["opcua"]):
+        # The technician's tools of a driver live beside it: drivers/<name>/cli.py, `main(argv) -> int`.
+        import importlib
+
+        return int(importlib.import_module(f"drivers.{argv[0]}.cli").main(argv[1:]))
     if argv[:1] == ["monitor"]:
         from agent import monitor
 
@@ -96,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     commands.add_parser("simulate", help="serve simulated Modbus TCP devices: simulate --help")
+    commands.add_parser("modbus", help="technician's tools: read, scan, poll a Modbus device: modbus --help")
+    commands.add_parser("opcua", help="technician's tools: browse and read an OPC-UA server: opcua --help")
     return parser
 
 
