@@ -205,6 +205,18 @@ class DeviceBase(StrictModel):
     timeout: Duration = Field(1.0, description="How long one request may take before the device counts as "
                                                "not answering.")
 
+    @classmethod
+    def expand(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Turn shorthand (a driver's profiles, say) into the plain entry before validation; problems as
+        (path relative to the entry, message). Most drivers have none."""
+        return raw, []
+
+    @classmethod
+    def across(cls, devices: list[tuple[int, Any]]) -> list[tuple[int, str, str]]:
+        """Checks across the valid devices of this driver, as (device index, dotted path, message): e.g.
+        devices sharing one serial line must agree on its settings."""
+        return []
+
 
 class _TopLevel(StrictModel):
     gateway: GatewayConfig
@@ -299,6 +311,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfi
 
 def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[DeviceBase]:
     devices: list[DeviceBase] = []
+    indices: list[int] = []
     first_index: dict[str, int] = {}
     known = ", ".join(sorted(drivers.REGISTRY))
     for index, raw in enumerate(raw_devices):
@@ -321,6 +334,10 @@ def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[D
                                     f"unknown driver {driver!r}; expected one of: {known}"))
             continue
         model: type[DeviceBase] = drivers.load(driver).DeviceConfig
+        raw, expanded = model.expand(raw)
+        if expanded:
+            problems.extend(Problem(f"{_dotted(where)}.{sub}", message) for sub, message in expanded)
+            continue
         try:
             device = model.model_validate(raw)
         except ValidationError as exc:
@@ -329,6 +346,13 @@ def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[D
             continue
         problems.extend(_cross_checks(device, where))
         devices.append(device)
+        indices.append(index)
+    by_model: dict[type[DeviceBase], list[tuple[int, DeviceBase]]] = {}
+    for index, device in zip(indices, devices, strict=True):
+        by_model.setdefault(type(device), []).append((index, device))
+    for model, members in by_model.items():
+        problems.extend(Problem(_dotted(("devices", index, *sub.split("."))), message)
+                        for index, sub, message in model.across(members))
     return devices
 
 

@@ -7,36 +7,53 @@ from typing import TYPE_CHECKING
 from drivers.modbus.config import ModbusDevice as DeviceConfig
 
 if TYPE_CHECKING:
-    from drivers.modbus.driver import ModbusTcpDriver
+    from drivers.modbus.driver import ModbusDriver
 
-__all__ = ["DeviceConfig", "create"]
+__all__ = ["DeviceConfig", "create", "describe"]
 
 
-def create(config: DeviceConfig) -> ModbusTcpDriver:
-    from drivers.modbus.driver import ModbusTcpDriver
+def create(config: DeviceConfig) -> ModbusDriver:
+    from drivers.modbus.driver import ModbusDriver
 
-    return ModbusTcpDriver(config)
+    return ModbusDriver(config)
 
 
 def describe(config: DeviceConfig) -> list[str]:
-    """What `edge-agent check` prints for this device: the read plan, with both address numberings."""
+    """What `edge-agent check` prints for this device: the line, the read plan, both address numberings."""
+    from drivers.modbus.config import vendor_address
     from drivers.modbus.decode import plan
 
-    requests = plan(config.points)
-    lines = [f"device {config.name}: modbus {config.transport} {config.host}:{config.port} unit {config.unit_id}, "
-             f"every {config.poll_interval:g} s, timeout {config.timeout:g} s: {_count(len(config.points), 'point')} "
-             f"in {_count(len(requests), 'request')} per poll"]
+    requests = plan(config.points, config.max_registers, config.max_gap, config.unreadable, config.max_bits)
+    minimum = len(plan(config.points, config.max_registers, 65535, config.unreadable, config.max_bits))
+    profile = f", profile {config.profile}" if config.profile else ""
+    lines = [f"device {config.name}: modbus {config.endpoint}{profile}, every {config.poll_interval:g} s, "
+             f"timeout {config.timeout:g} s: {_count(len(config.points), 'point')} in "
+             f"{_count(len(requests), 'request')} per poll (fewest possible {minimum}; max_gap {config.max_gap})"]
+    if config.transport == "rtu":
+        lines.append(f"  line {config.serial_port}: {config.baudrate} baud {config.data_bits}{config.parity}"
+                     f"{config.stop_bits}, turnaround {config.effective_turnaround * 1000:g} ms")
     for request in requests:
-        base = 40001 if request.function == "holding" else 30001
         first, last = request.address, request.address + request.count - 1
-        lines.append(f"  FC{request.function_code:02d} {request.function} registers {first}..{last} "
-                     f"({base + first}..{base + last}), {_count(request.count, 'register')}")
-        for point in request.decoder.points:
+        unit = "bit" if request.function in ("coil", "discrete") else "register"
+        used = sum(p.register_count for p in request.points if p.bit is None) + \
+            len({p.address for p in request.points if p.bit is not None})
+        unused = f", {request.count - used} unused" if request.count > used else ""
+        lines.append(f"  FC{request.function_code:02d} {_SPACE[request.function]} {first}..{last} "
+                     f"({vendor_address(request.function, first)}..{vendor_address(request.function, last)}), "
+                     f"{_count(request.count, unit)}{unused}")
+        for point in request.points:
             scale = f" x{point.scale:g}" if point.scale != 1 else ""
             offset = f" {point.offset:+g}" if point.offset else ""
-            lines.append(f"    {point.name:<24} address {point.address:>5} ({base + point.address}) "
-                         f"{point.type:<7} {point.word_order}{scale}{offset} {point.unit or ''}".rstrip())
+            kind = point.type + (f"[{point.count}]" if point.type == "string" else "") + \
+                (f" bit {point.bit}" if point.bit is not None else "")
+            order = f" {point.word_order}" if point.type != "bool" else ""
+            lines.append(f"    {point.name:<24} address {point.address:>5} "
+                         f"({vendor_address(point.function, point.address)}) {kind:<7}{order}{scale}{offset} "
+                         f"{point.unit or ''}".rstrip())
     return lines
+
+
+_SPACE = {"coil": "coils", "discrete": "discrete inputs", "holding": "holding registers", "input": "input registers"}
 
 
 def _count(n: int, noun: str) -> str:

@@ -1,8 +1,13 @@
 """The `[[devices]]` entry of a Modbus device and its points. Imports pydantic only.
 
 Addresses are 0-based protocol addresses with the register space named explicitly (`function`):
-"holding" is read with function code 03 (vendor numbering 40001 = address 0), "input" with
-function code 04 (30001 = address 0).
+"coil" (FC01, 0xxxx), "discrete" (FC02, 1xxxx), "input" (FC04, 30001 = address 0), "holding" (FC03,
+40001 = address 0). Profiles and the command-line tools also accept the vendor numbering; the device
+config does not, so that one file never mixes two conventions.
+
+Devices that share a physical line (one serial port, or one TCP endpoint) share one request queue at run
+time; the line's settings are written on each device and must agree, which `line_problems` checks across
+the whole file.
 """
 
 from __future__ import annotations
@@ -10,32 +15,56 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from agent.config import DeviceBase, Name, StrictModel
+from agent.config import DeviceBase, Duration, Name, StrictModel
 
-DataType = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
+DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64",
+                   "string"]
 WordOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
+Function = Literal["coil", "discrete", "holding", "input"]
 
 REGISTER_COUNT: dict[str, int] = {
     "int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "int64": 4, "uint64": 4, "float64": 4,
+    "bool": 1,
 }
-FUNCTION_CODE: dict[str, int] = {"holding": 3, "input": 4}
-MAX_REGISTERS_PER_READ = 125  # Modbus application protocol v1.1b3, 6.3 / 6.4
+FUNCTION_CODE: dict[str, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+BIT_FUNCTIONS = frozenset({"coil", "discrete"})
+# Modbus application protocol v1.1b3, 6.1-6.4: the most one read may ask for.
+MAX_REGISTERS_PER_READ = 125
+MAX_BITS_PER_READ = 2000
+# Vendor ("Modicon") numbering: the first address of each space as a manual writes it.
+VENDOR_BASE: dict[str, int] = {"coil": 1, "discrete": 10001, "input": 30001, "holding": 40001}
+
+
+def vendor_address(function: str, address: int) -> str:
+    """The manual's number for a 0-based address: 30001-style up to 9999, the six-digit form beyond."""
+    if address <= 9998:
+        return str(VENDOR_BASE[function] + address)
+    return f"{VENDOR_BASE[function] // 10001 * 100000 + address + 1:06d}"
 
 
 class ModbusPoint(StrictModel):
     name: Name
-    function: Literal["holding", "input"] = Field(
-        description='"holding" (function code 03, 4xxxx) or "input" (function code 04, 3xxxx).')
+    function: Function = Field(
+        description='"coil" (FC01, 0xxxx), "discrete" (FC02, 1xxxx), "input" (FC04, 3xxxx) or "holding" (FC03, '
+                    '4xxxx).')
     address: int = Field(ge=0, le=65535, description="0-based protocol address (40001 -> 0).")
-    type: DataType
+    type: DataType = Field(description='The value\'s type; "bool" (the default) for coils and discrete inputs, and '
+                                       'with `bit` for one bit of a register.')
+    count: int | None = Field(None, ge=1, le=125, description="Registers the value spans: required for a string "
+                                                              "(2 characters per register), implied for the others.")
+    bit: int | None = Field(None, ge=0, le=15, description="For a bool in a register: the bit, 0 = least significant.")
     word_order: WordOrder = Field(
         "ABCD", description="Byte order of the value, A = most significant byte: ABCD big-endian, "
-        "CDAB word-swapped (low word first), BADC byte-swapped, DCBA little-endian.")
+        "CDAB word-swapped (low word first), BADC byte-swapped, DCBA little-endian. Strings: ABCD or BADC.")
     scale: float = Field(1.0, description="value = raw * scale + offset")
     offset: float = 0.0
+    not_available: list[int | float] = Field(
+        default_factory=list, description="Raw values the meter sends for 'no value' (0xFFFF = 65535, 0x8000 = "
+        "32768, 0x7FFFFFFF ...), compared before scaling: such a reading is sent with quality bad.")
     unit: str | None = Field(None, max_length=32)
+    description: str | None = Field(None, max_length=200, description="Free text for people; not sent.")
 
     @field_validator("scale", "offset")
     @classmethod
@@ -51,22 +80,155 @@ class ModbusPoint(StrictModel):
             raise ValueError("must not be 0 (every value would read 0)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bits_are_bools(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "type" not in data and data.get("function") in BIT_FUNCTIONS:
+            return {**data, "type": "bool"}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModbusPoint:
+        # Raised as errors of the point itself; the messages name the key to change.
+        if self.function in BIT_FUNCTIONS:
+            if self.type != "bool":
+                raise ValueError(f"a {self.function} holds one bit: type must be \"bool\" (got {self.type!r})")
+            if self.bit is not None:
+                raise ValueError(f"bit applies to a bool inside a register, not to a {self.function}")
+        elif self.type == "bool" and self.bit is None:
+            raise ValueError(f"a bool in a {self.function} register needs `bit` (0-15); or use function "
+                             "\"coil\"/\"discrete\" for a one-bit value")
+        if self.bit is not None and self.type != "bool":
+            raise ValueError(f"bit applies to type \"bool\" only (got {self.type!r})")
+        if self.type == "string":
+            if self.count is None:
+                raise ValueError("a string needs its length: count = number of registers (2 characters each)")
+            if self.word_order not in ("ABCD", "BADC"):
+                raise ValueError('a string\'s word_order is "ABCD" (first character in the high byte) or "BADC" '
+                                 '(bytes swapped)')
+        elif self.count is not None and self.count != self.register_count:
+            raise ValueError(f"a {self.type} spans {self.register_count} register(s); count = {self.count} "
+                             "contradicts it (leave count out)")
+        if self.type in ("bool", "string") and (self.scale != 1.0 or self.offset != 0.0):
+            raise ValueError(f"scale and offset apply to numbers, not to a {self.type}")
+        return self
+
     @property
     def register_count(self) -> int:
+        """Registers (or bits, for coils and discrete inputs) the value spans."""
+        if self.function in BIT_FUNCTIONS:
+            return 1
+        if self.type == "string":
+            return self.count or 1
         return REGISTER_COUNT[self.type]
+
+    @property
+    def function_code(self) -> int:
+        return FUNCTION_CODE[self.function]
+
+
+class UnreadableRange(StrictModel):
+    function: Function
+    first: int = Field(ge=0, le=65535, description="0-based")
+    last: int = Field(ge=0, le=65535, description="0-based, inclusive")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UnreadableRange:
+        if self.last < self.first:
+            raise ValueError(f"last ({self.last}) is before first ({self.first})")
+        return self
+
+
+Parity = Literal["N", "E", "O"]
 
 
 class ModbusDevice(DeviceBase):
     driver: Literal["modbus"]
-    transport: Literal["tcp"] = Field("tcp", description="Modbus TCP.")
-    host: Annotated[str, Field(min_length=1)]
-    port: int = Field(502, ge=1, le=65535)
+    transport: Literal["tcp", "rtu", "rtu_over_tcp"] = Field(
+        "tcp", description='"tcp" (Modbus TCP), "rtu" (RS-485/RS-232 serial port), "rtu_over_tcp" (RTU frames '
+                           'through a serial device server in transparent mode).')
+    host: Annotated[str, Field(min_length=1)] | None = Field(None, description="tcp and rtu_over_tcp: the device "
+                                                                               "or gateway address.")
+    port: int = Field(502, ge=1, le=65535, description="tcp and rtu_over_tcp: the TCP port.")
+    serial_port: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description='rtu: the serial device, e.g. "/dev/ttyUSB0" or "/dev/serial/by-id/...".')
+    baudrate: int = Field(9600, description="rtu: bits per second.")
+    parity: Parity = Field("N", description='rtu: "N" none, "E" even, "O" odd.')
+    data_bits: Literal[7, 8] = 8
+    stop_bits: Literal[1, 2] = 1
+    turnaround: Duration | None = Field(
+        None, description="Pause after every request on the line before the next one (bus turnaround). Default: "
+                          "20ms on a serial line, 0 on TCP.")
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit id (slave id); 1-247 on serial lines, "
                                                       "often 1 or 255 for a TCP device.")
-    points: list[ModbusPoint] = Field(min_length=1)
+    max_registers: int = Field(MAX_REGISTERS_PER_READ, ge=1, le=MAX_REGISTERS_PER_READ,
+                               description="Largest register read sent to this device (some meters accept fewer "
+                                           "than the protocol's 125).")
+    max_bits: int = Field(MAX_BITS_PER_READ, ge=1, le=MAX_BITS_PER_READ)
+    max_gap: int = Field(10, ge=0, le=124, description="Unused registers (or bits) a request may read to join two "
+                                                       "points into one request.")
+    unreadable: list[UnreadableRange] = Field(
+        default_factory=list, description="Address ranges the device refuses: never read, never bridged.")
+    profile: Name | None = Field(None, description="A register map shipped with the agent (docs/profiles.md); "
+                                                   "`points` then adds to it.")
+    select: list[str] | None = Field(None, description="With a profile: keep only these points.")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="With a profile: per point name, keys that replace the profile's "
+                                          "(e.g. scale, unit).")
+    points: list[ModbusPoint] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _transport_fields(self) -> ModbusDevice:
+        if self.transport == "rtu":
+            if self.serial_port is None:
+                raise ValueError('transport "rtu" needs serial_port, e.g. serial_port = "/dev/ttyUSB0"')
+            if self.host is not None:
+                raise ValueError('host is for transport "tcp" or "rtu_over_tcp"; a serial line has serial_port')
+        else:
+            if self.host is None:
+                raise ValueError(f'transport "{self.transport}" needs host (the device or gateway address)')
+            if self.serial_port is not None:
+                raise ValueError(f'serial_port is for transport "rtu"; transport is "{self.transport}"')
+        if not self.points:
+            raise ValueError("no points: give `points`, or a `profile`")
+        return self
+
+    @property
+    def line_key(self) -> str:
+        """Which physical line the device is on: devices with the same key share one request queue."""
+        if self.transport == "rtu":
+            return f"serial {self.serial_port}"
+        return f"{'rtu-over-tcp' if self.transport == 'rtu_over_tcp' else 'tcp'} {self.host}:{self.port}"
+
+    @property
+    def line_settings(self) -> tuple[Any, ...]:
+        """What every device on one line must agree on."""
+        if self.transport == "rtu":
+            return (self.baudrate, self.parity, self.data_bits, self.stop_bits, self.effective_turnaround)
+        return (self.transport, self.effective_turnaround)
+
+    @property
+    def effective_turnaround(self) -> float:
+        if self.turnaround is not None:
+            return self.turnaround
+        return 0.02 if self.transport == "rtu" else 0.0
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.line_key} unit {self.unit_id}"
 
     def problems(self) -> list[tuple[str, str]]:
-        return _point_problems(list(enumerate(self.points)))
+        return _point_problems(list(enumerate(self.points)), self.unreadable)
+
+    @classmethod
+    def expand(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Resolve `profile`, `select` and `overrides` into plain points before validation. The device's own
+        points come first, so their indices in error messages are the ones in the file."""
+        if "profile" not in raw:
+            return raw, []
+        from drivers.modbus.profiles import expand_profile
+
+        return expand_profile(raw)
 
     @classmethod
     def salvage(cls, raw: dict[str, Any]) -> list[tuple[str, str]]:
@@ -79,14 +241,43 @@ class ModbusDevice(DeviceBase):
                 valid.append((index, ModbusPoint.model_validate(point)))
             except ValidationError:
                 continue  # reported with the device's own errors
-        return _point_problems(valid)
+        return _point_problems(valid, [])
+
+    @classmethod
+    def across(cls, devices: list[tuple[int, ModbusDevice]]) -> list[tuple[int, str, str]]:
+        """Checks across devices: those on one line must agree on the line's settings."""
+        out: list[tuple[int, str, str]] = []
+        first: dict[str, tuple[int, ModbusDevice]] = {}
+        for index, device in devices:
+            key = device.line_key
+            if key not in first:
+                first[key] = (index, device)
+                continue
+            other_index, other = first[key]
+            if device.line_settings != other.line_settings:
+                field = "transport" if device.transport != other.transport else \
+                    _first_difference(device, other)
+                out.append((index, field, f"{key} is one line, shared with devices[{other_index}] "
+                            f"({other.name!r}), which sets {field} = {getattr(other, field)!r}; every device on a "
+                            "line must use the same line settings"))
+        return out
 
 
-def _point_problems(points: list[tuple[int, ModbusPoint]]) -> list[tuple[str, str]]:
-    """Duplicate names, values running past the last address, and points sharing a register."""
+def _first_difference(a: ModbusDevice, b: ModbusDevice) -> str:
+    for field in ("baudrate", "parity", "data_bits", "stop_bits", "turnaround"):
+        if getattr(a, field) != getattr(b, field):
+            return field
+    return "turnaround"
+
+
+def _point_problems(points: list[tuple[int, ModbusPoint]],
+                    unreadable: list[UnreadableRange]) -> list[tuple[str, str]]:
+    """Duplicate names, values running past the last address, points sharing a register (bits of one
+    register excepted) and points inside a range declared unreadable."""
     out: list[tuple[str, str]] = []
     seen_names: dict[str, int] = {}
     owner: dict[tuple[str, int], int] = {}
+    bits: dict[tuple[str, int, int], int] = {}
     by_index = dict(points)
     for index, point in points:
         if point.name in seen_names:
@@ -98,10 +289,27 @@ def _point_problems(points: list[tuple[int, ModbusPoint]]) -> list[tuple[str, st
             out.append((f"points[{index}].address", f"a {point.type} needs {point.register_count} registers: "
                         f"{point.address}..{last} runs past the last address 65535"))
             continue
+        for rng in unreadable:
+            if rng.function == point.function and rng.first <= last and point.address <= rng.last:
+                out.append((f"points[{index}].address", f"{point.function} {point.address}..{last} lies in a "
+                            f"range declared unreadable ({rng.first}..{rng.last})"))
+        if point.bit is not None:
+            # Several bools may share a register; one bit belongs to one point, and a register with bits
+            # belongs to no number.
+            other = bits.setdefault((point.function, point.address, point.bit), index)
+            if other != index:
+                out.append((f"points[{index}].bit", f"bit {point.bit} of {point.function} register "
+                            f"{point.address} is already points[{other}] ({by_index[other].name!r})"))
+                continue
+            marker = owner.setdefault((point.function, point.address), -1)
+            if marker >= 0:
+                out.append((f"points[{index}].address", f"overlaps points[{marker}] ({by_index[marker].name!r}) "
+                            f"at {point.function} register {point.address}"))
+            continue
         for register in range(point.address, last + 1):
             other = owner.setdefault((point.function, register), index)
             if other != index:
-                out.append((f"points[{index}].address", f"overlaps points[{other}] ({by_index[other].name!r}) "
-                            f"at {point.function} register {register}"))
+                whom = "bit points" if other < 0 else f"points[{other}] ({by_index[other].name!r})"
+                out.append((f"points[{index}].address", f"overlaps {whom} at {point.function} register {register}"))
                 break
     return out
