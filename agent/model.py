@@ -20,13 +20,18 @@ class Quality(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One value of one point. A bad reading carries `value=None` and a `reason` a person can act on."""
+    """One value of one point. A bad reading carries `value=None` and a `reason` a person can act on.
+
+    `source_ts` and `server_ts` (UTC epoch seconds) are set by drivers whose devices time-stamp their own
+    values (OPC-UA); the poll's `ts` stays the agent's clock."""
 
     point: str
     value: Value
     unit: str | None = None
     quality: Quality = Quality.GOOD
     reason: str | None = None
+    source_ts: float | None = None
+    server_ts: float | None = None
 
     @classmethod
     def bad(cls, point: str, reason: str, unit: str | None = None) -> Reading:

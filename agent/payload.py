@@ -105,6 +105,11 @@ class Encoder:
             item["unit"] = reading.unit
         if reading.quality is not Quality.GOOD and reading.reason:
             item["reason"] = reading.reason
+        if reading.source_ts is not None or reading.server_ts is not None:  # one test on the common path
+            if reading.source_ts is not None:
+                item["source_ts"] = iso_utc(reading.source_ts)
+            if reading.server_ts is not None:
+                item["server_ts"] = iso_utc(reading.server_ts)
         return item
 
 
@@ -113,4 +118,5 @@ def _encodable(reading: Reading) -> Reading:
     if value is None or isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):
         return reading
     what = "not a finite number" if isinstance(value, float) else f"a {type(value).__name__} cannot be sent"
-    return Reading.bad(reading.point, f"{what} ({value!r:.40})", reading.unit)
+    return Reading(reading.point, None, reading.unit, Quality.BAD, f"{what} ({value!r:.40})", reading.source_ts,
+                   reading.server_ts)
