@@ -20,13 +20,13 @@ from agent.errors import ConfigError
 from agent.health import DeviceHealth, FailureLog
 from agent.metrics import MetricsServer
 from agent.payload import Encoder
-from agent.scheduler import poll_loop
+from agent.scheduler import poll_loop, stream_loop
 from agent.status import StatusReporter
 from agent.systemd import Notifier
 from agent.uplink import MqttUplink
 from agent.writer import BufferWriter
 from buffer.store import Buffer
-from drivers.base import PollingDriver
+from drivers.base import PollingDriver, StreamingDriver
 
 log = logging.getLogger("agent")
 
@@ -79,7 +79,7 @@ class Agent:
         self.notifier = Notifier()
         self.metrics: MetricsServer | None = None
         self._group: asyncio.TaskGroup | None = None
-        self._drivers: dict[str, PollingDriver] = {}
+        self._drivers: dict[str, PollingDriver | StreamingDriver] = {}
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._reload_requested = asyncio.Event()
         self.reloads = 0  # completed reloads, rejected ones not counted
@@ -90,11 +90,18 @@ class Agent:
 
     def _start_device(self, device: DeviceBase) -> None:
         assert self._group is not None and self.writer is not None
-        self.health[device.name] = DeviceHealth(device.name, FailureLog(f"device {device.name}", log))
-        self._drivers[device.name] = drivers.load(device.driver).create(device)
-        self._pollers[device.name] = self._group.create_task(
-            poll_loop(device.name, device.poll_interval, self._drivers[device.name], self.health[device.name],
-                      self.writer.submit), name=f"poll:{device.name}")
+        health = self.health[device.name] = DeviceHealth(device.name, FailureLog(f"device {device.name}", log))
+        module = drivers.load(device.driver)
+        # The buffer's folder is the agent's state directory: a driver keeps its own files there (OPC-UA: the
+        # application certificate and the trusted server certificates).
+        driver = module.create(device, state_dir=self.config.buffer.path.parent) \
+            if getattr(module, "USES_STATE_DIR", False) else module.create(device)
+        self._drivers[device.name] = driver
+        if isinstance(driver, StreamingDriver):
+            loop = stream_loop(device.name, driver, health, self.writer.submit)
+        else:
+            loop = poll_loop(device.name, device.poll_interval, driver, health, self.writer.submit)
+        self._pollers[device.name] = self._group.create_task(loop, name=f"poll:{device.name}")
 
     async def _stop_device(self, name: str) -> None:
         await stop_tasks([self._pollers.pop(name)])

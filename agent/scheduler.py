@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 
 from agent.errors import DeviceError
 from agent.health import DeviceHealth
 from agent.model import PollResult, Quality
-from drivers.base import PollingDriver
+from drivers.base import PollingDriver, StreamingDriver
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,54 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
             log.debug("%s: poll took %.3f s, skipped %d tick(s)", name, now - started, skipped)
             following += skipped
         tick = following
+
+
+def stream_backoff(consecutive_failures: int, first: float, cap: float) -> float:
+    """Seconds to wait before restarting a failed stream: first, 2 x first, 4 x first ... up to cap, each
+    drawn between half and all of that, so that gateways do not all come back in the same second after a
+    server restart."""
+    base = min(cap, first * 2 ** min(max(consecutive_failures - 1, 0), 30))
+    return base * random.uniform(0.5, 1.0)
+
+
+async def stream_loop(name: str, driver: StreamingDriver, health: DeviceHealth,
+                      submit: Callable[[PollResult], Awaitable[None]], *, first_backoff: float = 1.0,
+                      max_backoff: float = MAX_BACKOFF) -> None:
+    """Run a streaming driver for ever: each group of values it emits is counted and submitted like a poll;
+    when it fails (session lost, server restarted, cannot connect) the failure is logged once and counted,
+    and it is started again after a backoff. Only cancellation ends the loop."""
+    bad_now: dict[str, str] = {}  # point -> reason, for the points whose latest value is not good
+
+    async def emit(result: PollResult) -> None:
+        health.polls_ok += 1
+        health.readings += len(result.readings)
+        health.last_success = result.ts
+        health.failures.succeeded()
+        for reading in result.readings:
+            if reading.quality is Quality.GOOD:
+                bad_now.pop(reading.point, None)
+            else:
+                health.bad_readings += 1
+                bad_now[reading.point] = reading.reason or reading.quality.value
+        # A change of one point says nothing of the others: bad points are tracked until each recovers.
+        if bad_now:
+            point, reason = next(iter(bad_now.items()))
+            health.bad_points.failed(f"{len(bad_now)} point(s) bad, first {point}: {reason}")
+        else:
+            health.bad_points.succeeded()
+        await submit(result)
+
+    while True:
+        _honour_swallowed_cancel()
+        try:
+            await driver.run(emit)
+            raise DeviceError("the stream ended on its own")
+        except Exception as exc:  # noqa: BLE001 - a device task must survive anything a driver does
+            health.polls_failed += 1
+            health.last_error = _describe(exc)
+            health.failures.failed(health.last_error)
+        _honour_swallowed_cancel()
+        await asyncio.sleep(stream_backoff(health.failures.consecutive, first_backoff, max_backoff))
 
 
 def _honour_swallowed_cancel() -> None:

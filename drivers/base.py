@@ -3,10 +3,10 @@ health). A driver never knows about the buffer or MQTT."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, runtime_checkable
 
-from agent.model import Reading
+from agent.model import PollResult, Reading
 
 
 class PollingDriver(Protocol):
@@ -22,5 +22,24 @@ class PollingDriver(Protocol):
     def max_poll_seconds(self) -> float: ...
 
     async def poll(self) -> Sequence[Reading]: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingDriver(Protocol):
+    """A device that pushes its values (OPC-UA subscriptions): the driver runs, the agent restarts it.
+
+    `run(emit)` connects, sets up what the device needs, then calls `emit` with a `PollResult` for each
+    group of values that arrived together, for as long as the session lives. It raises
+    `agent.errors.DeviceError` when the session is lost or cannot be set up; it cleans up its own
+    connection before raising. The agent's `stream_loop` counts the failure and calls `run` again after a
+    jittered, capped backoff. Every call it makes to the device has its own timeout.
+
+    A driver package whose `create` wants the agent's state directory (for files it keeps, such as an
+    application certificate) sets `USES_STATE_DIR = True` and takes `create(config, state_dir=Path)`.
+    """
+
+    async def run(self, emit: Callable[[PollResult], Awaitable[None]]) -> None: ...
 
     async def close(self) -> None: ...
