@@ -46,8 +46,13 @@ class FixedRegisters(SimulatedDevice):
 
     kind = "fixed"
 
-    def __init__(self, holding: list[int] | None = None, inputs: list[int] | None = None) -> None:
-        super().__init__((), holding_registers=len(holding or []), input_registers=len(inputs or []), seed=0)
+    def __init__(self, holding: list[int] | None = None, inputs: list[int] | None = None,
+                 coils: list[bool] | None = None, discrete_inputs: list[bool] | None = None) -> None:
+        super().__init__((), holding_registers=len(holding or []), input_registers=len(inputs or []), seed=0,
+                         coils=len(coils or []), discrete_inputs=len(discrete_inputs or []))
+        for function_code, bits in ((1, coils or []), (2, discrete_inputs or [])):
+            for address, value in enumerate(bits):
+                self.set_bit(function_code, address, value)
         if holding:
             self._images[HOLDING_REGISTERS][:] = holding
         if inputs:

@@ -140,12 +140,33 @@ class Line:
             ok = await client.connect()
         except (OSError, ValueError, ModbusException) as exc:  # pyserial's SerialException is an OSError
             client.close()
-            raise DeviceError(f"{self._cannot()}: {describe_open_error(exc, self._template)}") from exc
+            raise DeviceError(f"{self._cannot()}: {describe_open_error(exc, self._template.serial_port)}") from exc
         if not ok:
             client.close()
             raise DeviceError(f"{self._cannot()}: {_not_connected(self._template)}")
+        if self.transport == "rtu":
+            # pymodbus opens the port without a lock; take one, so a second program (or a second agent)
+            # on the same RS-485 adapter is refused instead of garbling every frame.
+            self._lock_port(client)
         self._client = client
         return client
+
+    def _lock_port(self, client: Client) -> None:
+        import fcntl
+
+        # pymodbus keeps the pyserial port in its transaction manager's transport.
+        transport = getattr(getattr(client, "ctx", None), "transport", None)
+        serial_port = getattr(transport, "sync_serial", None)
+        fd = serial_port.fileno() if serial_port is not None else None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            client.close()
+            self._client = None
+            raise DeviceError(f"{self._cannot()}: the port is busy: another program has it open and locked "
+                              "(another agent, a terminal program, ModemManager)") from exc
 
     def _cannot(self) -> str:
         if self.transport == "rtu":
@@ -167,12 +188,24 @@ class Line:
 
 def _not_connected(device: ModbusDevice) -> str:
     if device.transport == "rtu":
-        return (f"missing, busy or not permitted (`edge-agent modbus scan --serial-port {device.serial_port}` "
-                "says which)")
+        assert device.serial_port is not None
+        return probe_serial_port(device.serial_port)
     return "refused or no answer; check the address, the port and the network"
 
 
-def describe_open_error(exc: BaseException, device: ModbusDevice | None = None) -> str:
+def probe_serial_port(path: str) -> str:
+    """Why a serial port does not open, found by opening it with pyserial (pymodbus only says it failed)."""
+    import serial
+
+    try:
+        port = serial.Serial(path, exclusive=True)
+    except (OSError, ValueError) as exc:
+        return describe_open_error(exc, path)
+    port.close()
+    return "it opened on a second try: a passing fault (a USB adapter re-plugged?)"
+
+
+def describe_open_error(exc: BaseException, port: str | None = None) -> str:
     """What a technician should do about a port or connection that will not open."""
     import errno
     import grp
@@ -180,7 +213,6 @@ def describe_open_error(exc: BaseException, device: ModbusDevice | None = None) 
 
     text = str(exc)
     code = getattr(exc, "errno", None)
-    port = device.serial_port if device is not None else None
     if code == errno.EACCES or "Permission denied" in text:
         group = "dialout"
         if port:

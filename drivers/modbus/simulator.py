@@ -1,4 +1,4 @@
-"""Simulated Modbus TCP devices served by a real pymodbus server.
+"""Simulated Modbus devices served by a real pymodbus server: Modbus TCP, RTU over TCP, RTU on a serial port.
 
 `edge-agent demo`, the test suite and the benchmarks need meters that answer like the ones on a plant floor:
 real TCP, real exception codes, values that move the way a factory load moves. This module provides a
@@ -18,8 +18,13 @@ How it holds together:
   the image into pymodbus's registers on every read.
 - Writes are refused with ILLEGAL_ADDRESS and counted in `write_attempts`: the agent must never write to
   a meter unless a person enabled it, and tests can check that it did not.
-- A unit id with no device answers GATEWAY_NO_RESPONSE (0x0B), as a TCP-to-RS-485 gateway does for a
-  silent slave, instead of pymodbus's default (an ERROR traceback in the log and DEVICE_FAILURE).
+- A unit id with no device answers GATEWAY_NO_RESPONSE (0x0B) on Modbus TCP, as a TCP-to-RS-485 gateway does
+  for a silent slave, instead of pymodbus's default (an ERROR traceback in the log and DEVICE_FAILURE). On a
+  serial line and through RTU over TCP (a transparent serial server) it stays silent, as a dead meter does.
+- Every request's function code is counted per unit id (`SimServer.function_codes`), including those
+  pymodbus rejects before any device sees them: the no-write guarantee is checked on what reached the wire.
+- Serial lines: `PtyLink` joins two pseudo-terminals back to back (what `socat` does), so the server and
+  the agent each open a real serial device path through pyserial, and RTU framing runs for real.
 """
 
 from __future__ import annotations
@@ -30,25 +35,36 @@ import logging
 import math
 import os
 import random
+import select
 import signal
 import struct
 import sys
+import threading
 import time
+import tty
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import ClassVar, NamedTuple, Self
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimAction, SimData
 from pymodbus.simulator import SimDevice as PymodbusDevice
 
+COILS = 1
+DISCRETE_INPUTS = 2
 HOLDING_REGISTERS = 3
 INPUT_REGISTERS = 4
+READ_FUNCTION_CODES = frozenset({1, 2, 3, 4})
 
-# Function codes whose reads are answered from an image; writes never reach this table.
-_IMAGE_FOR_FUNCTION_CODE = {3: HOLDING_REGISTERS, 23: HOLDING_REGISTERS, 4: INPUT_REGISTERS}
+# Function codes whose reads are answered from an image; writes never reach this table. Coils and
+# discrete inputs are kept as pymodbus keeps them: 16 bits per word, bit 0 of word 0 = address 0.
+_IMAGE_FOR_FUNCTION_CODE = {1: COILS, 2: DISCRETE_INPUTS, 3: HOLDING_REGISTERS, 23: HOLDING_REGISTERS,
+                            4: INPUT_REGISTERS}
 
 
 class RegisterPoint(NamedTuple):
@@ -109,6 +125,8 @@ class SimulatedDevice(ABC):
         holding_registers: int,
         input_registers: int,
         seed: int | None,
+        coils: int = 0,
+        discrete_inputs: int = 0,
     ) -> None:
         self.register_map = register_map
         self.write_attempts = 0
@@ -118,6 +136,11 @@ class SimulatedDevice(ABC):
             self._images[HOLDING_REGISTERS] = [0] * holding_registers
         if input_registers:
             self._images[INPUT_REGISTERS] = [0] * input_registers
+        self._refused: set[tuple[int, int]] = set()  # (function code, address) answered ILLEGAL_ADDRESS
+        self._bits = {COILS: coils, DISCRETE_INPUTS: discrete_inputs}
+        for function_code, count in self._bits.items():
+            if count:
+                self._images[function_code] = [0] * ((count + 15) // 16)
         self._points = {point.name: point for point in register_map}
 
     @abstractmethod
@@ -127,6 +150,16 @@ class SimulatedDevice(ABC):
     def registers(self, function_code: int) -> list[int]:
         """A copy of the register image for function code 3 or 4 (empty if the device has none)."""
         return list(self._images.get(function_code, ()))
+
+    def refuse(self, function_code: int, first: int, last: int) -> None:
+        """Answer ILLEGAL_ADDRESS to any read that touches `first..last`, as meters do for holes in their map."""
+        self._refused.update((function_code, address) for address in range(first, last + 1))
+
+    def set_bit(self, function_code: int, address: int, value: bool) -> None:
+        """Set coil (1) or discrete input (2) `address`."""
+        word, bit = divmod(address, 16)
+        image = self._images[function_code]
+        image[word] = image[word] | (1 << bit) if value else image[word] & ~(1 << bit)
 
     def decoded_values(self) -> dict[str, float]:
         """Every point of the register map decoded from the current image: what an agent should see."""
@@ -150,6 +183,8 @@ class SimulatedDevice(ABC):
             holding_registers=len(self._images.get(HOLDING_REGISTERS, ())),
             input_registers=len(self._images.get(INPUT_REGISTERS, ())),
             action=self._answer,
+            coils=self._bits[COILS],
+            discrete_inputs=self._bits[DISCRETE_INPUTS],
         )
 
     async def _answer(
@@ -168,13 +203,20 @@ class SimulatedDevice(ABC):
         image = self._images.get(_IMAGE_FOR_FUNCTION_CODE.get(function_code, 0))
         if image is None:
             return ExcCodes.ILLEGAL_FUNCTION
-        offset = address - start_address
+        if self._refused:
+            is_bits = function_code in (COILS, DISCRETE_INPUTS)
+            touched = range(address, address + (count * 16 if is_bits else count))
+            if any((function_code, a) in self._refused for a in touched):
+                return ExcCodes.ILLEGAL_ADDRESS
+        # For bits, pymodbus passes the bit address and the count of 16-bit words that hold the bits.
+        offset = (address // 16 if function_code in (COILS, DISCRETE_INPUTS) else address) - start_address
         registers[offset : offset + count] = image[offset : offset + count]
         return None
 
 
 def _pymodbus_device(
-    unit_id: int, *, holding_registers: int, input_registers: int, action: SimAction
+    unit_id: int, *, holding_registers: int, input_registers: int, action: SimAction, coils: int = 0,
+    discrete_inputs: int = 0,
 ) -> PymodbusDevice:
     # Separate blocks per function code, so FC03 and FC04 at the same address read different registers.
     # Every register inside a block is valid and reads 0 until the model writes it; beyond the block pymodbus
@@ -183,14 +225,14 @@ def _pymodbus_device(
     def block(size: int) -> list[SimData]:
         return [SimData(0, count=max(size, 1), values=0, datatype=DataType.REGISTERS)]
 
-    def no_bits() -> list[SimData]:
-        return [SimData(0, values=False, datatype=DataType.BITS)]
+    def bits(size: int) -> list[SimData]:
+        return [SimData(0, count=max(size, 1), values=False, datatype=DataType.BITS)]
 
     return PymodbusDevice(
         unit_id,
         simdata=(
-            no_bits(),
-            no_bits(),
+            bits(coils),
+            bits(discrete_inputs),
             block(holding_registers or input_registers),
             block(input_registers or holding_registers),
         ),
@@ -457,7 +499,9 @@ def quiet_pymodbus_server() -> None:
 
 
 class SimServer:
-    """One pymodbus TCP server on one port, serving several unit ids, with a task that updates them."""
+    """One pymodbus server on one TCP port or serial port, serving several unit ids, with a task that updates
+    them. `framer="rtu"` sends RTU frames over TCP (a serial device server); `serial_port` serves RTU on a
+    serial device instead of TCP (with `PtyLink`, a pseudo-terminal)."""
 
     def __init__(
         self,
@@ -466,8 +510,17 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
         update_interval: float | None = 0.5,
+        framer: str = "socket",
+        serial_port: str | None = None,
+        baudrate: int = 9600,
     ) -> None:
         """`port=0` picks a free port; `update_interval=None` leaves updating to the caller (`update_all`)."""
+        if framer not in ("socket", "rtu"):
+            raise ValueError(f'framer must be "socket" or "rtu", got {framer!r}')
+        self.framer = "rtu" if serial_port is not None else framer
+        self.serial_port = serial_port
+        self.baudrate = baudrate
+        self.function_codes: Counter[tuple[int, int]] = Counter()  # (unit id, function code) -> requests
         if not devices:
             raise ValueError("a simulator needs at least one device")
         for unit_id in devices:
@@ -482,9 +535,26 @@ class SimServer:
         self.update_interval = update_interval
         self._requested_port = port
         self._port: int | None = None
-        self._modbus: ModbusTcpServer | None = None
+        self._modbus: ModbusTcpServer | ModbusSerialServer | None = None
         self._listener: asyncio.Server | None = None
         self._updater: asyncio.Task[None] | None = None
+
+    @property
+    def writes(self) -> int:
+        """Requests with any function code other than the four reads, whatever pymodbus did with them."""
+        return sum(n for (_, code), n in self.function_codes.items() if code not in READ_FUNCTION_CODES)
+
+    def _trace(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if not sending:
+            self.function_codes[(pdu.dev_id, pdu.function_code)] += 1
+        return pdu
+
+    def _silence_missing_units(self, sending: bool, packet: bytes) -> bytes:
+        # pymodbus answers an unknown unit id with DEVICE_FAILURE; on a serial line a missing meter is
+        # silent. An RTU frame starts with the unit id.
+        if sending and packet and packet[0] not in self.devices:
+            return b""
+        return packet
 
     @property
     def port(self) -> int:
@@ -509,9 +579,22 @@ class SimServer:
         quiet_pymodbus_server()
         self.update_all()
         served = [device.pymodbus_device(unit_id) for unit_id, device in self.devices.items()]
-        if 0 not in self.devices:
+        silent = self.framer == "rtu"  # a dead meter on a serial line does not answer at all
+        if 0 not in self.devices and not silent:
             served.append(self._no_device())
-        modbus = ModbusTcpServer(served, address=(self.host, self._requested_port))
+        if self.serial_port is not None:
+            serial = ModbusSerialServer(served, port=self.serial_port, framer=FramerType.RTU, baudrate=self.baudrate,
+                                        trace_pdu=self._trace, trace_packet=self._silence_missing_units)
+            try:
+                await serial.serve_forever(background=True)
+            except RuntimeError as exc:
+                raise OSError(f"Modbus simulator could not open {self.serial_port}") from exc
+            self._modbus, self._port = serial, 0
+            self._start_updates()
+            return
+        framer = FramerType.RTU if self.framer == "rtu" else FramerType.SOCKET
+        modbus = ModbusTcpServer(served, address=(self.host, self._requested_port), framer=framer,
+                                 trace_pdu=self._trace, trace_packet=self._silence_missing_units if silent else None)
         try:
             await modbus.serve_forever(background=True)
         except RuntimeError as exc:
@@ -521,9 +604,12 @@ class SimServer:
         assert isinstance(listener, asyncio.Server)
         self._modbus, self._listener = modbus, listener
         self._port = listener.sockets[0].getsockname()[1]
+        self._start_updates()
+
+    def _start_updates(self) -> None:
         if self.update_interval is not None:
             self._updater = asyncio.create_task(
-                self._update_forever(self.update_interval), name=f"modbus-simulator-{self._port}"
+                self._update_forever(self.update_interval), name=f"modbus-simulator-{self.serial_port or self._port}"
             )
 
     async def stop(self) -> None:
@@ -571,6 +657,68 @@ class SimServer:
             input_registers=largest(INPUT_REGISTERS),
             action=_answer_no_device,
         )
+
+
+class PtyLink:
+    """Two pseudo-terminals joined back to back: bytes written to one path come out of the other, like a
+    null-modem cable between two serial ports. Both ends are real tty devices, opened through pyserial by
+    whoever uses them. The relay is a thread, so it works whatever event loops the two ends run in."""
+
+    def __init__(self) -> None:
+        self._masters: list[int] = []
+        self.paths: list[str] = []
+        for _ in range(2):
+            master, slave = os.openpty()
+            tty.setraw(slave)  # no echo, no line discipline: a byte is a byte
+            self._masters.append(master)
+            self.paths.append(os.ttyname(slave))
+            self._slaves = [*getattr(self, "_slaves", []), slave]  # kept open: a pty vanishes with its last fd
+        self._wake_read, self._wake_write = os.pipe()
+        self._thread = threading.Thread(target=self._relay, name="pty-link", daemon=True)
+        self._thread.start()
+
+    @property
+    def server_path(self) -> str:
+        return self.paths[0]
+
+    @property
+    def client_path(self) -> str:
+        return self.paths[1]
+
+    def _relay(self) -> None:
+        a, b = self._masters
+        peer = {a: b, b: a}
+        while True:
+            readable, _, _ = select.select([a, b, self._wake_read], [], [])
+            if self._wake_read in readable:
+                return
+            for fd in readable:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:  # EIO: no process has the other end open right now
+                    data = b""
+                if data:
+                    os.write(peer[fd], data)
+                else:
+                    time.sleep(0.005)
+
+    def close(self) -> None:
+        if not self._thread.is_alive() and not self._masters:
+            return
+        os.write(self._wake_write, b"x")
+        self._thread.join(timeout=2)
+        for fd in (*self._masters, *self._slaves, self._wake_read, self._wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._masters, self._slaves = [], []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class SimServerGroup:
