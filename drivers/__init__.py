@@ -13,6 +13,7 @@ from types import ModuleType
 
 REGISTRY: dict[str, str] = {
     "modbus": "drivers.modbus",
+    "opcua": "drivers.opcua",
 }
 
 
