@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bundle clean
 
 $(VENV)/.ready: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edge-agent needs Python 3.11 or newer; run: make PYTHON=python3.11 ...")'
@@ -30,6 +30,10 @@ lint: $(VENV)/.ready
 bench: $(VENV)/.ready
 	@sh deploy/ensure-mosquitto.sh
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
+
+# The offline install bundle for a gateway (docs/install.md), e.g. make bundle BUNDLE_ARGS="--arch aarch64 --glibc 2.31"
+bundle: $(VENV)/.ready
+	$(BIN)/python deploy/build-bundle $(BUNDLE_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
