@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.model import Quality, Reading
-from drivers.modbus.config import MAX_REGISTERS_PER_READ, REGISTER_COUNT, ModbusPoint
-from drivers.modbus.decode import BlockDecoder, plan
+from drivers.modbus.config import MAX_REGISTERS_PER_READ, REGISTER_COUNT, ModbusPoint, UnreadableRange
+from drivers.modbus.decode import BlockDecoder, plan, split
 
 TYPES = ["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
 ORDERS = ["ABCD", "CDAB", "BADC", "DCBA"]
@@ -391,3 +391,109 @@ def test_plan_invariants(points: list[ModbusPoint]) -> None:
             end = before.address + before.count
             # Split only where a gap is, or where merging would pass the limit.
             assert after.address > end or before.count + after.decoder.points[0].register_count > 125
+
+
+# --- gaps, limits, unreadable ranges, splitting ------------------------------------------------------------
+
+def test_gaps_up_to_max_gap_are_bridged() -> None:
+    points = [point("a", "uint16", 0), point("b", "uint16", 5), point("c", "uint16", 20)]
+    assert [span(r) for r in plan(points, max_gap=4)] == [("holding", 0, 6), ("holding", 20, 1)]
+    assert [span(r) for r in plan(points, max_gap=3)] == [("holding", 0, 1), ("holding", 5, 1), ("holding", 20, 1)]
+    assert [span(r) for r in plan(points, max_gap=14)] == [("holding", 0, 21)]
+
+
+def test_a_gap_is_never_bridged_into_an_unreadable_range() -> None:
+    points = [point("a", "uint16", 0), point("b", "uint16", 5)]
+    refused = [UnreadableRange(function="holding", first=2, last=3)]
+    assert [span(r) for r in plan(points, max_gap=10, unreadable=refused)] == [("holding", 0, 1), ("holding", 5, 1)]
+    other_space = [UnreadableRange(function="input", first=2, last=3)]
+    assert [span(r) for r in plan(points, max_gap=10, unreadable=other_space)] == [("holding", 0, 6)]
+
+
+def test_a_device_limit_below_125_is_honoured() -> None:
+    points = [point(f"f{i}", "float32", 2 * i, function="input") for i in range(50)]
+    assert [r.count for r in plan(points, max_registers=40)] == [40, 40, 20]
+
+
+def test_bits_coalesce_up_to_2000() -> None:
+    coils = [point(f"c{i}", "bool", i, function="coil") for i in range(0, 2100, 3)]
+    requests = plan(coils, max_gap=2)
+    assert [span(r) for r in requests] == [("coil", 0, 1999), ("coil", 2001, 97)]
+    assert all(r.function_code == 1 for r in requests)
+
+
+def test_bits_of_one_register_share_it() -> None:
+    points = [point("alarm", "bool", 7, bit=0), point("trip", "bool", 7, bit=15), point("v", "uint16", 8)]
+    [request] = plan(points)
+    assert span(request) == ("holding", 7, 2)
+    readings = request.decoder.decode([0x8001 ^ 0x8000, 42])
+    assert [(r.point, r.value) for r in readings] == [("alarm", True), ("trip", False), ("v", 42)]
+
+
+def test_split_makes_runs_then_single_registers() -> None:
+    points = [point("a", "uint16", 0), point("b", "uint16", 1), point("c", "uint16", 6)]
+    [bridged] = plan(points, max_gap=10)
+    runs = split(bridged)
+    assert [span(r) for r in runs] == [("holding", 0, 2), ("holding", 6, 1)]
+    assert [span(r) for r in split(runs[0])] == [("holding", 0, 1), ("holding", 1, 1)]
+    assert [span(r) for r in split(split(runs[0])[0])] == [("holding", 0, 1)]  # cannot split further
+
+
+# --- bits, strings, sentinels ------------------------------------------------------------------------------
+
+def test_coils_decode_by_offset() -> None:
+    points = [point("r1", "bool", 10, function="coil"), point("r3", "bool", 12, function="coil")]
+    [request] = plan(points, max_gap=1)
+    bits = [False, False, True] + [False] * 5  # pymodbus pads to a multiple of 8
+    assert [(r.point, r.value) for r in request.decoder.decode(bits)] == [("r1", False), ("r3", True)]
+
+
+@pytest.mark.parametrize(("registers", "order", "text"), [
+    ([0x4C53, 0x2045, 0x4C45, 0x4354], "ABCD", "LS ELECT"),
+    ([0x534C, 0x4520, 0x454C, 0x5443], "BADC", "LS ELECT"),
+    ([0x4142, 0x4300, 0x5858, 0x5858], "ABCD", "ABC"),       # a NUL ends the text
+    ([0x4142, 0x2020, 0x2020, 0x2020], "ABCD", "AB"),        # space padding trimmed
+    ([0x0000, 0x0000, 0x0000, 0x0000], "ABCD", ""),
+])
+def test_strings(registers: list[int], order: str, text: str) -> None:
+    reading = decode_one(registers, "string", order, count=4)
+    assert reading == Reading("p", text)
+
+
+def test_a_string_between_numbers_in_one_block() -> None:
+    points = [point("a", "uint16", 0), point("name", "string", 1, count=2, word_order="BADC"),
+              point("b", "float32", 3, word_order="CDAB")]
+    [request] = plan(points)
+    registers = [7, 0x4241, 0x0043, *encode(1.5, "float32", "CDAB")]
+    assert [(r.point, r.value) for r in request.decoder.decode(registers)] == [("a", 7), ("name", "ABC"),
+                                                                               ("b", 1.5)]
+
+
+@pytest.mark.parametrize(("data_type", "sentinel", "registers"), [
+    ("uint16", 0xFFFF, [0xFFFF]), ("int16", 0x8000, [0x8000]), ("int16", -32768, [0x8000]),
+    ("uint32", 0xFFFFFFFF, [0xFFFF, 0xFFFF]), ("int32", 0x7FFFFFFF, [0x7FFF, 0xFFFF]),
+    ("int32", 0x80000000, [0x8000, 0x0000]), ("uint64", 0xFFFFFFFFFFFFFFFF, [0xFFFF] * 4),
+    ("float32", -1, encode(-1.0, "float32", "ABCD")),
+])
+def test_not_available_sentinels_become_bad(data_type: str, sentinel: int, registers: list[int]) -> None:
+    reading = decode_one(registers, data_type, not_available=[sentinel], scale=0.1 if data_type != "float32" else 1)
+    assert reading.quality is Quality.BAD and reading.value is None
+    assert reading.reason is not None and reading.reason.startswith("not available (the meter sent ")
+
+
+def test_a_sentinel_is_compared_before_scaling_and_only_for_its_point() -> None:
+    assert decode_one([0xFFFE], "uint16", not_available=[0xFFFF], scale=0.1) == Reading("p", 6553.4)
+    assert decode_one([0xFFFF], "uint16") == Reading("p", 65535)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data_type=st.sampled_from([t for t in TYPES if not t.startswith("float")]), order=st.sampled_from(ORDERS),
+       data=st.data())
+def test_a_sentinel_matches_in_every_word_order(data_type: str, order: str, data: st.DataObject) -> None:
+    bits = 8 * struct.calcsize(STRUCT_CODE[data_type])
+    raw = data.draw(st.integers(0, 2**bits - 1))
+    signed = raw - 2**bits if data_type.startswith("int") and raw >= 2 ** (bits - 1) else raw
+    registers = encode(signed, data_type, order)
+    assert decode_one(registers, data_type, order, not_available=[raw]).quality is Quality.BAD
+    other = (raw + 1) % 2**bits
+    assert decode_one(registers, data_type, order, not_available=[other]).quality is Quality.GOOD

@@ -198,7 +198,7 @@ class ModbusDevice(DeviceBase):
         """Which physical line the device is on: devices with the same key share one request queue."""
         if self.transport == "rtu":
             return f"serial {self.serial_port}"
-        return f"{'rtu-over-tcp' if self.transport == 'rtu_over_tcp' else 'tcp'} {self.host}:{self.port}"
+        return f"tcp {self.host}:{self.port}"  # one endpoint is one line, whatever framing it is given
 
     @property
     def line_settings(self) -> tuple[Any, ...]:

@@ -218,3 +218,25 @@ def _no_point(name: str, profile: Profile) -> str:
     close = difflib.get_close_matches(name, profile.point_names, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f"; it has: {', '.join(profile.point_names)}"
     return f"profile {profile.id!r} has no point {name!r}{hint}"
+
+
+def requests_table() -> str:
+    """The table in docs/profiles.md: requests per poll cycle with the default settings, against the fewest
+    possible (every gap bridged, only the device's request limit and unreadable ranges respected), and
+    against one request per point (what a gateway without coalescing sends)."""
+    from drivers.modbus.config import ModbusDevice
+    from drivers.modbus.decode import plan
+
+    rows = ["| Profile | Points | Requests per poll (max_gap 10) | Fewest possible | One per point | Registers read |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for profile_id in available():
+        raw, problems = expand_profile({"name": "x", "driver": "modbus", "host": "h", "profile": profile_id})
+        if problems:
+            raise ProfileError(f"{profile_id}: {problems}")
+        device = ModbusDevice.model_validate(raw)
+        requests = plan(device.points, device.max_registers, device.max_gap, device.unreadable, device.max_bits)
+        fewest = plan(device.points, device.max_registers, 65535, device.unreadable, device.max_bits)
+        registers = sum(r.count for r in requests)
+        rows.append(f"| `{profile_id}` | {len(device.points)} | {len(requests)} | {len(fewest)} | "
+                    f"{len(device.points)} | {registers} |")
+    return "\n".join(rows)
