@@ -221,7 +221,7 @@ class OpcuaDevice(DeviceBase):
             except ValidationError:
                 continue  # reported with the device's own errors
         mode = raw.get("mode", "read")
-        aliases = raw.get("namespaces")
+        aliases = raw.get("namespaces", {})
         return _point_problems(valid, mode if mode in ("read", "subscribe") else "subscribe",
                                set(aliases) if isinstance(aliases, dict) else None)
 
