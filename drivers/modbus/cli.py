@@ -1,0 +1,347 @@
+"""`edge-agent modbus ...`: the technician's tools, for the hour at the meter with a laptop.
+
+- `read`: a range of registers (or bits), printed every way it could be meant: hex, uint16, int16, and for
+  each pair of registers int32/uint32/float32 in the four word orders, plus the text, so the right
+  interpretation is visible at a glance.
+- `scan`: which unit ids answer on a serial line or behind a TCP gateway, with a progress bar.
+- `poll`: one device polled once through its config entry or a profile, as a table.
+
+They use the agent's own line and driver code, read only, and say what to do about the usual faults:
+a busy port, permission denied on the serial device, connection refused, timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent modbus", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    read = commands.add_parser("read", help="read registers and print them decoded every way")
+    _line_options(read)
+    read.add_argument("--unit", type=int, default=1, help="unit id (default 1)")
+    read.add_argument("--function", choices=("holding", "input", "coil", "discrete"),
+                      help="register space; not needed with a 5- or 6-digit vendor number such as 40001")
+    read.add_argument("address", help="0-based address, or a vendor number (30001, 40101) with --vendor")
+    read.add_argument("--count", type=int, default=10, help="registers (or bits) to read (default 10)")
+    read.add_argument("--vendor", action="store_true",
+                      help="the address is a vendor number: 30001 = input register 0, 40001 = holding register 0")
+    read.set_defaults(handler=_cmd_read)
+
+    scan = commands.add_parser("scan", help="find the unit ids that answer")
+    _line_options(scan)
+    scan.add_argument("--units", default="1-247", help="unit ids to try, e.g. 1-247 or 1,2,5-9 (default 1-247)")
+    scan.add_argument("--function", choices=("holding", "input"), default="holding",
+                      help="what to ask each unit for (default holding)")
+    scan.add_argument("--address", type=int, default=0, help="0-based address to read (default 0)")
+    scan.set_defaults(handler=_cmd_scan)
+
+    poll = commands.add_parser("poll", help="poll one device once and print point, value, unit, quality")
+    poll.add_argument("--config", "-c", type=Path, help="the agent's config file")
+    poll.add_argument("--device", help="with --config: the device's name")
+    poll.add_argument("--profile", help="without --config: a shipped profile (docs/profiles.md)")
+    _line_options(poll, required=False)
+    poll.add_argument("--unit", type=int, default=1, help="with --profile: unit id (default 1)")
+    poll.set_defaults(handler=_cmd_poll)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args, parser))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _line_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    where = parser.add_argument_group("the line (one of --host or --serial-port)")
+    where.add_argument("--host", help="Modbus TCP device or gateway")
+    where.add_argument("--port", type=int, default=502, help="TCP port (default 502)")
+    where.add_argument("--rtu-over-tcp", action="store_true", help="RTU frames over TCP (a serial device server)")
+    where.add_argument("--serial-port", help="serial device, e.g. /dev/ttyUSB0")
+    where.add_argument("--baudrate", type=int, default=9600)
+    where.add_argument("--parity", choices=("N", "E", "O"), default="N")
+    where.add_argument("--stop-bits", type=int, choices=(1, 2), default=1)
+    where.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for each answer (default 1)")
+    parser.set_defaults(line_required=required)
+
+
+def _line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    if bool(args.host) == bool(args.serial_port):
+        parser.error("give --host (Modbus TCP) or --serial-port (RTU), one of them")
+    if args.serial_port:
+        return {"transport": "rtu", "serial_port": args.serial_port, "baudrate": args.baudrate,
+                "parity": args.parity, "stop_bits": args.stop_bits, "timeout": args.timeout}
+    return {"transport": "rtu_over_tcp" if args.rtu_over_tcp else "tcp", "host": args.host, "port": args.port,
+            "timeout": args.timeout}
+
+
+def _device(line: dict[str, Any], unit: int, points: list[dict[str, Any]], name: str = "cli") -> Any:
+    from drivers.modbus.config import ModbusDevice
+
+    return ModbusDevice.model_validate({"name": name, "driver": "modbus", "unit_id": unit, "points": points,
+                                        **line})
+
+
+# --- read ------------------------------------------------------------------------------------------------
+
+def _cmd_read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from drivers.modbus.config import MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ
+    from drivers.modbus.profiles import modicon
+
+    line = _line(args, parser)
+    try:
+        number = int(args.address, 0)
+    except ValueError:
+        parser.error(f"address must be a number, got {args.address!r}")
+    if args.vendor:
+        try:
+            function, address = modicon(number)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if args.function and args.function != function:
+            parser.error(f"{number} is a {function} in vendor numbering, not a {args.function}")
+    else:
+        if args.function is None:
+            hint = " (or --vendor, if 40001-style)" if number >= 10001 else ""
+            parser.error(f"say which register space: --function holding|input|coil|discrete{hint}")
+        function, address = args.function, number
+    limit = MAX_BITS_PER_READ if function in ("coil", "discrete") else MAX_REGISTERS_PER_READ
+    if not 1 <= args.count <= limit or address + args.count > 65536:
+        parser.error(f"--count must be 1..{limit} and stay within address 65535")
+    return asyncio.run(_read(line, args.unit, function, address, args.count))
+
+
+async def _read(line: dict[str, Any], unit: int, function: str, address: int, count: int) -> int:
+    from agent.errors import DeviceError
+    from drivers.modbus import line as lines
+    from drivers.modbus.driver import EXCEPTION_NAMES, READ_METHOD
+
+    device = _device(line, unit, [{"name": "probe", "function": "holding", "address": 0, "type": "uint16"}])
+    link = lines.acquire(device)
+    try:
+        async def call(client: Any) -> Any:
+            return await getattr(client, READ_METHOD[function])(address, count=count, device_id=unit)
+
+        try:
+            response = await link.request(call, device.timeout)
+        except DeviceError as exc:
+            return _fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - pymodbus' exceptions: a timeout, a reset connection
+            return _fail(f"no answer from {device.endpoint} within {device.timeout:g} s ({exc}); check the unit id, "
+                         "the wiring (A/B swapped?), the baud rate and parity")
+    finally:
+        lines.release(link, device.name)
+    if response.isError():
+        code = getattr(response, "exception_code", 0)
+        return _fail(f"{device.endpoint} answered with Modbus exception {code} "
+                     f"({EXCEPTION_NAMES.get(code, 'unknown')}): that address or count is not readable there")
+    if function in ("coil", "discrete"):
+        print(format_bits(function, address, response.bits[:count]))
+    else:
+        print(format_registers(function, address, response.registers))
+    return EXIT_OK
+
+
+def format_bits(function: str, address: int, bits: list[bool]) -> str:
+    from drivers.modbus.config import vendor_address
+
+    rows = [f"{'address':>7} {'vendor':>7}  value"]
+    rows += [f"{address + i:>7} {vendor_address(function, address + i):>7}  {int(bit)}" for i, bit in enumerate(bits)]
+    return "\n".join(rows)
+
+
+def format_registers(function: str, address: int, registers: list[int]) -> str:
+    """One row per register (hex, uint16, int16, bits as text) and, for each pair starting there, the
+    32-bit readings in the four word orders; float32 shown only where it is a plausible number."""
+    from drivers.modbus.config import vendor_address
+
+    header = (f"{'address':>7} {'vendor':>7}  {'hex':>6} {'uint16':>6} {'int16':>6} {'text':>4}  |  32-bit from here: "
+              f"{'uint32 ABCD':>11} {'int32 ABCD':>11} {'float32 ABCD':>13} {'float32 CDAB':>13} "
+              f"{'float32 BADC':>13} {'float32 DCBA':>13} {'uint32 CDAB':>11}")
+    rows = [header]
+    for i, register in enumerate(registers):
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in register.to_bytes(2, "big"))
+        row = (f"{address + i:>7} {vendor_address(function, address + i):>7}  0x{register:04X} {register:>6} "
+               f"{register - 65536 if register >= 32768 else register:>6} {text:>4}  |  ")
+        if i + 1 < len(registers):
+            pair = registers[i:i + 2]
+            abcd = struct.pack(">2H", *pair)
+            cdab = struct.pack(">2H", pair[1], pair[0])
+            badc = bytes((abcd[1], abcd[0], abcd[3], abcd[2]))
+            dcba = abcd[::-1]
+            row += (f"{struct.unpack('>I', abcd)[0]:>29} {struct.unpack('>i', abcd)[0]:>11} "
+                    f"{_float(abcd):>13} {_float(cdab):>13} {_float(badc):>13} {_float(dcba):>13} "
+                    f"{struct.unpack('>I', cdab)[0]:>11}")
+        rows.append(row.rstrip(" |"))
+    return "\n".join(rows)
+
+
+def _float(data: bytes) -> str:
+    from drivers.modbus.decode import shortest_float32
+
+    value = struct.unpack(">f", data)[0]
+    if not math.isfinite(value):
+        return "nan" if value != value else "inf"
+    if value != 0 and not 1e-6 <= abs(value) <= 1e12:
+        return "-"  # denormal or absurd: not this interpretation
+    return f"{shortest_float32(value):.7g}"
+
+
+# --- scan ------------------------------------------------------------------------------------------------
+
+def parse_units(text: str) -> list[int]:
+    units: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        low, high = int(first), int(last or first)
+        if not 0 <= low <= high <= 255:
+            raise ValueError(f"unit ids are 0..255, got {part!r}")
+        units.extend(range(low, high + 1))
+    return units
+
+
+def _cmd_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    line = _line(args, parser)
+    try:
+        units = parse_units(args.units)
+    except ValueError as exc:
+        parser.error(f"--units: {exc}")
+    return asyncio.run(_scan(line, units, args.function, args.address))
+
+
+async def _scan(line: dict[str, Any], units: list[int], function: str, address: int) -> int:
+    from agent.errors import DeviceError
+    from drivers.modbus import line as lines
+    from drivers.modbus.driver import EXCEPTION_NAMES, READ_METHOD
+
+    device = _device(line, units[0], [{"name": "probe", "function": "holding", "address": 0, "type": "uint16"}])
+    link = lines.acquire(device)
+    found: list[str] = []
+    started = time.monotonic()
+    try:
+        for done, unit in enumerate(units, 1):
+            async def call(client: Any, unit: int = unit) -> Any:
+                return await getattr(client, READ_METHOD[function])(address, count=1, device_id=unit)
+
+            try:
+                response = await link.request(call, device.timeout)
+            except DeviceError as exc:
+                _progress_done()
+                return _fail(str(exc))
+            except Exception:  # noqa: BLE001 - no answer from this unit id: the scan goes on
+                result = None
+            else:
+                if response.isError():
+                    code = getattr(response, "exception_code", 0)
+                    # 0x0A/0x0B come from a gateway: the unit itself did not answer.
+                    result = None if code in (10, 11) else \
+                        f"answers (exception {code}, {EXCEPTION_NAMES.get(code, 'unknown')}, at {function} {address})"
+                else:
+                    result = f"answers ({function} {address} = {response.registers[0]})"
+            if result is not None:
+                found.append(f"unit {unit:>3}: {result}")
+                _progress_line(f"unit {unit:>3}: {result}")
+            _progress(done, len(units), unit, len(found), time.monotonic() - started)
+    finally:
+        lines.release(link, device.name)
+        _progress_done()
+    print(f"{len(found)} of {len(units)} unit id(s) answered on {device.line_key}")
+    return EXIT_OK if found else EXIT_FAILED
+
+
+def _progress(done: int, total: int, unit: int, found: int, elapsed: float) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} unit {unit}, {found} found, "
+                     f"{elapsed:.0f} s ")
+    sys.stderr.flush()
+
+
+def _progress_line(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    print(text, flush=True)
+
+
+def _progress_done() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+# --- poll ------------------------------------------------------------------------------------------------
+
+def _cmd_poll(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from agent.errors import EX_CONFIG, ConfigError
+
+    if args.config:
+        if not args.device:
+            parser.error("with --config, say which device: --device NAME")
+        from agent.config import load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            return EX_CONFIG
+        matches = [d for d in config.devices if d.name == args.device]
+        if not matches or matches[0].driver != "modbus":
+            names = ", ".join(d.name for d in config.devices if d.driver == "modbus")
+            parser.error(f"no Modbus device {args.device!r} in {args.config}; there are: {names}")
+        device = matches[0]
+    elif args.profile:
+        from drivers.modbus.profiles import expand_profile
+
+        raw = {"name": args.profile.replace("_", "-")[:60], "driver": "modbus", "unit_id": args.unit,
+               "profile": args.profile, **_line(args, parser)}
+        raw, problems = expand_profile(raw)
+        if problems:
+            parser.error("; ".join(f"{where}: {message}" for where, message in problems))
+        device = _device({k: v for k, v in raw.items() if k not in ("name", "driver", "unit_id", "points")},
+                         args.unit, raw["points"], raw["name"])
+    else:
+        parser.error("give --config and --device, or --profile with --host/--serial-port")
+    return asyncio.run(_poll(device))
+
+
+async def _poll(device: Any) -> int:
+    from agent.errors import DeviceError
+    from agent.model import Quality
+    from drivers.modbus.driver import ModbusDriver
+
+    driver = ModbusDriver(device)
+    started = time.monotonic()
+    try:
+        readings = await driver.poll()
+    except DeviceError as exc:
+        return _fail(str(exc))
+    finally:
+        await driver.close()
+    elapsed = time.monotonic() - started
+    width = max(len(r.point) for r in readings)
+    print(f"{'point':<{width}}  {'value':>16}  {'unit':<6} quality")
+    for reading in readings:
+        value = "-" if reading.value is None else str(reading.value)
+        quality = reading.quality.value + (f": {reading.reason}" if reading.quality is not Quality.GOOD else "")
+        print(f"{reading.point:<{width}}  {value:>16}  {reading.unit or '':<6} {quality}")
+    bad = sum(1 for r in readings if r.quality is not Quality.GOOD)
+    print(f"{len(readings)} points from {device.endpoint} in {len(driver.requests)} request(s), "
+          f"{elapsed * 1000:.0f} ms; {bad} bad")
+    return EXIT_OK if bad == 0 else EXIT_FAILED
+
+
+def _fail(message: str) -> int:
+    print(f"edge-agent modbus: {message}", file=sys.stderr)
+    return EXIT_FAILED
