@@ -193,6 +193,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         detail = device["last_error"] or device["last_success"] or "-"
         print(f"{name:<20} {device['state']:<9} {device['polls_ok']:>9} {device['polls_failed']:>7} "
               f"{device['overruns']:>8} {device['bad_readings']:>6} {device['last_poll_ms']:>8.1f}ms  {detail}")
+    for line in status.get("lines", []):
+        print(f"line {line['line']}: {line['utilisation']:.0%} busy, {len(line['devices'])} device(s), "
+              f"{line['requests']} requests, {line['timeouts']} timeouts, {line['queue']} waiting")
     return 0
 
 

@@ -156,7 +156,7 @@ class Agent:
             log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "
                      "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
                      config.mqtt.host, config.mqtt.effective_port)
-            reporter = StatusReporter(buffer, self.health, stats.dropped)
+            reporter = StatusReporter(buffer, self.health, stats.dropped, self._line_figures)
             self.metrics = await self._start_metrics(reporter)
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -188,6 +188,16 @@ class Agent:
             await buffer.close()
             self.notifier.close()
             log.info("stopped; %d readings remain in the buffer for the next start", remaining.readings)
+
+    def _line_figures(self) -> list[dict[str, Any]]:
+        """The lines (serial ports, TCP gateways) the devices share, each once, by the drivers that have one."""
+        seen: dict[int, dict[str, Any]] = {}
+        for driver in self._drivers.values():
+            link = getattr(driver, "link", None)
+            line = link() if callable(link) else None
+            if line is not None and id(line) not in seen:
+                seen[id(line)] = line.snapshot()
+        return sorted(seen.values(), key=lambda figures: str(figures["line"]))
 
     async def _start_metrics(self, reporter: StatusReporter) -> MetricsServer | None:
         """The local endpoint; if it cannot listen, the agent runs without it (the data path matters more)."""

@@ -21,6 +21,10 @@ Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 _STATES = ("ok", "failing", "starting")
 
 
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def prometheus_text(status: dict[str, Any]) -> str:
     lines: list[str] = []
 
@@ -49,6 +53,16 @@ def prometheus_text(status: dict[str, Any]) -> str:
     metric("device_state", "gauge", "1 for the device's current state.",
            [(f'{{device="{name}",state="{state}"}}', float(d["state"] == state))
             for name, d in devices.items() for state in _STATES])
+    shared = status.get("lines", [])
+
+    def per_line(key: str) -> list[tuple[str, float]]:
+        return [(f'{{line="{_label(line["line"])}"}}', float(line[key])) for line in shared]
+
+    metric("line_utilisation", "gauge", "Share of the last minute a shared line (serial port, TCP gateway) was "
+           "busy; near 1 it cannot keep its devices' schedules.", per_line("utilisation"))
+    metric("line_requests_total", "counter", "Requests sent on the line.", per_line("requests"))
+    metric("line_timeouts_total", "counter", "Requests on the line that got no answer.", per_line("timeouts"))
+    metric("line_queue_requests", "gauge", "Requests waiting for their turn on the line.", per_line("queue"))
     metric("buffer_readings", "gauge", "Readings waiting in the buffer for the broker.", [("", buffer["readings"])])
     metric("buffer_bytes", "gauge", "The buffer's size on disk.", [("", buffer["bytes"])])
     metric("buffer_oldest_age_seconds", "gauge", "Age of the oldest waiting reading.", [("", buffer["oldest_age_s"])])

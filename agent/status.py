@@ -9,6 +9,7 @@ numbers; the status says why.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent.health import DeviceHealth
@@ -17,10 +18,13 @@ from buffer.store import Buffer
 
 
 class StatusReporter:
-    def __init__(self, buffer: Buffer, health: dict[str, DeviceHealth], lost_at_start: int) -> None:
+    def __init__(self, buffer: Buffer, health: dict[str, DeviceHealth], lost_at_start: int,
+                 lines: Callable[[], list[dict[str, Any]]] = list) -> None:
         """`lost_at_start`: the buffer's loss total when the agent started, so the first status reports
-        what was lost since then."""
+        what was lost since then. `lines`: the shared lines' own figures (a serial port or TCP gateway
+        with several devices: utilisation, requests, timeouts, queue)."""
         self._buffer = buffer
+        self._lines = lines
         self._health = health
         self._started = time.time()
         self._lost_reported = lost_at_start
@@ -50,6 +54,7 @@ class StatusReporter:
             },
             "uplink": {"inflight": inflight, "delivered_readings": delivered},
             "devices": {name: _device(health) for name, health in sorted(self._health.items())},
+            "lines": self._lines(),
         }
 
 

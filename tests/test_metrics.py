@@ -48,6 +48,9 @@ async def test_metrics_after_real_polls_and_the_status_command(
         assert sample(text, "device_polls_failed_total", '{device="dead-meter"}') >= 1
         assert sample(text, "device_state", '{device="dead-meter",state="failing"}') == 1
         assert sample(text, "mqtt_connected") == 1
+        line = f'{{line="tcp 127.0.0.1:{modbus_sim.port}"}}'
+        assert sample(text, "line_requests_total", line) >= 5
+        assert 0 < sample(text, "line_utilisation", line) <= 1
         assert sample(text, "buffer_lost_readings_total", '{reason="rejected"}') == 0
         code, body = await asyncio.to_thread(get, port, "/status.json")
         assert code == 200 and json.loads(body)["devices"]["power-meter"]["state"] == "ok"
@@ -60,6 +63,7 @@ async def test_metrics_after_real_polls_and_the_status_command(
     assert human.returncode == 0, human.stderr
     lines = human.stdout.splitlines()
     assert "broker connected" in lines[0]
+    assert re.search(r"^line tcp 127\.0\.0\.1:\d+: \d+% busy, 1 device\(s\)", human.stdout, re.M)
     assert re.search(r"^power-meter +ok ", human.stdout, re.M)
     assert re.search(r"^dead-meter +failing .*cannot connect", human.stdout, re.M)
     # Once the agent has stopped, the command says so instead of failing obscurely.
