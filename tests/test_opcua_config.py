@@ -192,3 +192,14 @@ def test_a_good_device_is_described_by_check_without_loading_asyncua(tmp_path: P
     assert "humidity" in out and "deadband 2 %" in out and "sampling 0.25 s" in out
     assert "not printed" not in out
     assert out.strip().endswith("asyncua not loaded")
+
+
+def test_the_sample_config_is_valid_but_for_the_password_file_of_the_gateway() -> None:
+    lines = problems_of((REPO / "drivers/opcua/sample.toml").read_text())
+    assert lines == ["sample.toml: devices[0].password_file: file not found: /etc/edge-agent/opcua-boiler-password"]
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="sample.toml")
+    return error.value.render().splitlines()[:-1]
