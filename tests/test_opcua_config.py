@@ -203,3 +203,20 @@ def problems_of(text: str) -> list[str]:
     with pytest.raises(ConfigError) as error:
         parse_config(text, source="sample.toml")
     return error.value.render().splitlines()[:-1]
+
+
+def test_a_missing_certificate_is_reported_beside_a_bad_point(tmp_path: Path) -> None:
+    lines = problems(f"""
+        [[devices]]
+        name = "boiler"
+        driver = "opcua"
+        endpoint = "opc.tcp://192.168.10.30:4840"
+        security_mode = "SignAndEncrypt"
+        security_policy = "Basic256Sha256"
+        user_certificate = "{tmp_path / 'user.der'}"
+        user_private_key = "{tmp_path / 'user.pem'}"
+        points = [{{ name = "a", node_id = "ns=2;q=1" }}]
+        """)
+    assert lines[0].startswith("plant.toml: devices[2].points[0].node_id: expected a NodeId")
+    assert lines[1:] == [f"plant.toml: devices[2].user_certificate: file not found: {tmp_path / 'user.der'}",
+                         f"plant.toml: devices[2].user_private_key: file not found: {tmp_path / 'user.pem'}"]

@@ -211,9 +211,16 @@ class OpcuaDevice(DeviceBase):
 
     @classmethod
     def salvage(cls, raw: dict[str, Any]) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        try:  # the device's own keys may be fine while a point is not: check security and files too
+            shell = cls.model_validate({**raw, "points": [{"name": "p", "node_id": "i=1"}], "heartbeat": None})
+        except ValidationError:
+            pass
+        else:
+            out.extend(shell._security_problems())
         points = raw.get("points")
         if not isinstance(points, list):
-            return []
+            return out
         valid = []
         for index, point in enumerate(points):
             try:
@@ -222,8 +229,8 @@ class OpcuaDevice(DeviceBase):
                 continue  # reported with the device's own errors
         mode = raw.get("mode", "read")
         aliases = raw.get("namespaces", {})
-        return _point_problems(valid, mode if mode in ("read", "subscribe") else "subscribe",
-                               set(aliases) if isinstance(aliases, dict) else None)
+        return out + _point_problems(valid, mode if mode in ("read", "subscribe") else "subscribe",
+                                     set(aliases) if isinstance(aliases, dict) else None)
 
 
 def _point_problems(points: list[tuple[int, OpcuaPoint]], mode: str,

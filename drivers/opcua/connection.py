@@ -229,6 +229,11 @@ def describe_failure(exc: BaseException, security: Security) -> str:
         if name == "BadCertificateUntrusted" or name == "BadSecurityChecksFailed":
             hint = f"{hint}: {security.certificate_directory / CERT_NAME}"
         return f"{security.endpoint}: {name}" + (f" ({hint})" if hint else "")
+    if isinstance(exc, ua.UaError) and "No matching endpoints" in str(exc):
+        return (f"{security.endpoint}: security policy mismatch: the server does not offer "
+                f"{security.security_mode}/{security.security_policy}" + (
+                    " (it offers only secured endpoints: set security_mode and security_policy)"
+                    if security.security_mode == "None" else ""))
     if isinstance(exc, TimeoutError):
         return f"{security.endpoint}: no answer within {security.timeout:g} s"
     if isinstance(exc, ConnectionRefusedError):
