@@ -5,6 +5,7 @@ SignAndEncrypt endpoint with a username and password, certificates and trust."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import stat
 import time
@@ -14,6 +15,10 @@ from typing import Any
 
 import pytest
 from asyncua import ua
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from agent.demo.mosquitto import free_port
 from agent.errors import DeviceError
@@ -211,6 +216,22 @@ async def test_subscriptions_send_changes_beyond_the_deadband_and_a_heartbeat(si
 
 # --- security -------------------------------------------------------------------------------------------------
 
+def user_certificate(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A self-signed RSA user certificate (the simulator accepts one whose common name is its user)."""
+    directory.mkdir(parents=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "user.der", directory / "user.key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 @pytest.fixture
 async def secured(tmp_path: Path) -> AsyncIterator[Simulator]:
     cert, key = make_server_certificate(tmp_path / "server-pki")
@@ -221,7 +242,7 @@ async def secured(tmp_path: Path) -> AsyncIterator[Simulator]:
         await server.stop()
 
 
-async def test_a_signandencrypt_endpoint_with_username_password_and_trust(
+async def test_a_signandencrypt_endpoint_with_username_password_x509_user_and_trust(
         secured: Simulator, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     password_file = tmp_path / "opcua-password"
@@ -263,6 +284,20 @@ async def test_a_signandencrypt_endpoint_with_username_password_and_trust(
                     state_dir=state)
     with pytest.raises(DeviceError, match=r"security policy mismatch.*offers SignAndEncrypt/Basic256Sha256"):
         await driver.poll()
+
+    # 5. An X.509 user identity instead of a password: accepted for the server's user, refused for another.
+    for common_name, accepted in ((USERNAME, True), ("intruder", False)):
+        cert, key = user_certificate(tmp_path / common_name, common_name)
+        driver = create(device(secured.url, points, security_mode="SignAndEncrypt", security_policy="Basic256Sha256",
+                               user_certificate=str(cert), user_private_key=str(key)), state_dir=state)
+        try:
+            if accepted:
+                assert [r.value for r in await driver.poll()] == [21.5]
+            else:
+                with pytest.raises(DeviceError, match="BadUserAccessDenied"):
+                    await driver.poll()
+        finally:
+            await driver.close()
 
     logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
     assert PASSWORD not in logged and "wrong-password-also-secret" not in logged

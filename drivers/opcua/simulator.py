@@ -46,7 +46,8 @@ logging.getLogger("asyncua").setLevel(logging.ERROR)
 
 
 class PasswordUsers:
-    """asyncua user manager: one username and password; everyone else (anonymous included) is refused."""
+    """asyncua user manager: one username and password, or an X.509 user certificate whose common name is
+    that username; everyone else (anonymous included) is refused."""
 
     def __init__(self, username: str, password: str) -> None:
         self.username, self.password = username, password
@@ -55,6 +56,12 @@ class PasswordUsers:
                  certificate: Any = None) -> User | None:
         if username == self.username and password == self.password:
             return User(role=UserRole.User)
+        if certificate is not None:
+            cert = certificate if isinstance(certificate, x509.Certificate) else x509.load_der_x509_certificate(
+                certificate)
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if names and names[0].value == self.username:
+                return User(role=UserRole.User)
         return None
 
 
@@ -131,7 +138,7 @@ async def start(port: int, *, padding: int = 0, bulk: int = 0, tick: float | Non
     await server.set_application_uri(SERVER_URI)
     if security is not None:
         server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
-        server.set_security_IDs(["Username"])
+        server.set_identity_tokens([ua.UserNameIdentityToken, ua.X509IdentityToken])
         await server.load_certificate(str(security[0]))
         await server.load_private_key(str(security[1]))
     else:
