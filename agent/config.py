@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -199,6 +199,9 @@ class DeviceBase(StrictModel):
     """What every device has, whatever its driver. Drivers subclass this."""
 
     name: Name = Field(description="Unique device name; part of the topic and of every reading.")
+    # Keys of the entry that name files or folders: relative values are taken from the config file's folder.
+    path_keys: ClassVar[tuple[str, ...]] = ()
+
     driver: str
     poll_interval: Duration = Field(
         1.0, description="Polls are aligned to the wall clock: 1s on whole seconds, 15m on :00/:15/:30/:45.")
@@ -270,8 +273,14 @@ _PATH_KEYS = (("buffer", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    for keys in _PATH_KEYS:
-        table: Any = raw
+    tables: list[tuple[Any, tuple[str, ...]]] = [(raw, keys) for keys in _PATH_KEYS]
+    devices = raw.get("devices")
+    for device in devices if isinstance(devices, list) else []:
+        driver = device.get("driver") if isinstance(device, dict) else None
+        if isinstance(driver, str) and driver in drivers.REGISTRY:
+            model: type[DeviceBase] = drivers.load(driver).DeviceConfig
+            tables.extend((device, (key,)) for key in model.path_keys)
+    for table, keys in tables:
         for key in keys[:-1]:
             table = table.get(key) if isinstance(table, dict) else None
         if isinstance(table, dict) and isinstance(table.get(keys[-1]), str):

@@ -220,3 +220,21 @@ def test_a_missing_certificate_is_reported_beside_a_bad_point(tmp_path: Path) ->
     assert lines[0].startswith("plant.toml: devices[2].points[0].node_id: expected a NodeId")
     assert lines[1:] == [f"plant.toml: devices[2].user_certificate: file not found: {tmp_path / 'user.der'}",
                          f"plant.toml: devices[2].user_private_key: file not found: {tmp_path / 'user.pem'}"]
+
+
+def test_relative_device_paths_are_taken_from_the_config_files_folder(tmp_path: Path) -> None:
+    from agent.config import load_config
+
+    path = tmp_path / "config.toml"
+    path.write_text(HEAD + textwrap.dedent("""
+        [[devices]]
+        name = "boiler"
+        driver = "opcua"
+        endpoint = "opc.tcp://192.168.10.30:4840"
+        certificate_dir = "pki"
+        trust_dir = "~/trusted"
+        points = [{ name = "a", node_id = "i=2258" }]
+        """), encoding="utf-8")
+    device = load_config(path).devices[-1]
+    assert device.certificate_dir == tmp_path / "pki"  # type: ignore[attr-defined]
+    assert device.trust_dir == Path("~/trusted").expanduser()  # type: ignore[attr-defined]

@@ -72,8 +72,8 @@ def _absolute(value: Path | None) -> Path | None:
     if value is not None:
         value = value.expanduser()
         if not value.is_absolute():
-            # The config loader resolves relative paths only for its own sections (see the driver README).
-            raise ValueError("must be an absolute path (relative paths are not resolved for [[devices]] yet)")
+            # A config file's relative paths are resolved from its folder before validation (path_keys).
+            raise ValueError("must be an absolute path, or relative to the config file's folder")
     return value
 
 
@@ -113,6 +113,8 @@ class OpcuaPoint(StrictModel):
 
 
 class OpcuaDevice(DeviceBase):
+    path_keys = ("password_file", "user_certificate", "user_private_key", "certificate_dir", "trust_dir")
+
     driver: Literal["opcua"]
     endpoint: str = Field(description='The server\'s endpoint URL, "opc.tcp://192.168.10.30:4840" (a path may '
                                       'follow).')
