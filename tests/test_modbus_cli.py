@@ -36,7 +36,8 @@ async def cli(*args: str) -> tuple[int, str, str]:
 
 
 def plant() -> dict[int, FixedRegisters]:
-    return {1: FixedRegisters(inputs=f32(229.8) + f32(12.5)), 7: FixedRegisters(holding=[0x4C53, 0x2045])}
+    return {1: FixedRegisters(inputs=f32(229.8) + f32(12.5), coils=[True, False, True]),
+            7: FixedRegisters(holding=[0x4C53, 0x2045])}
 
 
 @pytest.fixture
@@ -58,6 +59,13 @@ async def test_read_shows_every_interpretation_with_both_numberings(tcp_server: 
     first = out.splitlines()[1].split()
     assert first[:5] == ["0", "30001", "0x4365", "17253", "17253"]
     assert "229.8" in out.splitlines()[1] and "12.5" in out.splitlines()[3]  # float32 ABCD at 0 and at 2
+
+
+async def test_read_takes_vendor_numbers_with_leading_zeros(tcp_server: SimServer) -> None:
+    code, out, err = await cli("read", "--host", "127.0.0.1", "--port", str(tcp_server.port), "--vendor", "00001",
+                               "--count", "3")
+    assert code == 0, err
+    assert [line.split() for line in out.splitlines()[1:]] == [["0", "1", "1"], ["1", "2", "0"], ["2", "3", "1"]]
 
 
 async def test_scan_finds_the_units_on_a_serial_line(pty_link: PtyLink) -> None:

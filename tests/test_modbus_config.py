@@ -107,3 +107,34 @@ def test_many_units_on_one_line_with_different_intervals_and_timeouts_are_fine()
     config = parse_config(GATEWAY + text, source="case.toml")
     assert {d.line_key for d in config.devices} == {"serial /dev/ttyUSB0"}
     assert [d.effective_turnaround for d in config.devices] == [0.02] * 5
+
+
+def test_serial_settings_on_a_tcp_device_are_refused() -> None:
+    [(where, message)] = problems_of(entry(POINT, TCP + "baudrate = 19200\n"))
+    assert where == "devices[0]" and 'baudrate: serial line settings, but transport is "tcp"' in message
+
+
+def test_two_tcp_devices_on_one_endpoint_disagreeing_on_turnaround_name_it() -> None:
+    text = entry(POINT, TCP, "m1") + entry(POINT, TCP + 'turnaround = "50ms"\n', "m2")
+    [(where, message)] = problems_of(text)
+    assert where == "devices[1].turnaround" and "which sets turnaround = None" in message
+
+
+def test_rtu_over_tcp_shows_its_framing() -> None:
+    config = parse_config(GATEWAY + entry(POINT, TCP + 'transport = "rtu_over_tcp"\nunit_id = 7\n'), source="c")
+    [device] = config.devices
+    assert device.endpoint == "rtu-over-tcp 10.0.0.5:502 unit 7"  # type: ignore[attr-defined]
+    assert device.line_key == "tcp 10.0.0.5:502"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("function", "address", "vendor"), [
+    ("coil", 0, "1"), ("coil", 9998, "9999"), ("discrete", 0, "10001"), ("input", 0, "30001"),
+    ("input", 9998, "39999"), ("input", 9999, "310000"), ("holding", 100, "40101"), ("holding", 65535, "465536"),
+])
+def test_vendor_numbers_as_check_prints_them(function: str, address: int, vendor: str) -> None:
+    from drivers.modbus.config import vendor_address
+    from drivers.modbus.profiles import modicon
+
+    assert vendor_address(function, address) == vendor
+    if int(vendor) >= 10001 or function == "coil":
+        assert modicon(int(vendor)) == (function, address)  # and back

@@ -222,6 +222,20 @@ async def test_devices_with_different_intervals_share_the_line_fairly(line_under
 
 
 @on("rtu")
+async def test_a_device_is_on_its_lines_books_before_its_first_poll(line_under_test: Any) -> None:
+    _, line = line_under_test
+    fast, slow = ModbusDriver(device("fast", 1, **line)), ModbusDriver(device("slow", 2, **line))
+    try:
+        assert fast.line is not None and fast.line is slow.line
+        assert fast.line.snapshot()["devices"] == ["fast", "slow"]
+        assert fast.max_poll_seconds > 2 * len(fast.requests) * 0.25  # includes the neighbour's worst case
+    finally:
+        await fast.close()
+        await slow.close()
+    assert not lines.lines()
+
+
+@on("rtu")
 async def test_a_line_measures_its_utilisation(line_under_test: Any) -> None:
     _, line = line_under_test
     driver = ModbusDriver(device("meter-1", 1, **line))

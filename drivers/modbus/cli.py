@@ -100,9 +100,13 @@ def _cmd_read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     line = _line(args, parser)
     try:
-        number = int(args.address, 0)
+        # Vendor numbers are decimal and may be written with leading zeros (00001 = coil 0); 0x10 works too.
+        number = int(args.address, 10 if args.vendor else 0)
     except ValueError:
-        parser.error(f"address must be a number, got {args.address!r}")
+        try:
+            number = int(args.address, 0)
+        except ValueError:
+            parser.error(f"address must be a number, got {args.address!r}")
     if args.vendor:
         try:
             function, address = modicon(number)

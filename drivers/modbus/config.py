@@ -33,15 +33,16 @@ BIT_FUNCTIONS = frozenset({"coil", "discrete"})
 # Modbus application protocol v1.1b3, 6.1-6.4: the most one read may ask for.
 MAX_REGISTERS_PER_READ = 125
 MAX_BITS_PER_READ = 2000
-# Vendor ("Modicon") numbering: the first address of each space as a manual writes it.
-VENDOR_BASE: dict[str, int] = {"coil": 1, "discrete": 10001, "input": 30001, "holding": 40001}
+# Vendor ("Modicon") numbering: the leading digit of each space as a manual writes it.
+VENDOR_DIGIT: dict[str, int] = {"coil": 0, "discrete": 1, "input": 3, "holding": 4}
 
 
 def vendor_address(function: str, address: int) -> str:
-    """The manual's number for a 0-based address: 30001-style up to 9999, the six-digit form beyond."""
+    """The manual's number for a 0-based address: 30001-style up to 9998, the six-digit form beyond
+    (input register 10000 is 310001)."""
     if address <= 9998:
-        return str(VENDOR_BASE[function] + address)
-    return f"{VENDOR_BASE[function] // 10001 * 100000 + address + 1:06d}"
+        return str(VENDOR_DIGIT[function] * 10000 + address + 1)
+    return f"{VENDOR_DIGIT[function]}{address + 1:05d}"
 
 
 class ModbusPoint(StrictModel):
@@ -179,6 +180,10 @@ class ModbusDevice(DeviceBase):
 
     @model_validator(mode="after")
     def _transport_fields(self) -> ModbusDevice:
+        serial_only = sorted({"baudrate", "parity", "data_bits", "stop_bits"} & self.model_fields_set)
+        if self.transport != "rtu" and serial_only:
+            raise ValueError(f"{', '.join(serial_only)}: serial line settings, but transport is "
+                             f'"{self.transport}" (the serial device server holds them)')
         if self.transport == "rtu":
             if self.serial_port is None:
                 raise ValueError('transport "rtu" needs serial_port, e.g. serial_port = "/dev/ttyUSB0"')
@@ -214,8 +219,15 @@ class ModbusDevice(DeviceBase):
         return 0.02 if self.transport == "rtu" else 0.0
 
     @property
+    def line_label(self) -> str:
+        """The line as a person reads it: with its framing when that is not the port's usual one."""
+        if self.transport == "rtu_over_tcp":
+            return f"rtu-over-tcp {self.host}:{self.port}"
+        return self.line_key
+
+    @property
     def endpoint(self) -> str:
-        return f"{self.line_key} unit {self.unit_id}"
+        return f"{self.line_label} unit {self.unit_id}"
 
     def problems(self) -> list[tuple[str, str]]:
         return _point_problems(list(enumerate(self.points)), self.unreadable)
@@ -256,7 +268,7 @@ class ModbusDevice(DeviceBase):
             other_index, other = first[key]
             if device.line_settings != other.line_settings:
                 field = "transport" if device.transport != other.transport else \
-                    _first_difference(device, other)
+                    "turnaround" if device.transport != "rtu" else _first_difference(device, other)
                 out.append((index, field, f"{key} is one line, shared with devices[{other_index}] "
                             f"({other.name!r}), which sets {field} = {getattr(other, field)!r}; every device on a "
                             "line must use the same line settings"))

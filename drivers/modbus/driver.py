@@ -17,6 +17,7 @@ off, the scheduler decides when to try again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -51,6 +52,12 @@ class ModbusDriver:
         self.requests: tuple[ReadRequest, ...] = plan(config.points, config.max_registers, config.max_gap,
                                                       config.unreadable, config.max_bits)
         self.line: lines.Line | None = None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # built outside the agent (a tool, a test): the line is taken at the first poll
+        else:
+            self._line()  # on the line's books from the start, also while a long interval has not polled yet
 
     @property
     def max_poll_seconds(self) -> float:

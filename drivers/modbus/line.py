@@ -41,7 +41,7 @@ Client = AsyncModbusTcpClient | AsyncModbusSerialClient
 
 class Line:
     def __init__(self, device: ModbusDevice) -> None:
-        self.key = device.line_key
+        self.key = device.line_label
         self.settings = device.line_settings
         self.transport = device.transport
         self.turnaround = device.effective_turnaround
@@ -165,8 +165,7 @@ class Line:
         except OSError as exc:
             client.close()
             self._client = None
-            raise DeviceError(f"{self._cannot()}: the port is busy: another program has it open and locked "
-                              "(another agent, a terminal program, ModemManager)") from exc
+            raise DeviceError(f"{self._cannot()}: {_BUSY}") from exc
 
     def _cannot(self) -> str:
         if self.transport == "rtu":
@@ -184,6 +183,9 @@ class Line:
         framer = FramerType.RTU if device.transport == "rtu_over_tcp" else FramerType.SOCKET
         return AsyncModbusTcpClient(device.host, port=device.port, framer=framer, timeout=timeout, retries=0,
                                     reconnect_delay=0, name=self.key)
+
+
+_BUSY = "the port is busy: another program has it open (another agent, a terminal program, ModemManager)"
 
 
 def _not_connected(device: ModbusDevice) -> str:
@@ -223,7 +225,7 @@ def describe_open_error(exc: BaseException, port: str | None = None) -> str:
         return (f"permission denied: the user needs the group {group!r} (sudo usermod -aG {group} $USER, then log "
                 "in again; the systemd unit already has it)")
     if code == errno.EBUSY or "busy" in text.lower() or "exclusively lock" in text:
-        return "the port is busy: another program has it open (another agent, a terminal program, ModemManager)"
+        return _BUSY
     if code == errno.ENOENT or "No such file" in text:
         return "no such serial device: is the adapter plugged in? (ls /dev/ttyUSB* /dev/serial/by-id/)"
     if code == errno.ECONNREFUSED or "refused" in text.lower():

@@ -273,7 +273,8 @@ def _wave(t: float, period: float, phase: float) -> float:
 
 
 POWER_METER_REGISTERS: tuple[RegisterPoint, ...] = (
-    # Input registers (FC04), float32 ABCD, after the LS ELECTRIC GIMAC1000 layout.
+    # Input registers (FC04), float32 ABCD: a simplified layout of our own (not a real meter's map; the
+    # shipped profiles in drivers/modbus/profiles are the real ones).
     RegisterPoint("voltage_avg", 4, 0, "float32", "ABCD", 1.0, "V"),
     RegisterPoint("current_l1", 4, 2, "float32", "ABCD", 1.0, "A"),
     RegisterPoint("current_l2", 4, 4, "float32", "ABCD", 1.0, "A"),
