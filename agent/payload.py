@@ -70,19 +70,56 @@ class Encoder:
         self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
         head = {"schema": SCHEMA, "gateway": gateway, "site": site, "buffer_id": buffer_id}
         self._head = self._dumps(head)[:-1].encode() + b',"device":'
+        self._texts: dict[tuple[str, str | None], tuple[str, str]] = {}
 
     def encode(self, result: PollResult, first_seq: int) -> bytes:
         """One poll as a fragment of a message. Never fails: a value JSON cannot carry (NaN, an unknown
         type) is sent as a bad reading, so one odd value can neither stop the buffer writer nor be retried
         forever."""
+        ts = iso_utc(result.ts)
+        fast = self._good_numbers(result.readings, first_seq)
+        if fast is not None:
+            return f'{{"ts":"{ts}","readings":[{fast}]}}'.encode()
         readings = [self._item(seq, reading) for seq, reading in enumerate(result.readings, first_seq)]
-        poll = {"ts": iso_utc(result.ts), "readings": readings}
+        poll = {"ts": ts, "readings": readings}
         try:
             return self._dumps(poll).encode()
         except (TypeError, ValueError):
             poll["readings"] = [self._item(seq, _encodable(reading))
                                 for seq, reading in enumerate(result.readings, first_seq)]
             return self._dumps(poll).encode()
+
+    def _good_numbers(self, readings: tuple[Reading, ...], seq: int) -> str | None:
+        """The readings as JSON text when every one is a good number without device timestamps (the common
+        poll), else None. Byte for byte what the general path writes (a test holds them equal), in a third
+        of its time: the text around each value is built once per point and unit, and a float is written by
+        float.__repr__, as the json module does."""
+        parts: list[str] = []
+        texts = self._texts
+        for point, value, unit, quality, _, source_ts, server_ts in readings:
+            kind = type(value)
+            if kind is float:
+                if value - value != 0.0:  # NaN or infinity: the general path makes it a bad reading
+                    return None
+                text = float.__repr__(value)
+            elif kind is int:
+                text = int.__repr__(value)
+            elif kind is bool:
+                text = "true" if value else "false"
+            else:
+                return None
+            if quality is not Quality.GOOD or source_ts is not None or server_ts is not None:
+                return None
+            around = texts.get((point, unit))
+            if around is None:
+                if len(texts) > 100_000:  # points come from the config: only a bug could grow it this far
+                    texts.clear()
+                unit_text = "" if unit is None else ',"unit":' + self._dumps(unit)
+                around = texts[(point, unit)] = (',"point":' + self._dumps(point) + ',"value":',
+                                                 ',"quality":"good"' + unit_text + "}")
+            parts.append(f'{{"seq":{seq}{around[0]}{text}{around[1]}')
+            seq += 1
+        return ",".join(parts)
 
     def frame(self, device: str, polls: list[bytes]) -> bytes:
         """The message for some polls of one device, oldest first."""
@@ -106,10 +143,12 @@ class Encoder:
         if reading.quality is not Quality.GOOD and reading.reason:
             item["reason"] = reading.reason
         if reading.source_ts is not None or reading.server_ts is not None:  # one test on the common path
-            if reading.source_ts is not None:
-                item["source_ts"] = iso_utc(reading.source_ts)
-            if reading.server_ts is not None:
-                item["server_ts"] = iso_utc(reading.server_ts)
+            for key, ts in (("source_ts", reading.source_ts), ("server_ts", reading.server_ts)):
+                try:
+                    if ts is not None:
+                        item[key] = iso_utc(ts)
+                except (OverflowError, OSError, ValueError):
+                    pass  # a device clock out of any calendar: the reading goes without it, never the poll
         return item
 
 
