@@ -273,3 +273,26 @@ async def test_a_serial_port_in_use_by_another_agent_is_refused(pty_link: PtyLin
         other.close()
     finally:
         await first.close()
+
+
+def test_a_saturated_line_is_logged_once_and_its_recovery_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO, logger="drivers.modbus")
+    line = lines.Line(device("m", 1, transport="rtu", serial_port="/dev/ttyUSB0"))
+    now = time.monotonic()
+    line._opened = now - 60  # a minute of history
+    for second in range(60):  # busy the whole minute, one request per 0.5 s
+        line._account(now - 60 + second, now - 60 + second + 1.0)
+    line._judged = 0
+    line._account(now - 0.5, now)
+    assert line.utilisation() >= 0.9
+    line._judged = 0
+    line._account(now - 0.2, now)  # still saturated: not logged again
+    saturated = [r for r in caplog.records if "busy" in r.getMessage() and "cannot all keep" in r.getMessage()]
+    assert len(saturated) == 1 and saturated[0].levelname == "ERROR"
+    line._busy = [0.0] * lines.WINDOW_S  # the devices were slowed down: the line is idle again
+    line._judged = 0
+    line._account(now, now + 0.001)
+    assert any("recovered" in r.getMessage() for r in caplog.records)

@@ -56,6 +56,7 @@ class Line:
         self._busy = [0.0] * WINDOW_S  # busy seconds per second of the last minute, indexed by second % 60
         self._busy_second = [0] * WINDOW_S
         self._opened = time.monotonic()
+        self._judged = 0  # the second of the last saturation judgement
         self.saturation = FailureLog(f"line {self.key}", log)
 
     def worst_wait(self) -> float:
@@ -121,7 +122,9 @@ class Line:
                 self._busy_second[slot], self._busy[slot] = second, 0.0
             self._busy[slot] += part
             started += part
-        if ended - self._opened >= 10:  # judge saturation only on a fair sample
+        # Judged once a second (not per request: it sums the minute), and only on a fair sample.
+        if int(ended) != self._judged and ended - self._opened >= 10:
+            self._judged = int(ended)
             used = self.utilisation()
             if used >= SATURATED:
                 self.saturation.failed(f"busy {used:.0%} of the last minute: the devices on it cannot all keep "
