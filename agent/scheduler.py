@@ -1,7 +1,8 @@
 """Wall-clock aligned polling: the agent owns time, the driver owns the protocol.
 
 A device with a 1 s interval is polled on whole seconds, one with 15 min on :00/:15/:30/:45 UTC (which
-is also on the quarter hours of KST), so demand windows line up with the utility meter's. Each tick is
+is also on the quarter hours of KST), so demand windows line up with the utility meter's; once more at
+the moment it starts, so a technician sees values at once. Each tick is
 computed from the wall clock, never by adding intervals, so there is no drift. A poll slower than its
 interval skips the ticks it overran (counted), it never piles up. A failed poll is logged once, counted,
 and retried on a growing backoff (still aligned to ticks); nothing a driver raises can end the loop.
@@ -45,12 +46,16 @@ def backoff_ticks(consecutive_failures: int, interval: float) -> int:
 
 async def poll_loop(name: str, interval: float, driver: PollingDriver, health: DeviceHealth,
                     submit: Callable[[PollResult], Awaitable[None]],
-                    clock: Callable[[], float] = time.time) -> None:
+                    clock: Callable[[], float] = time.time, first_at_once: bool = True) -> None:
+    """`first_at_once`: poll once as soon as the device starts (at start-up and after a reload that changed
+    it), so values show at once even on a 15-minute interval; every later poll is on the clock."""
     # Ticks are counted as integers and turned into wall time by one multiplication each: no drift.
     tick = tick_index_after(clock(), interval)
+    at_once = first_at_once
     while True:
         _honour_swallowed_cancel()
-        await sleep_until(tick * interval, clock)
+        if not at_once:
+            await sleep_until(tick * interval, clock)
         started = clock()  # the one clock read of this cycle: every reading of the poll carries it
         step = 1
         try:
@@ -77,7 +82,9 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
             await submit(PollResult(name, started, tuple(readings)))
         now = clock()
         health.last_poll_seconds = now - started
-        following = tick + step
+        # After the poll at start, `tick` is still the first tick ahead: it is the next one, not skipped.
+        following = tick + step - (1 if at_once else 0)
+        at_once = False
         if now >= following * interval:
             skipped = tick_index_after(now, interval) - following
             health.overruns += skipped

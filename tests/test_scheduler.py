@@ -138,13 +138,15 @@ class FakeMeter:
 class Loop:
     """One poll_loop task and what it submitted."""
 
-    def __init__(self, interval: float, meter: FakeMeter, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, interval: float, meter: FakeMeter, clock: Callable[[], float] = time.time,
+                 first_at_once: bool = False) -> None:
         _: PollingDriver = meter  # the fake satisfies the protocol the scheduler is typed against
         self.interval = interval
         self.meter = meter
         self.results: list[PollResult] = []
         self.health = DeviceHealth("meter-1", FailureLog("device meter-1", logging.getLogger(LOGGER)))
-        self.task = asyncio.create_task(poll_loop("meter-1", interval, meter, self.health, self._submit, clock))
+        self.task = asyncio.create_task(poll_loop("meter-1", interval, meter, self.health, self._submit, clock,
+                                                  first_at_once))
 
     async def _submit(self, result: PollResult) -> None:
         self.results.append(result)
@@ -191,6 +193,18 @@ async def test_polls_happen_on_consecutive_wall_clock_ticks() -> None:
     assert loop.health.state == "ok"
     assert loop.results[0].device == "meter-1"
     assert [r.point for r in loop.results[0].readings] == ["voltage", "current"]
+
+
+async def test_the_first_poll_is_at_once_and_the_next_on_the_first_tick_after_it() -> None:
+    # 03:14:40 UTC: polled at once, then at 03:15:00, never waiting the first quarter hour for values.
+    offset = utc(2024, 5, 1, 3, 14, 59) + 0.9 - time.time()
+    loop = Loop(900.0, FakeMeter(), clock=lambda: time.time() + offset, first_at_once=True)
+    await loop.until(lambda: len(loop.results) == 2)
+    await loop.stop()
+    first, second = (datetime.fromtimestamp(r.ts, UTC) for r in loop.results)
+    assert first < datetime(2024, 5, 1, 3, 15, tzinfo=UTC)
+    assert timedelta(0) <= second - datetime(2024, 5, 1, 3, 15, tzinfo=UTC) < timedelta(seconds=LATE_S)
+    assert loop.health.overruns == 0 and loop.health.polls_ok == 2
 
 
 async def test_a_quarter_hour_interval_polls_on_the_quarter_hour() -> None:
