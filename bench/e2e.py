@@ -91,7 +91,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(devices: int, points: int, interval: float, duration: float, warmup: float) -> dict[str, object]:
+def run(devices: int, points: int, interval: float, duration: float, warmup: float,
+        percentiles: bool = False) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = Path(tmp)
         simulator, ports = start_simulator(devices, points)
@@ -124,7 +125,7 @@ def run(devices: int, points: int, interval: float, duration: float, warmup: flo
             monitor.stop()
             lost = sum(1 for s in range(1, last_seq + 1) if s not in stream.seqs and s not in buffered)
             window_readings = delivered1 - delivered0
-            return {
+            result: dict[str, object] = {
                 "benchmark": "e2e",
                 "load": {"devices": devices, "points_per_device": points, "interval_s": interval,
                          "offered_readings_per_s": devices * points / interval, "type": "float32",
@@ -146,6 +147,13 @@ def run(devices: int, points: int, interval: float, duration: float, warmup: flo
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "platform": platform.platform()},
             }
+            if percentiles:  # one latency per poll (message), as the p50/p95 above
+                spread: dict[str, float | int | None] = {
+                    f"p{round(q * 100)}": round(percentile(latencies, q) * 1000, 1) for q in (0.50, 0.90, 0.95, 0.99)}
+                spread["max"] = round(max(latencies) * 1000, 1) if latencies else None
+                spread["samples"] = len(latencies)
+                result["latency_ms"] = spread
+            return result
         finally:
             stop_processes(agent, simulator, broker)
 
@@ -180,8 +188,10 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--percentiles", action="store_true",
+                        help="add latency_ms: p50, p90, p95, p99 and max of poll to broker")
     args = parser.parse_args()
-    print(json.dumps(run(args.devices, args.points, args.interval, args.duration, args.warmup)))
+    print(json.dumps(run(args.devices, args.points, args.interval, args.duration, args.warmup, args.percentiles)))
     return 0
 
 
