@@ -31,6 +31,13 @@ bench: $(VENV)/.ready
 	@sh deploy/ensure-mosquitto.sh
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
 
+# Every benchmark, then the generated summary in docs/benchmarks.md (about 15 minutes; a quiet machine gives
+# figures worth keeping), e.g. make bench-all BENCH_ALL_ARGS="--quick"   (or "--hour" for the one-hour soak)
+.PHONY: bench-all
+bench-all: $(VENV)/.ready
+	@sh deploy/ensure-mosquitto.sh
+	$(BIN)/python -m bench.all $(BENCH_ALL_ARGS)
+
 # The offline install bundle for a gateway (docs/install.md), e.g. make bundle BUNDLE_ARGS="--arch aarch64 --glibc 2.31"
 bundle: $(VENV)/.ready
 	$(BIN)/python deploy/build-bundle $(BUNDLE_ARGS)
