@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from agent.model import Quality, Reading
 from drivers.modbus.config import MAX_REGISTERS_PER_READ, REGISTER_COUNT, ModbusPoint, UnreadableRange
-from drivers.modbus.decode import BlockDecoder, plan, split
+from drivers.modbus.decode import BlockDecoder, plan, shortest_float32, split
 
 TYPES = ["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
 ORDERS = ["ABCD", "CDAB", "BADC", "DCBA"]
@@ -497,3 +497,21 @@ def test_a_sentinel_matches_in_every_word_order(data_type: str, order: str, data
     assert decode_one(registers, data_type, order, not_available=[raw]).quality is Quality.BAD
     other = (raw + 1) % 2**bits
     assert decode_one(registers, data_type, order, not_available=[other]).quality is Quality.GOOD
+
+
+@settings(max_examples=3000, deadline=None)
+@given(bits=st.integers(0, 2**32 - 1))
+def test_shortest_float32_matches_the_digit_by_digit_search_for_any_bit_pattern(bits: int) -> None:
+    value = struct.unpack(">f", bits.to_bytes(4, "big"))[0]
+    if not math.isfinite(value) or (value != 0 and abs(value) < FLOAT32_SMALLEST_NORMAL):
+        return
+    assert shortest_float32(value) == float32_shortest(value)
+
+
+@pytest.mark.parametrize("value", [-9.76709948486662e-19, 9.13664052896231e-16, -9.762419495018548e-07,
+                                   -9.775060535316404e-13])
+def test_where_seven_digits_are_not_the_shortest(value: float) -> None:
+    """Values where half an ulp is wider than half a step of the seventh digit (found by a million random
+    bit patterns): a shorter form reads back too and is the one to send."""
+    assert shortest_float32(value) == float32_shortest(value)
+    assert len(repr(shortest_float32(value)).partition("e")[0].replace("-", "").replace(".", "")) < 7
