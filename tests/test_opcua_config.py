@@ -37,8 +37,13 @@ points = [{ name = "t", function = "input", address = 0, type = "float32" }]
 
 
 def problems(devices: str) -> list[str]:
+    return problems_of(HEAD + textwrap.dedent(devices), "plant.toml")
+
+
+def problems_of(text: str, source: str = "sample.toml") -> list[str]:
+    """The rendered problems of a config that must be refused, one line each, without the closing hint."""
     with pytest.raises(ConfigError) as error:
-        parse_config(HEAD + textwrap.dedent(devices), source="plant.toml")
+        parse_config(text, source=source)
     return error.value.render().splitlines()[:-1]
 
 
@@ -197,12 +202,6 @@ def test_a_good_device_is_described_by_check_without_loading_asyncua(tmp_path: P
 def test_the_sample_config_is_valid_but_for_the_password_file_of_the_gateway() -> None:
     lines = problems_of((REPO / "drivers/opcua/sample.toml").read_text())
     assert lines == ["sample.toml: devices[0].password_file: file not found: /etc/edge-agent/opcua-boiler-password"]
-
-
-def problems_of(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as error:
-        parse_config(text, source="sample.toml")
-    return error.value.render().splitlines()[:-1]
 
 
 def test_a_missing_certificate_is_reported_beside_a_bad_point(tmp_path: Path) -> None:
