@@ -89,6 +89,21 @@ class StrictModel(BaseModel):
         return []
 
 
+_M = typing.TypeVar("_M", bound=BaseModel)
+
+
+def valid_entries(items: Any, model: type[_M]) -> list[tuple[int, _M]]:
+    """The entries of a list that validate on their own, with their indices: what a driver's `salvage`
+    cross-checks when the device as a whole failed (the invalid entries are reported with its errors)."""
+    valid: list[tuple[int, _M]] = []
+    for index, item in enumerate(items if isinstance(items, list) else []):
+        try:
+            valid.append((index, model.model_validate(item)))
+        except ValidationError:
+            continue
+    return valid
+
+
 # --- sections --------------------------------------------------------------------------------------
 
 class GatewayConfig(StrictModel):

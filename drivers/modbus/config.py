@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from agent.config import DeviceBase, Duration, Name, StrictModel
+from agent.config import DeviceBase, Duration, Name, StrictModel, valid_entries
 
 DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64",
                    "string"]
@@ -244,16 +244,7 @@ class ModbusDevice(DeviceBase):
 
     @classmethod
     def salvage(cls, raw: dict[str, Any]) -> list[tuple[str, str]]:
-        points = raw.get("points")
-        if not isinstance(points, list):
-            return []
-        valid = []
-        for index, point in enumerate(points):
-            try:
-                valid.append((index, ModbusPoint.model_validate(point)))
-            except ValidationError:
-                continue  # reported with the device's own errors
-        return _point_problems(valid, [])
+        return _point_problems(valid_entries(raw.get("points"), ModbusPoint), [])
 
     @classmethod
     def across(cls, devices: list[tuple[int, ModbusDevice]]) -> list[tuple[int, str, str]]:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from agent.config import DeviceBase, Duration, Name, StrictModel
+from agent.config import DeviceBase, Duration, Name, StrictModel, valid_entries
 
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
@@ -220,15 +220,7 @@ class OpcuaDevice(DeviceBase):
             pass
         else:
             out.extend(shell._security_problems())
-        points = raw.get("points")
-        if not isinstance(points, list):
-            return out
-        valid = []
-        for index, point in enumerate(points):
-            try:
-                valid.append((index, OpcuaPoint.model_validate(point)))
-            except ValidationError:
-                continue  # reported with the device's own errors
+        valid = valid_entries(raw.get("points"), OpcuaPoint)
         mode = raw.get("mode", "read")
         aliases = raw.get("namespaces", {})
         return out + _point_problems(valid, mode if mode in ("read", "subscribe") else "subscribe",
