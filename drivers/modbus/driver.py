@@ -116,11 +116,7 @@ class ModbusDriver:
             reason = f"Modbus exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')}) for " \
                      f"FC{request.function_code:02d} {request.address}+{request.count}"
             return [Reading.bad(p.name, reason, p.unit) for p in request.points]
-        try:
-            data = response.bits if request.function in ("coil", "discrete") else response.registers
-            return request.decoder.decode(data)  # type: ignore[arg-type]
-        except ValueError as exc:
-            return [Reading.bad(p.name, f"malformed response: {exc}", p.unit) for p in request.points]
+        return readings_of(request, response)
 
     async def _send(self, line: lines.Line, request: ReadRequest) -> ModbusPDU:
         unit = self.config.unit_id
@@ -152,3 +148,12 @@ class ModbusDriver:
         log.info("device %s: FC%02d %d+%d refused (exception %d, %s); reading those %d points in %d requests "
                  "from now on", self.config.name, request.function_code, request.address, request.count, code,
                  EXCEPTION_NAMES.get(code, "unknown"), len(request.points), len(parts))
+
+
+def readings_of(request: ReadRequest, response: ModbusPDU) -> list[Reading]:
+    """The readings of an answer that is not an exception response."""
+    try:
+        data = response.bits if request.function in ("coil", "discrete") else response.registers
+        return request.decoder.decode(data)  # type: ignore[arg-type]
+    except ValueError as exc:
+        return [Reading.bad(p.name, f"malformed response: {exc}", p.unit) for p in request.points]
