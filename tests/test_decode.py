@@ -515,3 +515,14 @@ def test_where_seven_digits_are_not_the_shortest(value: float) -> None:
     bit patterns): a shorter form reads back too and is the one to send."""
     assert shortest_float32(value) == float32_shortest(value)
     assert len(repr(shortest_float32(value)).partition("e")[0].replace("-", "").replace(".", "")) < 7
+
+
+def test_a_block_decodes_the_bytes_of_an_answer_as_it_decodes_its_registers() -> None:
+    points, registers = [], []
+    for index, (data_type, word_order, value) in enumerate(MIXED):
+        points.append(point(f"p{index}", data_type, len(registers), word_order))
+        registers += encode(value, data_type, word_order)
+    decoder = BlockDecoder(0, len(registers), points)
+    assert decoder.decode_bytes(struct.pack(f">{len(registers)}H", *registers)) == decoder.decode(registers)
+    with pytest.raises(ValueError, match=f"expected {len(registers)} registers, got 1"):
+        decoder.decode_bytes(b"\x43\x5b")

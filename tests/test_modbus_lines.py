@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusIOException
 
 from agent.health import DeviceHealth, FailureLog
 from agent.model import PollResult, Quality
@@ -296,3 +297,31 @@ def test_a_saturated_line_is_logged_once_and_its_recovery_once(caplog: pytest.Lo
     line._judged = 0
     line._account(now, now + 0.001)
     assert any("recovered" in r.getMessage() for r in caplog.records)
+
+
+@on("tcp")
+async def test_a_register_answer_keeps_its_bytes_and_still_gives_its_registers(line_under_test: Any) -> None:
+    _, line_keys = line_under_test
+    link = lines.Line(device("m", 1, **line_keys))
+    try:
+        response = await link.request(lambda client: client.read_input_registers(0, count=12, device_id=1), 1.0)
+        assert isinstance(response, lines.RegisterBytes)
+        inputs = words("f", VOLTS[0]) + [0] * 8 + words("I", ENERGY[0])
+        assert response.payload == struct.pack(">12H", *inputs)
+        assert response.registers == inputs  # for the tools (edge-agent modbus read)
+        assert "registers=" not in str(response)  # pymodbus formats every answer; ours is brief
+    finally:
+        link.close()
+
+
+def test_a_register_answer_is_decoded_as_pymodbus_decodes_it() -> None:
+    from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
+
+    holding = next(r for r in lines.READ_RESPONSES if r.function_code == 3)
+    for data in (bytes([4, 0x43, 0x5B, 0, 1]), bytes([5, 0x43, 0x5B, 0, 1, 7, 9]), bytes([0])):
+        ours, theirs = holding(), ReadHoldingRegistersResponse()
+        ours.decode(data)
+        theirs.decode(data)
+        assert ours.registers == theirs.registers
+    with pytest.raises(ModbusIOException, match="byte_count 6"):
+        holding().decode(bytes([6, 0x43, 0x5B]))

@@ -161,7 +161,12 @@ class BlockDecoder:
     def decode(self, registers: Sequence[int]) -> list[Reading]:
         if len(registers) != self.count:
             raise ValueError(f"expected {self.count} registers, got {len(registers)}")
-        raw = self._pack(*registers)
+        return self.decode_bytes(self._pack(*registers))
+
+    def decode_bytes(self, raw: bytes) -> list[Reading]:
+        """The readings of the registers as they came on the wire (2 bytes each, big-endian)."""
+        if len(raw) != 2 * self.count:
+            raise ValueError(f"expected {self.count} registers, got {len(raw) // 2}")
         if self._reorder is not None:
             raw = bytes(self._reorder(raw))
         values = self._unpack(raw)

@@ -153,6 +153,8 @@ class ModbusDriver:
 def readings_of(request: ReadRequest, response: ModbusPDU) -> list[Reading]:
     """The readings of an answer that is not an exception response."""
     try:
+        if isinstance(response, lines.RegisterBytes):
+            return request.decoder.decode_bytes(response.payload)  # type: ignore[union-attr]
         data = response.bits if request.function in ("coil", "discrete") else response.registers
         return request.decoder.decode(data)  # type: ignore[arg-type]
     except ValueError as exc:
