@@ -137,7 +137,10 @@ class Agent:
             await self._stop_device(name)
         for name in changed + added:
             self._start_device(new_devices[name])
-        self.config = replace(self.config, devices=new.devices)
+        # An unchanged device keeps the model its driver was built from: holding the equal new one as well
+        # would keep a second copy of every point for as long as the agent runs.
+        kept = {name: old_devices[name] for name in new_devices if name in old_devices and name not in changed}
+        self.config = replace(self.config, devices=tuple(kept.get(d.name, d) for d in new.devices))
         self.reloads += 1
         log.info("reload: %d device(s) added, %d changed, %d removed, %d unchanged; buffer and MQTT session kept",
                  len(added), len(changed), len(removed), len(new_devices) - len(added) - len(changed))

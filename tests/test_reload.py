@@ -27,6 +27,7 @@ async def test_reload_restarts_only_the_changed_device_and_keeps_the_buffer(
         assert agent.buffer is not None and agent.uplink is not None
         await eventually(lambda: agent.health["meter-b"].polls_ok >= 3, 10, "both devices polling")
         a_task, a_health, b_task = agent._pollers["meter-a"], agent.health["meter-a"], agent._pollers["meter-b"]
+        a_model = agent.config.devices[0]
         buffer_id, connected_before = agent.buffer.buffer_id, agent.uplink.messages_delivered
 
         # meter-b gets a new interval, meter-c is added, meter-a stays as it was.
@@ -38,6 +39,8 @@ async def test_reload_restarts_only_the_changed_device_and_keeps_the_buffer(
         await eventually(lambda: "meter-c" in agent.health and agent.health["meter-c"].polls_ok >= 2, 10,
                          "the added device polling")
         assert agent._pollers["meter-a"] is a_task and agent.health["meter-a"] is a_health  # untouched
+        # ... and so is its model: the reloaded equal copy is not kept beside the one its driver holds.
+        assert agent.config.devices[0] is a_model and agent._drivers["meter-a"].config is a_model
         assert agent._pollers["meter-b"] is not b_task and b_task.done()  # restarted with its new interval
         assert agent.buffer.buffer_id == buffer_id
 
