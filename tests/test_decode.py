@@ -526,3 +526,36 @@ def test_a_block_decodes_the_bytes_of_an_answer_as_it_decodes_its_registers() ->
     assert decoder.decode_bytes(struct.pack(f">{len(registers)}H", *registers)) == decoder.decode(registers)
     with pytest.raises(ValueError, match=f"expected {len(registers)} registers, got 1"):
         decoder.decode_bytes(b"\x43\x5b")
+
+
+def meter_float32() -> st.SearchStrategy[int]:
+    """float32 bit patterns: any at all, and the short decimals meters mostly send (229.8, 49.99, 0.001)."""
+    short = st.builds(lambda value, digits: round(value, digits), st.floats(-1e6, 1e6), st.integers(0, 6))
+    as_bits = short.map(lambda value: int.from_bytes(struct.pack(">f", value), "big"))
+    return st.one_of(st.integers(0, 2**32 - 1), as_bits, st.sampled_from([0x7FC00000, 0x7F800000, 0xFF800000,
+                                                                          0x80000000, 0x00000001, 0x7F7FFFFF]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(patterns=st.lists(meter_float32(), min_size=1, max_size=62))
+def test_a_block_of_float32_gives_what_each_value_gives_alone(patterns: list[int]) -> None:
+    """Blocks of plain float32 are decoded a block at a time: value for value what shortest_float32 gives,
+    NaN and infinity bad."""
+    points = [point(f"p{i}", "float32", 2 * i) for i in range(len(patterns))]
+    registers = [word for bits in patterns for word in (bits >> 16, bits & 0xFFFF)]
+    readings = BlockDecoder(0, len(registers), points).decode(registers)
+    for reading, bits in zip(readings, patterns, strict=True):
+        value = struct.unpack(">f", bits.to_bytes(4, "big"))[0]
+        if math.isfinite(value):
+            assert reading == (reading.point, shortest_float32(value), None, Quality.GOOD, None, None, None)
+            assert math.copysign(1, reading.value) == math.copysign(1, value)  # type: ignore[arg-type]
+        else:
+            assert reading.quality is Quality.BAD and reading.value is None
+
+
+def test_a_block_of_integers_gives_plain_readings() -> None:
+    points = [point("a", "int16", 0, unit="W"), point("b", "uint32", 1), point("c", "int64", 3, word_order="CDAB")]
+    registers = encode(-5, "int16", "ABCD") + encode(70000, "uint32", "ABCD") + encode(-2**40, "int64", "CDAB")
+    readings = BlockDecoder(0, len(registers), points).decode(registers)
+    assert readings == [Reading("a", -5, "W"), Reading("b", 70000), Reading("c", -2**40)]
+    assert all(type(r) is Reading for r in readings)

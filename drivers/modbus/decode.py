@@ -15,7 +15,9 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from operator import itemgetter
+from functools import partial
+from itertools import compress, count, repeat
+from operator import itemgetter, ne
 from typing import Any
 
 from agent.model import Quality, Reading
@@ -152,9 +154,13 @@ class BlockDecoder:
         # per point at all, which is both faster and much smaller (a device of 100 points kept 90 KB of
         # closures and Decimals).
         self._plain: tuple[tuple[str, str | None, int], ...] | None = None
+        self._block: _PlainBlock | None = None
         if self._direct and all(_is_plain(p) for p in points):
             self._plain = tuple((p.name, p.unit, _PLAIN_KIND[p.type]) for p in points)
             self._converters: list[tuple[int, Callable[[int | float | bytes], Reading]]] = []
+            kinds = {kind for _, _, kind in self._plain}
+            if kinds == {0} or kinds == {2}:  # all float32 or all integers: a block at a time
+                self._block = _PlainBlock(self._plain, float32=kinds == {0})
         else:
             self._converters = [(index, _converter(p)) for index, p in zip(order_of_fields, points, strict=True)]
 
@@ -170,6 +176,8 @@ class BlockDecoder:
         if self._reorder is not None:
             raw = bytes(self._reorder(raw))
         values = self._unpack(raw)
+        if self._block is not None:
+            return self._block.readings(values)
         if self._plain is not None:
             return _plain_readings(self._plain, values)
         if self._direct:
@@ -196,6 +204,70 @@ def _plain_readings(plain: tuple[tuple[str, str | None, int], ...], values: Sequ
         else:
             append(Reading(name, None, unit, Quality.BAD, "not a number (NaN)" if raw != raw else "infinite"))
     return out
+
+
+_new_reading = partial(tuple.__new__, Reading)  # Reading._make without its Python frame: a reading per value
+
+
+class _PlainBlock:
+    """The readings of a block whose points are all plain float32 or all plain integers, made a block at a time
+    in C loops instead of one Python step per value: the same readings as `_plain_readings` (a test holds
+    them equal) in about half the time.
+
+    Float32: every value is formatted to 7 significant digits in one step and read back in one; one round
+    trip through float32 finds the values that need 8 or 9 digits, which are tried the same way, a batch at
+    a time. Only the values whose 7 digits may hide a shorter decimal (ending in 1 or 9, or in exponent
+    form: see shortest_float32) and blocks holding a NaN or an infinity go through the per-value path."""
+
+    def __init__(self, plain: tuple[tuple[str, str | None, int], ...], float32: bool) -> None:
+        self._plain = plain
+        self._names = tuple(name for name, _, _ in plain)
+        self._units = tuple(unit for _, unit, _ in plain)
+        self._float32 = struct.Struct(f">{len(plain)}f") if float32 else None
+        self._format = ",".join(["%.7g"] * len(plain))
+
+    def readings(self, values: tuple[Any, ...]) -> list[Reading]:
+        if self._float32 is not None:
+            text = self._format % values
+            if "n" in text:  # "nan" or "inf": the per-value path makes them bad readings
+                return _plain_readings(self._plain, values)
+            texts = text.split(",")
+            shortest = list(map(float, texts))
+            try:
+                back = self._float32.unpack(self._float32.pack(*shortest))
+            except OverflowError:  # 7 digits rounded past the largest float32
+                return _plain_readings(self._plain, values)
+            longer = list(compress(count(), map(ne, back, values)))
+            if longer:
+                _more_digits(longer, values, shortest)
+            # 7 digits ending in 1 or 9, or in exponent form, may hide a shorter decimal; fewer than 7
+            # characters cannot be 7 significant digits, %g dropped the trailing zeros: already the shortest.
+            for i, digits in enumerate(texts):
+                if ((digits[-1] in "19" and len(digits) >= 7) or "e" in digits) and back[i] == values[i]:
+                    shortest[i] = shortest_float32(values[i])
+            values = shortest  # type: ignore[assignment]
+        return list(map(_new_reading, zip(self._names, values, self._units, repeat(Quality.GOOD), repeat(None),
+                                          repeat(None), repeat(None))))
+
+
+def _more_digits(indices: list[int], values: tuple[float, ...], shortest: list[float]) -> None:
+    """For the values 7 digits do not identify: 8 digits, then 9 for those 8 do not, a batch at a time."""
+    for digits in (8, 9):
+        batch = tuple(values[i] for i in indices)
+        candidates = list(map(float, (",".join([f"%.{digits}g"] * len(batch)) % batch).split(",")))
+        float32 = struct.Struct(f">{len(batch)}f")
+        back = float32.unpack(float32.pack(*candidates))
+        left = []
+        for i, candidate, read_back, value in zip(indices, candidates, back, batch, strict=True):
+            if read_back == value:
+                shortest[i] = candidate
+            else:
+                left.append(i)
+        if not left:
+            return
+        indices = left
+    for i in indices:  # 9 digits identify every float32: a guard, not a path
+        shortest[i] = shortest_float32(values[i])
 
 
 def _byte_order(order: str, width: int) -> list[int]:
@@ -294,7 +366,8 @@ def shortest_float32(value: float, _pack: Callable[[float], bytes] = _F32.pack) 
     """The shortest decimal that reads back as the same float32: a register holding 229.8 gives 229.8,
     not 229.8000030517578 (the exact binary value, which no meter means).
 
-    This runs once per float32 value polled, the agent's largest cost per reading at scale, so it starts
+    This runs for the float32 values a block cannot settle at once (`_PlainBlock`) and for every scaled
+    one, the agent's largest cost per reading at scale, so it starts
     at 7 significant digits, which nearly always gives the shortest decimal when 7 or fewer digits are
     enough (%g drops trailing zeros): one try for most values, two or three for 8 or 9 digits. Reading
     back is monotonic in the number of digits (if k digits read back, k + 1 do), so when 7 digits may hide
