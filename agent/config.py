@@ -29,7 +29,7 @@ from pydantic import (
 
 import drivers
 from agent.errors import ConfigError, Problem
-from agent.payload import DATA_TOPIC, STATUS_TOPIC, topic_template_problem
+from agent.payload import DATA_TOPIC, META_TOPIC, STATUS_TOPIC, topic_template_problem
 
 # --- value types a technician writes ---------------------------------------------------------------
 
@@ -162,6 +162,12 @@ class MqttConfig(StrictModel):
                                                     "(topic_prefix), {site}, {gateway}, {device} (required).")
     status_topic: str = Field(STATUS_TOPIC, description="Topic of the retained status message and last will. "
                                                         "Placeholders: {prefix}, {site}, {gateway}.")
+    encoding: Literal["json", "cbor"] = Field(
+        "json", description='Data messages: "json" (readable, about 60 bytes per reading on the wire) or "cbor" '
+        "(compact: about 6 to 8 bytes per reading on the wire and on disk; point names travel in a retained "
+        "message on meta_topic). See docs/payload.md.")
+    meta_topic: str = Field(META_TOPIC, description='Topic of each device\'s retained point tables when encoding = '
+                                                    '"cbor". Placeholders as data_topic; {device} is required.')
     max_inflight: int = Field(32, ge=1, le=1000, description="QoS 1 messages awaiting PUBACK at once.")
     max_message_bytes: Annotated[int, BeforeValidator(parse_bytes), Field(ge=1024, le=256 << 20)] = Field(
         65536, description="Largest message: after an outage a device's polls are batched up to this size. "
@@ -192,7 +198,8 @@ class MqttConfig(StrictModel):
             out.append(("tls", "a password would be sent in clear text: enable [mqtt.tls], or set "
                                "allow_password_without_tls = true on a closed test network"))
         for key, template, device_allowed in (("data_topic", self.data_topic, True),
-                                              ("status_topic", self.status_topic, False)):
+                                              ("status_topic", self.status_topic, False),
+                                              ("meta_topic", self.meta_topic, True)):
             problem = topic_template_problem(template, device_allowed)
             if problem:
                 out.append((key, problem))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import drivers
+from agent.compact import CborEncoder
 from agent.config import AgentConfig, DeviceBase, load_config
 from agent.errors import ConfigError
 from agent.health import DeviceHealth, FailureLog
@@ -97,6 +98,9 @@ class Agent:
         driver = module.create(device, state_dir=self.config.buffer.path.parent) \
             if getattr(module, "USES_STATE_DIR", False) else module.create(device)
         self._drivers[device.name] = driver
+        # The compact encoding sends values in the order of the configured points (its point table).
+        self.writer.declare(device.name, [(point.name, getattr(point, "unit", None))
+                                          for point in getattr(device, "points", ())])
         if isinstance(driver, StreamingDriver):
             loop = stream_loop(device.name, driver, health, self.writer.submit)
         else:
@@ -153,7 +157,8 @@ class Agent:
                                                  limits.max_age)
         try:
             self.uplink = uplink = MqttUplink(config.mqtt, config.gateway, buffer)
-            encoder = Encoder(config.gateway.id, config.gateway.site, buffer.buffer_id)
+            compact = config.mqtt.encoding == "cbor"
+            encoder = (CborEncoder if compact else Encoder)(config.gateway.id, config.gateway.site, buffer.buffer_id)
             self.writer = writer = BufferWriter(buffer, encoder, uplink.notify)
             stats = await buffer.stats()
             log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "

@@ -10,6 +10,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
+
+class Float32(float):
+    """A float that a device sent as float32, shown by its shortest decimal (229.8, not 229.8000030517578).
+
+    For everything but encoders it is a float. The compact encoding sends it as the 4 bytes the device
+    sent without working out whether that loses anything: a driver that makes one vouches that it is
+    exactly a float32's shortest decimal (drivers.modbus.decode.shortest_float32)."""
+
+    __slots__ = ()
+
+
 Value = float | int | bool | str | None
 
 

@@ -49,6 +49,7 @@ import paho.mqtt.client as mqtt
 from jsonschema import Draft202012Validator, FormatChecker
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.compact import CBOR_SCHEMA, META_SCHEMA, SELF_DESCRIBED, decode_polls
 from agent.payload import SCHEMA, STATUS_SCHEMA, iso_utc
 
 log = logging.getLogger(__name__)
@@ -409,6 +410,9 @@ class Monitor:
         self.latest: dict[str, dict[str, Latest]] = {}
         self.latencies: deque[float] = deque(maxlen=keep_latencies)
         self.status: dict[str, dict[str, Any]] = {}
+        # Compact encoding: every point table seen on a meta topic, by (gateway, device) and id. Kept for
+        # the monitor's life: an id never changes meaning, and backlog messages may name older tables.
+        self.tables: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
         self.invalid = 0
         self.ignored = 0
         self.started = time.monotonic()
@@ -517,17 +521,24 @@ class Monitor:
             self._handle_status(arrived, topic, levels[-2], payload)
         elif len(levels) >= 4 and levels[-2] == "data":
             self._handle_data(arrived, now, topic, levels[-4], levels[-3], levels[-1], payload)
+        elif len(levels) >= 4 and levels[-2] == "meta":
+            self._handle_meta(levels[-3], levels[-1], payload)
         else:
             with self._lock:
                 self.ignored += 1
 
     def _handle_data(self, arrived: float, now: float, topic: str, site: str, gateway: str, device: str,
                      payload: bytes) -> None:
-        try:
-            body = json.loads(payload)
-        except (ValueError, RecursionError) as exc:
-            self._reject(gateway, [f"{device}: not JSON ({exc})"])
-            return
+        if payload.startswith(SELF_DESCRIBED):
+            body = self._from_compact(gateway, device, payload)
+            if body is None:
+                return
+        else:
+            try:
+                body = json.loads(payload)
+            except (ValueError, RecursionError) as exc:
+                self._reject(gateway, [f"{device}: not JSON ({exc})"])
+                return
         problems = self._problems(body, topic, {"site": site, "gateway": gateway, "device": device})
         if problems:
             self._reject(gateway, problems)
@@ -550,6 +561,46 @@ class Monitor:
                                                       poll["ts"])
         if self._callback is not None:
             self._callback(topic, body)
+
+    def _handle_meta(self, gateway: str, device: str, payload: bytes) -> None:
+        if not payload:  # a retained message being cleared
+            return
+        try:
+            body = json.loads(payload)
+            if body.get("schema") != META_SCHEMA or not isinstance(body.get("tables"), dict):
+                raise ValueError(f"not an {META_SCHEMA} message")
+        except (ValueError, AttributeError, RecursionError) as exc:
+            self._reject(gateway, [f"{device} meta: {exc}"])
+            return
+        with self._lock:
+            self.tables.setdefault((gateway, device), {}).update(body["tables"])
+
+    def _from_compact(self, gateway: str, device: str, payload: bytes) -> dict[str, Any] | None:
+        """A compact message in the JSON encoding's shape, so that it is checked and counted the same way;
+        None (and counted invalid) when it cannot be decoded."""
+        import cbor2  # only a platform on the compact encoding pays for it
+
+        try:
+            message = cbor2.loads(payload)
+            if message.get("schema") != CBOR_SCHEMA:
+                raise ValueError(f"not an {CBOR_SCHEMA} message")
+            with self._lock:
+                tables = dict(self.tables.get((gateway, device), {}))
+            polls = decode_polls(message, tables)
+        except KeyError as exc:
+            self._reject(gateway, [f"{device}: names the point table {exc} that no meta message announced"])
+            return None
+        except (ValueError, TypeError, AttributeError, IndexError, cbor2.CBORDecodeError) as exc:
+            self._reject(gateway, [f"{device}: not a compact message ({exc})"])
+            return None
+        for poll in polls:
+            poll["ts"] = iso_utc(poll["ts"])
+            for reading in poll["readings"]:
+                for key in ("source_ts", "server_ts"):
+                    if key in reading:
+                        reading[key] = iso_utc(reading[key])
+        return {**{key: message.get(key) for key in ("gateway", "site", "buffer_id", "device")},
+                "schema": SCHEMA, "polls": polls}
 
     def _problems(self, body: Any, topic: str, from_topic: dict[str, str]) -> list[str]:
         device = from_topic["device"]

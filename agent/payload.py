@@ -14,14 +14,16 @@ import string
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.model import PollResult, Quality, Reading
+from agent.model import Float32, PollResult, Quality, Reading
 
 SCHEMA = "edge-agent/v1"
+CONTENT_TYPE = "application/json"
 STATUS_SCHEMA = "edge-agent/status/v1"
 
 
 DATA_TOPIC = "{prefix}/{site}/{gateway}/data/{device}"
 STATUS_TOPIC = "{prefix}/{site}/{gateway}/status"
+META_TOPIC = "{prefix}/{site}/{gateway}/meta/{device}"
 _PLACEHOLDERS = {"prefix", "site", "gateway", "device"}
 
 
@@ -45,8 +47,10 @@ def topic_template_problem(template: str, device_allowed: bool) -> str | None:
 class Topics:
     """The rendered topics of one gateway; the data topic of each device is rendered once."""
 
-    def __init__(self, data_template: str, status_template: str, prefix: str, site: str, gateway: str) -> None:
+    def __init__(self, data_template: str, status_template: str, prefix: str, site: str, gateway: str,
+                 meta_template: str = META_TOPIC) -> None:
         self._data_template = data_template
+        self._meta_template = meta_template
         self._fields = {"prefix": prefix, "site": site, "gateway": gateway}
         self.status = status_template.format(**self._fields)
         self._data: dict[str, str] = {}
@@ -56,6 +60,10 @@ class Topics:
         if topic is None:
             topic = self._data[device] = self._data_template.format(device=device, **self._fields)
         return topic
+
+    def meta(self, device: str) -> str:
+        """The retained topic of a device's point tables (compact encoding)."""
+        return self._meta_template.format(device=device, **self._fields)
 
 
 def iso_utc(ts: float) -> str:
@@ -85,9 +93,19 @@ class Encoder:
         try:
             return self._dumps(poll).encode()
         except (TypeError, ValueError):
-            poll["readings"] = [self._item(seq, _encodable(reading))
+            poll["readings"] = [self._item(seq, bad_if_unsendable(reading))
                                 for seq, reading in enumerate(result.readings, first_seq)]
             return self._dumps(poll).encode()
+
+    def fragment(self, result: PollResult, first_seq: int) -> tuple[bytes, None]:
+        """The fragment and its table: JSON polls name their points, so there is none."""
+        return self.encode(result, first_seq), None
+
+    def declare(self, device: str, points: object) -> None:
+        """JSON needs no point tables (see agent/compact.py)."""
+
+    def take_tables(self) -> list[tuple[str, str, str]]:
+        return []
 
     def _good_numbers(self, readings: tuple[Reading, ...], seq: int) -> str | None:
         """The readings as JSON text when every one is a good number without device timestamps (the common
@@ -98,7 +116,7 @@ class Encoder:
         texts = self._texts
         for point, value, unit, quality, _, source_ts, server_ts in readings:
             kind = type(value)
-            if kind is float:
+            if kind is float or kind is Float32:
                 if value - value != 0.0:  # NaN or infinity: the general path makes it a bad reading
                     return None
                 text = float.__repr__(value)
@@ -152,7 +170,8 @@ class Encoder:
         return item
 
 
-def _encodable(reading: Reading) -> Reading:
+def bad_if_unsendable(reading: Reading) -> Reading:
+    """The reading, or a bad reading in its place when its value cannot be sent (NaN, an unknown type)."""
     value = reading.value
     if value is None or isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):
         return reading

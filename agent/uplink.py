@@ -14,7 +14,11 @@ Invariants:
    speed, and neither starves. Within the live stream and within each backlog range, rows go out in
    sequence order over one connection, and MQTT keeps that order per topic: a device's readings arrive in
    order within each stream; a live reading may overtake the same device's backlog.
-4. When the link drops, messages in flight stay with paho, which re-sends them (DUP) after reconnecting;
+4. Compact encoding (agent/compact.py): before the first message of a device that names a point table
+   not yet announced on this connection, the device's tables are published, retained, on its meta topic
+   - on the same connection, so the broker forwards them first. Each row is sent in the encoding it was
+   stored in: after `encoding` was changed, the backlog goes out in the old one.
+5. When the link drops, messages in flight stay with paho, which re-sends them (DUP) after reconnecting;
    their rows are still in the buffer. If the agent stops or crashes first, they are sent again by the
    next run: the cost of a crash is duplicates, which the platform drops by sequence number, never a loss.
 
@@ -42,8 +46,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
+from agent.compact import CONTENT_TYPE as CBOR_CONTENT_TYPE
+from agent.compact import CborEncoder, meta_message
 from agent.config import GatewayConfig, MqttConfig
 from agent.health import FailureLog
+from agent.payload import CONTENT_TYPE as JSON_CONTENT_TYPE
 from agent.payload import STATUS_SCHEMA, Encoder, Topics, iso_utc
 from buffer.store import Buffer, StoredBatch
 
@@ -69,7 +76,11 @@ class MqttUplink:
         self._inflight: dict[int, _InFlight] = {}
         self._acked: list[_InFlight] = []
         self._pending: list[tuple[int, StoredBatch]] = []  # (stream, row): read, not yet handed to paho
-        self._encoder = Encoder(gateway.id, gateway.site, buffer.buffer_id)
+        # Framers by encoding (a row's table is None for JSON): each message is framed in its rows' encoding.
+        self._json = Encoder(gateway.id, gateway.site, buffer.buffer_id)
+        self._cbor = CborEncoder(gateway.id, gateway.site, buffer.buffer_id)
+        self._properties: dict[bool, Any] = {}  # MQTT 5: the content type of each encoding
+        self._announced: dict[str, set[str]] = {}  # device -> point tables published on this connection
         self._cursor = 0  # live stream: the highest sequence number handed to paho
         # Backlog ranges still to send, oldest first: rows with after < seq < before.
         self._backlog: deque[tuple[int, int]] = deque()
@@ -81,7 +92,8 @@ class MqttUplink:
         self._client: mqtt.Client | None = None
         self.readings_delivered = 0
         self.messages_delivered = 0
-        self.topics = Topics(config.data_topic, config.status_topic, config.topic_prefix, gateway.site, gateway.id)
+        self.topics = Topics(config.data_topic, config.status_topic, config.topic_prefix, gateway.site, gateway.id,
+                             config.meta_topic)
         self.status_topic = self.topics.status
         # Set on every (re)connect: the agent then sends a full status message at once.
         self.status_due = asyncio.Event()
@@ -149,9 +161,11 @@ class MqttUplink:
             return
         if not self._pending:
             await self._read_rows(room)
+        await self._announce_tables(client)
         sent = self._send_pending(client, room)
         if sent < room and not self._pending:  # everything pending went out: read on, within the room left
             await self._read_rows(room - sent)
+            await self._announce_tables(client)
             self._send_pending(client, room - sent)
 
     async def _read_rows(self, room: int) -> None:
@@ -172,17 +186,50 @@ class MqttUplink:
                 self._backlog[0] = (rows[-1].seq, before)
             left -= len(rows)
 
+    async def _announce_tables(self, client: mqtt.Client) -> None:
+        """Publish the point tables of each device whose pending rows name one not yet announced on this
+        connection (invariant 4): all the device's tables, retained, before its data."""
+        devices = {row.device for _, row in self._pending
+                   if row.table is not None and row.table not in self._announced.get(row.device, ())}
+        for device in sorted(devices):
+            tables = await self._buffer.tables(device)
+            missing = {row.table for _, row in self._pending if row.device == device} - set(tables) - {None}
+            if missing:  # cannot happen (invariant 6 of the buffer); the rows still go, loudly
+                log.error("device %s: point table(s) %s missing from the buffer; its compact messages cannot be "
+                          "decoded by the platform", device, ", ".join(sorted(missing)))
+            payload = meta_message(self._gateway.id, self._gateway.site, device, tables)
+            info = client.publish(self.topics.meta(device), payload, qos=1, retain=True,
+                                  properties=self._content_type(False))
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
+            self._announced[device] = set(tables) | missing
+
+    def _content_type(self, compact: bool) -> Any:
+        """MQTT 5: the message's content type (None with 3.1.1, which has no properties)."""
+        if self._config.protocol != "5":
+            return None
+        properties = self._properties.get(compact)
+        if properties is None:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = self._properties[compact] = Properties(PacketTypes.PUBLISH)
+            properties.ContentType = CBOR_CONTENT_TYPE if compact else JSON_CONTENT_TYPE
+        return properties
+
     def _send_pending(self, client: mqtt.Client, room: int) -> int:
         """Group pending rows into messages per stream and device (oldest first, at most max_message_bytes)
         and send up to `room` of them: live first up to half the room, then the backlog, then more live.
         Only whole prefixes of each stream go, so a device's rows stay in order."""
         chunks: dict[int, list[list[StoredBatch]]] = {LIVE: [], BACKLOG: []}
-        open_chunks: dict[tuple[int, str], tuple[list[StoredBatch], int]] = {}
+        open_chunks: dict[tuple[int, str, bool], tuple[list[StoredBatch], int]] = {}
         limit = self._config.max_message_bytes
         for stream, row in self._pending:
-            key = (stream, row.device)
+            compact = row.table is not None
+            key = (stream, row.device, compact)
             chunk, size = open_chunks.get(key, ([], 0))
-            if not chunk or self._encoder.framed_size(row.device, size + len(row.payload), len(chunk) + 1) > limit:
+            framer = self._cbor if compact else self._json
+            if not chunk or framer.framed_size(row.device, size + len(row.payload), len(chunk) + 1) > limit:
                 chunk, size = [], 0
                 chunks[stream].append(chunk)
             chunk.append(row)
@@ -204,9 +251,9 @@ class MqttUplink:
         return live + backlog
 
     def _publish(self, client: mqtt.Client, rows: list[StoredBatch]) -> None:
-        device = rows[0].device
-        payload = self._encoder.frame(device, [row.payload for row in rows])
-        info = client.publish(self.topics.data(device), payload, qos=1)
+        device, compact = rows[0].device, rows[0].table is not None
+        payload = (self._cbor if compact else self._json).frame(device, [row.payload for row in rows])
+        info = client.publish(self.topics.data(device), payload, qos=1, properties=self._content_type(compact))
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # Not queued by paho at all: the caller puts the rows back; tried again after a pause.
             raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
@@ -268,6 +315,7 @@ class MqttUplink:
             self._link.succeeded()
             if not was:
                 log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
+                self._announced.clear()  # a new session: announce point tables again before their data
                 # What piled up while disconnected (or before this run) becomes a backlog range.
                 live_from = self._buffer.next_seq
                 if live_from - 1 > self._cursor:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from agent.compact import CborEncoder
 from agent.health import FailureLog
 from agent.model import PollResult
 from agent.payload import Encoder
@@ -22,7 +23,7 @@ MAX_ROWS_PER_TRANSACTION = 2000
 
 
 class BufferWriter:
-    def __init__(self, buffer: Buffer, encoder: Encoder, on_commit: Callable[[], None],
+    def __init__(self, buffer: Buffer, encoder: Encoder | CborEncoder, on_commit: Callable[[], None],
                  max_queue: int = 1000) -> None:
         self._buffer = buffer
         self._encoder = encoder
@@ -30,6 +31,10 @@ class BufferWriter:
         self._queue: asyncio.Queue[PollResult] = asyncio.Queue(max_queue)
         self._failures = FailureLog("buffer write", log)
         self.readings_committed = 0
+
+    def declare(self, device: str, points: list[tuple[str, str | None]]) -> None:
+        """A device's configured points, in order (the compact encoding's point table)."""
+        self._encoder.declare(device, points)
 
     async def submit(self, result: PollResult) -> None:
         await self._queue.put(result)
@@ -49,17 +54,19 @@ class BufferWriter:
 
     async def _commit(self, results: list[PollResult]) -> None:
         delay = 0.1
+        tables: list[tuple[str, str, str]] = []  # point tables new since the last commit: stored with its rows
         while True:
             seq = self._buffer.next_seq
             batches = []
             for result in results:
                 if not result.readings:
                     continue
-                batches.append(StoredBatch(seq, len(result.readings), result.device, result.ts,
-                                           self._encoder.encode(result, seq)))
+                payload, table = self._encoder.fragment(result, seq)
+                batches.append(StoredBatch(seq, len(result.readings), result.device, result.ts, payload, table))
                 seq += len(result.readings)
+            tables += self._encoder.take_tables()
             try:
-                await self._buffer.append(batches)
+                await self._buffer.append(batches, tables)
             except Exception as exc:  # noqa: BLE001 - disk full, I/O error: keep the results and retry
                 self._failures.failed(exc, "readings wait in memory; polling slows down if this persists")
                 await asyncio.sleep(delay)

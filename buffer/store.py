@@ -22,6 +22,10 @@ Invariants (what is written when, what a crash can leave, what recovery does):
    buffer (not a database, a damaged header or schema) is renamed aside to `<name>.corrupt-<utc time>`
    with its WAL, a loud log line says so, and a fresh buffer with a new `buffer_id` starts: the agent
    never crash-loops on a bad file, and the platform sees from the new buffer_id that numbering restarted.
+6. Point tables (the compact encoding, agent/compact.py): a row in that encoding names its table by id
+   (`batches.tbl`; NULL for JSON rows). A table is written in the same transaction as the rows handed in
+   with it, so no committed row names a table the file lacks; tables no row names any more are removed
+   when the buffer is opened. A table id is a hash of its content: it never changes meaning.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import aiosqlite
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: point tables for the compact encoding (batches.tbl, tables); a 1 is upgraded on open
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
@@ -50,8 +54,16 @@ CREATE TABLE IF NOT EXISTS batches (
     count   INTEGER NOT NULL,     -- readings in the row: they hold seq .. seq + count - 1
     device  TEXT NOT NULL,
     ts      REAL NOT NULL,        -- poll time, UTC epoch seconds
-    payload BLOB NOT NULL         -- the encoded poll, zlib-compressed (level 1: ~5x smaller, ~0.2 us/reading)
+    payload BLOB NOT NULL,        -- the encoded poll: JSON zlib-compressed (level 1: ~4x smaller, ~0.2 us per
+                                  -- reading), compact as is (zlib makes its ~5.5 bytes per reading larger)
+    tbl     TEXT                  -- compact encoding: the id of the point table; NULL: JSON
 );
+CREATE TABLE IF NOT EXISTS tables (
+    device  TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    points  TEXT NOT NULL,        -- JSON: [{"point": ..., "unit": ...}, ...], as the meta message carries it
+    PRIMARY KEY (device, id)
+) WITHOUT ROWID;
 """
 
 
@@ -62,6 +74,7 @@ class StoredBatch:
     device: str
     ts: float
     payload: bytes
+    table: str | None = None  # the compact encoding's point table; None: a JSON poll
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +159,8 @@ class Buffer:
             await db.execute(f"PRAGMA synchronous={'FULL' if durability == 'power-loss' else 'NORMAL'}")
             # The WAL is truncated back to this after each checkpoint, so it cannot grow far past the cap.
             await db.execute(f"PRAGMA journal_size_limit={min(64 << 20, max_bytes // 16)}")
+            if await _schema_version(db) == 1:
+                await _upgrade_from_1(db)
             await db.executescript(_SCHEMA)
             meta = dict(await db.execute_fetchall("SELECT key, value FROM meta"))
             if not meta:
@@ -167,6 +182,8 @@ class Buffer:
                           next_seq, last)
                 next_seq = last
             losses = {key: int(meta.get(key, 0)) for key in _LOSS_KEYS}
+            await db.execute("DELETE FROM tables WHERE (device, id) NOT IN "
+                             "(SELECT DISTINCT device, tbl FROM batches WHERE tbl IS NOT NULL)")
             return cls(db, path, str(meta["buffer_id"]), next_seq, losses, page_size)
         except BaseException:
             await db.close()
@@ -177,8 +194,9 @@ class Buffer:
         """The sequence number the next appended reading will get."""
         return self._next_seq
 
-    async def append(self, batches: Sequence[StoredBatch]) -> None:
-        """Commit rows in one transaction. Their numbers must continue `next_seq` without a gap."""
+    async def append(self, batches: Sequence[StoredBatch], tables: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Commit rows in one transaction. Their numbers must continue `next_seq` without a gap. `tables`:
+        point tables (device, id, points JSON) the rows may name, stored with them (invariant 6)."""
         if not batches:
             return
         expected = self._next_seq
@@ -186,7 +204,8 @@ class Buffer:
             if batch.seq != expected:
                 raise ValueError(f"sequence gap: row starts at {batch.seq}, expected {expected}")
             expected += batch.count
-        rows = [(b.seq, b.count, b.device, b.ts, zlib.compress(b.payload, 1)) for b in batches]
+        rows = [(b.seq, b.count, b.device, b.ts, zlib.compress(b.payload, 1) if b.table is None else b.payload,
+                 b.table) for b in batches]
         async with self._lock:
             reject = self.on_full == "reject_new" and await self._used_bytes() > self.max_bytes
             await self._db.execute("BEGIN IMMEDIATE")
@@ -194,8 +213,11 @@ class Buffer:
                 if reject:
                     await self._count_loss("rejected", expected - self._next_seq)
                 else:
+                    if tables:
+                        await self._db.executemany(
+                            "INSERT OR IGNORE INTO tables(device, id, points) VALUES (?, ?, ?)", tables)
                     await self._db.executemany(
-                        "INSERT INTO batches(seq, count, device, ts, payload) VALUES (?, ?, ?, ?, ?)", rows)
+                        "INSERT INTO batches(seq, count, device, ts, payload, tbl) VALUES (?, ?, ?, ?, ?, ?)", rows)
                 await self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (expected,))
                 await self._db.execute("COMMIT")
             except BaseException:
@@ -214,9 +236,17 @@ class Buffer:
         """Rows whose first sequence number is above `seq` (and below `before`), oldest first."""
         async with self._lock:
             rows = await self._db.execute_fetchall(
-                "SELECT seq, count, device, ts, payload FROM batches WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
-                (seq, (1 << 62) if before is None else before, limit))
-        return [StoredBatch(seq, count, device, ts, zlib.decompress(blob)) for seq, count, device, ts, blob in rows]
+                "SELECT seq, count, device, ts, payload, tbl FROM batches WHERE seq > ? AND seq < ? ORDER BY seq "
+                "LIMIT ?", (seq, (1 << 62) if before is None else before, limit))
+        return [StoredBatch(seq, count, device, ts, zlib.decompress(blob) if table is None else blob, table)
+                for seq, count, device, ts, blob, table in rows]
+
+    async def tables(self, device: str) -> dict[str, str]:
+        """The device's point tables by id (points JSON): every table a row in the buffer names, and any
+        handed in since the buffer was opened."""
+        async with self._lock:
+            rows = await self._db.execute_fetchall("SELECT id, points FROM tables WHERE device = ?", (device,))
+        return dict(rows)  # type: ignore[arg-type]
 
     async def delete(self, seqs: Sequence[int]) -> None:
         """Forget rows the broker has acknowledged. A delete lost in a crash means a duplicate, never a loss."""
@@ -329,6 +359,27 @@ class Buffer:
             await self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # the failed statement may already have ended the transaction
+
+
+async def _schema_version(db: aiosqlite.Connection) -> Any:
+    try:
+        rows = await db.execute_fetchall("SELECT value FROM meta WHERE key = 'schema_version'")
+    except sqlite3.OperationalError:  # no meta table: a new file
+        return None
+    return rows[0][0] if rows else None
+
+
+async def _upgrade_from_1(db: aiosqlite.Connection) -> None:
+    """Schema 1 -> 2 in one transaction: rows of version 1 are JSON (tbl NULL) and stay as they are."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.execute("ALTER TABLE batches ADD COLUMN tbl TEXT")
+        await db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    log.info("buffer: upgraded the file's schema from 1 to %d (its readings are kept)", SCHEMA_VERSION)
 
 
 def read_stats(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -120,11 +121,11 @@ class FailingOnce(Buffer):
 
     failed = False
 
-    async def append(self, batches: list[StoredBatch]) -> None:  # type: ignore[override]
+    async def append(self, batches: list[StoredBatch], tables: Sequence[tuple[str, str, str]] = ()) -> None:
         if not self.failed:
             self.failed = True
             raise sqlite3.OperationalError("disk I/O error")
-        await super().append(batches)
+        await super().append(batches, tables)
 
 
 async def test_writer_commits_many_results_per_transaction_and_retries_with_the_same_numbers(

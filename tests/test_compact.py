@@ -1,0 +1,289 @@
+"""The compact encoding (agent/compact.py): decodable by a standard CBOR library into exactly what the JSON
+encoding says, its tables, and its path through the buffer and the uplink to a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sqlite3
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.compact import CBOR_SCHEMA, SELF_DESCRIBED, CborEncoder, _good_values, _values_and_extra, decode_polls
+from agent.demo.mosquitto import MosquittoProcess
+from agent.model import Float32, PollResult, Quality, Reading
+from agent.monitor import Monitor
+from agent.payload import Encoder
+from buffer.store import Buffer, StoredBatch
+from drivers.modbus.decode import shortest_float32
+from drivers.modbus.simulator import SimServer
+from tests.conftest import agent_config, meter_device
+from tests.test_end_to_end import GATEWAY, eventually, nothing_lost, start_agent, stop_agent
+
+BUFFER_ID = "0123456789abcdef0123456789abcdef"
+POINTS = [("voltage_l1", "V"), ("current_l1", "A"), ("power_factor", None), ("energy", "Wh"), ("alarm", None)]
+
+
+def encoders() -> tuple[CborEncoder, Encoder]:
+    compact = CborEncoder("gw-1", "site-1", BUFFER_ID)
+    compact.declare("meter", POINTS)
+    return compact, Encoder("gw-1", "site-1", BUFFER_ID)
+
+
+def tables_of(encoder: CborEncoder) -> dict[str, list[dict[str, Any]]]:
+    return {table_id: json.loads(text) for _, table_id, text in encoder.take_tables()}
+
+
+def same_value(compact: Any, plain: Any) -> bool:
+    """A compact value means what the JSON value means: equal, or the float32 whose shortest decimal it is."""
+    if isinstance(compact, float) and isinstance(plain, float) and compact != plain:
+        return shortest_float32(compact) == plain
+    return type(compact) is type(plain) and compact == plain
+
+
+def as_json_polls(message: bytes, tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    polls = decode_polls(cbor2.loads(message), tables)
+    for poll in polls:
+        poll.pop("ts")
+    return polls
+
+
+def f32(value: float) -> Float32:
+    return Float32(shortest_float32(struct.unpack(">f", struct.pack(">f", value))[0]))
+
+
+def test_a_standard_decoder_reads_a_poll_of_good_numbers_in_about_6_bytes_a_value() -> None:
+    compact, plain = encoders()
+    result = PollResult("meter", 1764000000.5, (
+        Reading("voltage_l1", f32(229.8), "V"), Reading("current_l1", f32(12.345678), "A"),
+        Reading("power_factor", 0.95), Reading("energy", 4_000_000_123, "Wh"), Reading("alarm", False)))
+    message = compact.message(result, 41)
+    assert message.startswith(SELF_DESCRIBED)
+    decoded = cbor2.loads(message)
+    assert {k: decoded[k] for k in ("schema", "gateway", "site", "buffer_id", "device")} == {
+        "schema": CBOR_SCHEMA, "gateway": "gw-1", "site": "site-1", "buffer_id": BUFFER_ID, "device": "meter"}
+    (poll,) = decoded["polls"]
+    ts_ms, seq, table_id, values = poll  # no fifth item: every reading good, in table order
+    assert (ts_ms, seq) == (1764000000500, 41)
+    tables = tables_of(compact)
+    assert tables == {table_id: [{"point": "voltage_l1", "unit": "V"}, {"point": "current_l1", "unit": "A"},
+                                             {"point": "power_factor"}, {"point": "energy", "unit": "Wh"},
+                                             {"point": "alarm"}]}
+    # float32 on the wire: the meter's own 4 bytes; 0.95 (a float64 that is a float32's shortest decimal) too
+    assert values[0] == struct.unpack(">f", struct.pack(">f", 229.8))[0]
+    assert list(values[2:]) == [struct.unpack(">f", struct.pack(">f", 0.95))[0], 4_000_000_123, False]
+    fragment, _ = compact.fragment(result, 41)
+    assert len(fragment) == 1 + 9 + 2 + 9 + 1 + 5 + 5 + 5 + 5 + 1
+    wanted = json.loads(plain.message(result, 41))["polls"]
+    for poll_c, poll_j in zip(as_json_polls(message, tables), wanted, strict=True):
+        for reading_c, reading_j in zip(poll_c["readings"], poll_j["readings"], strict=True):
+            assert same_value(reading_c.pop("value"), reading_j.pop("value"))
+            assert reading_c == reading_j
+
+
+def test_a_float64_that_is_no_float32_goes_as_float64() -> None:
+    compact, _ = encoders()
+    for value in (0.1 + 0.2, 123456789.1, 1e300, 5e-324):
+        values = cbor2.loads(compact.message(PollResult("meter", 0.0, (Reading("voltage_l1", value, "V"),)), 1))
+        assert list(values["polls"][0][3]) == [value]
+    raw = compact.fragment(PollResult("meter", 0.0, (Reading("voltage_l1", 0.1 + 0.2, "V"),)), 1)[0]
+    assert b"\xfb" + struct.pack(">d", 0.1 + 0.2) in raw
+
+
+readings = st.builds(
+    Reading,
+    st.sampled_from([p for p, _ in POINTS] + ["extra_point"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.text(max_size=8),
+              st.floats(allow_nan=True, allow_infinity=True),
+              st.floats(width=32, allow_nan=False, allow_infinity=False).map(f32)),
+    st.sampled_from([None, "V", "A", "Wh"]),
+    st.sampled_from(list(Quality)),
+    st.one_of(st.none(), st.text(max_size=10)),
+    st.one_of(st.none(), st.floats(1.6e9, 1.9e9)),
+    st.one_of(st.none(), st.floats(1.6e9, 1.9e9)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(readings, max_size=8))
+def test_any_poll_decodes_to_what_the_json_encoding_says(poll: list[Reading]) -> None:
+    """Both paths (good numbers, and everything else), tables grown for unknown points, positions for a
+    subset or another order, quality, reasons, device timestamps and values neither encoding can carry."""
+    compact, plain = encoders()
+    result = PollResult("meter", 1764000000.25, tuple(poll))
+    message = compact.message(result, 7)
+    wanted = json.loads(plain.message(result, 7))["polls"]
+    got = as_json_polls(message, tables_of(compact))
+    for poll_c, poll_j in zip(got, wanted, strict=True):
+        for reading_c, reading_j in zip(poll_c["readings"], poll_j["readings"], strict=True):
+            assert same_value(reading_c.pop("value"), reading_j.pop("value")), (reading_c, reading_j)
+            for key in ("source_ts", "server_ts"):  # milliseconds, as the JSON encoding's text
+                if key in reading_j:
+                    assert reading_c.pop(key) == pytest.approx(
+                        math.floor(getattr(result.readings[reading_c["seq"] - 7], key) * 1000) / 1000)
+                    reading_j.pop(key)
+            assert reading_c == reading_j
+    good = _good_values(result.readings)
+    if good is not None:  # the fast path writes what the general path writes
+        assert good == _values_and_extra(result.readings)[0]
+
+
+def test_tables_are_named_by_their_content_and_handed_out_once() -> None:
+    compact, _ = encoders()
+    full = PollResult("meter", 0.0, tuple(Reading(p, 1, u) for p, u in POINTS))
+    assert compact.take_tables() == []  # declared, not yet used by a poll
+    compact.fragment(full, 1)
+    (first,) = compact.take_tables()
+    again = CborEncoder("other-gw", "other-site", "f" * 32)
+    again.declare("meter", POINTS)
+    again.fragment(full, 1)
+    assert again.take_tables() == [first]  # the same points: the same id, whatever the gateway or run
+    compact.declare("meter", POINTS)
+    compact.fragment(full, 6)
+    assert compact.take_tables() == []
+    # Every point in another order (Modbus reads by register): that order becomes the table, once.
+    reordered = PollResult("meter", 0.0, full.readings[::-1])
+    poll = cbor2.loads(compact.message(reordered, 11))["polls"][0]
+    (turned,) = compact.take_tables()
+    assert len(poll) == 4 and poll[2] == turned[1] != first[1]
+    assert [entry["point"] for entry in json.loads(turned[2])] == [p for p, _ in POINTS][::-1]
+    compact.declare("meter", POINTS)
+    compact.fragment(full, 16)
+    assert compact.take_tables() == [first]
+    # A subset (a subscription's changes) names positions in the table instead of a new table.
+    subset = PollResult("meter", 0.0, (Reading("energy", 5, "Wh"), Reading("voltage_l1", 230, "V")))
+    poll = cbor2.loads(compact.message(subset, 1))["polls"][0]
+    assert poll[2] == first[1] and list(poll[4]["points"]) == [3, 0] and compact.take_tables() == []
+    # A point the configuration did not declare makes a new table, never a failure.
+    surprise = PollResult("meter", 0.0, (Reading("voltage_l1", 230, "V"), Reading("new_point", 1)))
+    poll = cbor2.loads(compact.message(surprise, 1))["polls"][0]
+    (grown,) = compact.take_tables()
+    assert poll[2] == grown[1] != first[1]
+    assert json.loads(grown[2])[-1] == {"point": "new_point"} and list(poll[4]["points"]) == [0, 5]
+
+
+def test_framed_size_is_the_length_of_the_frame() -> None:
+    compact, _ = encoders()
+    result = PollResult("meter", 0.0, tuple(Reading(p, 1.5, u) for p, u in POINTS))
+    fragments = [compact.fragment(result, seq)[0] for seq in (1, 6, 11)]
+    for device in ("meter", "a-device-name-longer-than-23-characters"):
+        assert len(compact.frame(device, fragments)) == compact.framed_size(device, sum(map(len, fragments)), 3)
+        assert len(cbor2.loads(compact.frame(device, fragments))["polls"]) == 3
+
+
+async def test_the_buffer_keeps_compact_rows_as_they_are_and_the_tables_they_name(tmp_path: Path) -> None:
+    compact, _ = encoders()
+    result = PollResult("meter", 1.0, tuple(Reading(p, 1.5, u) for p, u in POINTS))
+    payload, table = compact.fragment(result, 1)
+    buffer = await Buffer.open(tmp_path / "b.db")
+    try:
+        await buffer.append([StoredBatch(1, 5, "meter", 1.0, payload, table)], compact.take_tables())
+        (row,) = await buffer.read_after(0, 10)
+        assert (row.payload, row.table) == (payload, table)
+        assert list(await buffer.tables("meter")) == [table]
+        with sqlite3.connect(tmp_path / "b.db") as db:  # stored as is: zlib would make it larger
+            assert db.execute("SELECT payload, tbl FROM batches").fetchall() == [(payload, table)]
+        await buffer.append([StoredBatch(6, 1, "meter", 2.0, b'{"ts":"x","readings":[]}')])
+        await buffer.delete([1])
+    finally:
+        await buffer.close()
+    buffer = await Buffer.open(tmp_path / "b.db")  # no row names the table any more: it goes
+    try:
+        assert await buffer.tables("meter") == {}
+    finally:
+        await buffer.close()
+
+
+async def test_a_version_1_buffer_is_upgraded_with_its_readings(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+            CREATE TABLE batches (seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, device TEXT NOT NULL,
+                                  ts REAL NOT NULL, payload BLOB NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', 1), ('buffer_id', 'abc'), ('next_seq', 3),
+                                    ('dropped_oldest', 0), ('rejected', 0), ('expired', 0);
+        """)
+        db.execute("INSERT INTO batches VALUES (1, 2, 'meter', 1.0, ?)", (zlib.compress(b'{"ts":1}'),))
+    buffer = await Buffer.open(path)
+    try:
+        (row,) = await buffer.read_after(0, 10)
+        assert (row.payload, row.table, buffer.buffer_id, buffer.next_seq) == (b'{"ts":1}', None, "abc", 3)
+    finally:
+        await buffer.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(2,)]
+
+
+# --- end to end: the agent, a real mosquitto, a subscriber that decodes with cbor2 --------------------
+
+def retained(port: int, topic: str) -> bytes:
+    """The retained message on a topic, as a new subscriber gets it."""
+    got: list[bytes] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: got.append(m.payload)
+    client.connect("127.0.0.1", port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    try:
+        for _ in range(100):
+            if got:
+                return got[0]
+            time.sleep(0.05)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    raise AssertionError(f"no retained message on {topic}")
+
+
+async def test_compact_messages_reach_the_platform_with_their_tables(tmp_path: Path, mosquitto: MosquittoProcess,
+                                                                    modbus_sim: SimServer) -> None:
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port), extra_mqtt='encoding = "cbor"')
+    with Monitor("127.0.0.1", mosquitto.port, f"edge/test-site/{GATEWAY}/#") as monitor:
+        _, stop, task = await start_agent(config)
+        await eventually(lambda: monitor.received(GATEWAY) >= 40, 10, "compact readings")
+        await stop_agent(stop, task)
+        stream, _, _ = await nothing_lost(monitor, tmp_path / "buffer.db")
+    assert monitor.invalid == 0 and stream.seqs.duplicates == 0
+    latest = monitor.latest["power-meter"]
+    assert latest["voltage_avg"].unit == "V" and latest["voltage_avg"].quality == "good"
+    assert 200 < latest["voltage_avg"].value < 260
+    meta = json.loads(retained(mosquitto.port, f"edge/test-site/{GATEWAY}/meta/power-meter"))
+    assert meta["schema"] == "edge-agent/meta/v1" and meta["device"] == "power-meter"
+    (points,) = meta["tables"].values()  # one table: in the order the driver reads (holding registers first)
+    assert points[0] == {"point": "active_energy_wh"} and {"point": "voltage_avg", "unit": "V"} in points
+
+
+async def test_a_backlog_in_json_and_live_compact_both_arrive_after_a_switch(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+    """The encoding is changed while readings wait in the buffer: each row goes in the encoding it was
+    stored in, nothing is lost, and the platform's decoder handles both on one topic."""
+    device = meter_device(modbus_sim.port)
+    monitor = Monitor("127.0.0.1", mosquitto.port, f"edge/test-site/{GATEWAY}/#", session="switch-platform")
+    monitor.start()
+    try:
+        mosquitto.stop()
+        _, stop, task = await start_agent(agent_config(tmp_path, mosquitto.port, device))
+        await asyncio.sleep(1.5)  # JSON rows pile up in the buffer
+        await stop_agent(stop, task)
+        mosquitto.start()
+        assert monitor.wait_subscribed(10)
+        agent, stop, task = await start_agent(agent_config(tmp_path, mosquitto.port, device,
+                                                           extra_mqtt='encoding = "cbor"'))
+        buffered = agent.buffer.next_seq - 1 if agent.buffer else 0
+        await eventually(lambda: monitor.received(GATEWAY) >= buffered + 40, 15, "backlog and live readings")
+        await stop_agent(stop, task)
+        _, last, _ = await nothing_lost(monitor, tmp_path / "buffer.db")
+    finally:
+        monitor.stop()
+    assert buffered >= 20 and last > buffered and monitor.invalid == 0
