@@ -39,20 +39,50 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_simulator(devices: int, points: int) -> tuple[subprocess.Popen[str], list[int]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "drivers.modbus.simulator", "--port", "0", "bench", "--devices", str(devices),
-         "--points", str(points)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("READY"):
-        process.kill()
-        raise RuntimeError(f"simulator did not start: {line!r}")
-    ports = next(p for p in line.split() if p.startswith("ports=")).removeprefix("ports=")
-    return process, [int(p) for p in ports.split(",")]
+class Simulators:
+    """The simulator processes of a run, stopped together (each by its PID)."""
+
+    def __init__(self, processes: list[subprocess.Popen[str]]) -> None:
+        self.processes = processes
+
+    def terminate(self) -> None:
+        for process in self.processes:
+            process.terminate()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            process.kill()
+
+    def wait(self, timeout: float | None = None) -> None:
+        for process in self.processes:
+            process.wait(timeout)
 
 
-def write_config(path: Path, mqtt_port: int, ports: list[int], points: int, interval: float) -> None:
+def start_simulator(devices: int, points: int, processes: int = 1) -> tuple[Simulators, list[int]]:
+    """`devices` simulated meters, each on its own port, spread over `processes` processes: a plant's meters
+    answer in parallel, one Python process answers one request at a time (about 0.4 ms of CPU each)."""
+    started: list[subprocess.Popen[str]] = []
+    ports: list[int] = []
+    try:
+        for share in (devices // processes + (n < devices % processes) for n in range(processes)):
+            process = subprocess.Popen(
+                [sys.executable, "-m", "drivers.modbus.simulator", "--port", "0", "bench", "--devices", str(share),
+                 "--points", str(points)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+            started.append(process)
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line.startswith("READY"):
+                raise RuntimeError(f"simulator did not start: {line!r}")
+            listed = next(p for p in line.split() if p.startswith("ports=")).removeprefix("ports=")
+            ports += [int(p) for p in listed.split(",")]
+    except BaseException:
+        Simulators(started).kill()
+        raise
+    return Simulators(started), ports
+
+
+def write_config(path: Path, mqtt_port: int, ports: list[int], points: int, interval: float,
+                 encoding: str = "json") -> None:
     point_lines = ",\n".join(
         f'  {{ name = "p{i}", function = "holding", address = {2 * i}, type = "float32" }}' for i in range(points))
     devices = "".join(f"""
@@ -81,6 +111,7 @@ durability = "power-loss"
 host = "127.0.0.1"
 port = {mqtt_port}
 max_inflight = 64
+encoding = "{encoding}"
 """ + devices)
 
 
@@ -92,16 +123,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(devices: int, points: int, interval: float, duration: float, warmup: float,
-        percentiles: bool = False) -> dict[str, object]:
+        percentiles: bool = False, encoding: str = "json", simulators: int = 1) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = Path(tmp)
-        simulator, ports = start_simulator(devices, points)
+        simulator, ports = start_simulator(devices, points, simulators)
         broker = MosquittoProcess(work_dir=work / "mosquitto")
         agent: subprocess.Popen[bytes] | None = None
         try:
             broker.start()
             config = work / "config.toml"
-            write_config(config, broker.port, ports, points, interval)
+            write_config(config, broker.port, ports, points, interval, encoding)
             monitor = Monitor("127.0.0.1", broker.port, "edge/bench/bench-gw/#", keep_latencies=2_000_000,
                               validate=False)  # schema checks in this process would skew the latency
             monitor.start()
@@ -130,7 +161,8 @@ def run(devices: int, points: int, interval: float, duration: float, warmup: flo
                 "load": {"devices": devices, "points_per_device": points, "interval_s": interval,
                          "offered_readings_per_s": devices * points / interval, "type": "float32",
                          "requests_per_poll": 1, "duration_s": round(t1 - t0, 1), "warmup_s": warmup,
-                         "buffer_durability": "power-loss"},
+                         "buffer_durability": "power-loss", "encoding": encoding,
+                         "simulator_processes": simulators},
                 "readings_per_s": round(window_readings / (t1 - t0), 1),
                 "polled": last_seq,
                 "delivered": stream.seqs.count,
@@ -158,7 +190,7 @@ def run(devices: int, points: int, interval: float, duration: float, warmup: flo
             stop_processes(agent, simulator, broker)
 
 
-def stop_processes(agent: subprocess.Popen[bytes] | None, simulator: subprocess.Popen[str],
+def stop_processes(agent: subprocess.Popen[bytes] | None, simulator: Simulators,
                    broker: MosquittoProcess) -> None:
     """Stop what a benchmark started, by PID, whatever state the run ended in."""
     if agent is not None and agent.poll() is None:
@@ -190,8 +222,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--percentiles", action="store_true",
                         help="add latency_ms: p50, p90, p95, p99 and max of poll to broker")
+    parser.add_argument("--encoding", choices=("json", "cbor"), default="json")
+    parser.add_argument("--simulators", type=int, default=1, help="simulator processes to spread the devices over")
     args = parser.parse_args()
-    print(json.dumps(run(args.devices, args.points, args.interval, args.duration, args.warmup, args.percentiles)))
+    print(json.dumps(run(args.devices, args.points, args.interval, args.duration, args.warmup, args.percentiles,
+                         args.encoding, args.simulators)))
     return 0
 
 
