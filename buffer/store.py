@@ -97,6 +97,7 @@ class BufferStats:
 
 OnFull = Literal["drop_oldest", "reject_new"]
 _LOSS_KEYS = ("dropped_oldest", "rejected", "expired")
+_ROW_OVERHEAD = 64  # bytes a row takes besides its payload, at most (its columns, the b-tree cell)
 
 
 class Buffer:
@@ -119,6 +120,10 @@ class Buffer:
         self._lock = asyncio.Lock()
         self._lock_file: IO[bytes] | None = None
         self._capped = False  # inside an episode of dropping at the cap: log its start once
+        # The size is measured (a query) only when it may be near the cap: after a measurement, appends add
+        # at most `_grown` bytes (twice their size with each row's overhead, a bound), deletions only free.
+        self._used_measured: int | None = None
+        self._grown = 0
 
     @classmethod
     async def open(cls, path: Path | str, max_bytes: int = 1 << 30,
@@ -207,7 +212,8 @@ class Buffer:
         rows = [(b.seq, b.count, b.device, b.ts, zlib.compress(b.payload, 1) if b.table is None else b.payload,
                  b.table) for b in batches]
         async with self._lock:
-            reject = self.on_full == "reject_new" and await self._used_bytes() > self.max_bytes
+            reject = self.on_full == "reject_new" and self._may_be_near_cap() and \
+                await self._used_bytes() > self.max_bytes
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 if reject:
@@ -225,8 +231,12 @@ class Buffer:
                 raise
             rejected = expected - self._next_seq if reject else 0
             self._next_seq = expected
+            if not reject:
+                self._grown += sum(2 * (len(row[4]) + _ROW_OVERHEAD) for row in rows)
             if reject:
                 self._episode_log(f"refusing new readings ({rejected} now, {self._losses['rejected']} in all)")
+            elif not self._may_be_near_cap():
+                pass  # far below the cap: no query (two saved round trips to SQLite's thread per commit)
             elif self.on_full == "drop_oldest":
                 await self._drop_oldest_over_cap()
             else:
@@ -299,10 +309,16 @@ class Buffer:
             self._lock_file.close()
             self._lock_file = None
 
+    def _may_be_near_cap(self) -> bool:
+        return self._capped or self._used_measured is None or \
+            self._used_measured + self._grown > self.max_bytes * 0.9
+
     async def _used_bytes(self) -> int:
-        (pages,), = await self._db.execute_fetchall("PRAGMA page_count")
-        (free,), = await self._db.execute_fetchall("PRAGMA freelist_count")
-        return (pages - free) * self._page_size
+        (pages,), = await self._db.execute_fetchall(
+            "SELECT (SELECT page_count FROM pragma_page_count()) - "
+            "(SELECT freelist_count FROM pragma_freelist_count())")
+        self._used_measured, self._grown = pages * self._page_size, 0
+        return self._used_measured
 
     async def _drop_oldest_over_cap(self) -> None:
         """Drop the oldest rows while the data exceeds max_bytes; freed pages are reused, so the file stops
