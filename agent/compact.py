@@ -207,9 +207,9 @@ def _good_values(readings: tuple[Reading, ...]) -> list[bytes] | None:
         if quality is not good or source_ts is not None or server_ts is not None:
             return None
         kind = type(value)
-        if kind is Float32:
+        if kind is Float32 and value - value == 0.0:  # not NaN or infinite: JSON makes those bad readings
             append(b"\xfa" + _pack_f32(value))
-        elif kind is float:
+        elif kind is float or kind is Float32:
             encoded = _float(value)
             if encoded is None:
                 return None
@@ -232,9 +232,9 @@ def _values_and_extra(readings: tuple[Reading, ...]) -> tuple[list[bytes], dict[
         value = reading.value
         kind = type(value)
         encoded: bytes | None
-        if kind is Float32:
+        if kind is Float32 and value - value == 0.0:  # type: ignore[operator]
             encoded = b"\xfa" + _pack_f32(value)
-        elif kind is float:
+        elif kind is float or kind is Float32:
             encoded = _float(value)  # type: ignore[arg-type]
         elif value is None:
             encoded = _NULL

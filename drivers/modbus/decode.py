@@ -20,7 +20,7 @@ from itertools import compress, count, repeat
 from operator import itemgetter, ne
 from typing import Any
 
-from agent.model import Quality, Reading
+from agent.model import Float32, Quality, Reading
 from drivers.modbus.config import (
     BIT_FUNCTIONS,
     FUNCTION_CODE,
@@ -200,7 +200,7 @@ def _plain_readings(plain: tuple[tuple[str, str | None, int], ...], values: Sequ
         if kind == 2:
             append(Reading(name, raw, unit))
         elif raw - raw == 0.0:  # finite
-            append(Reading(name, shortest_float32(raw) if kind == 0 else raw, unit))
+            append(Reading(name, Float32(shortest_float32(raw)) if kind == 0 else raw, unit))
         else:
             append(Reading(name, None, unit, Quality.BAD, "not a number (NaN)" if raw != raw else "infinite"))
     return out
@@ -245,7 +245,7 @@ class _PlainBlock:
             for i, digits in enumerate(texts):
                 if ((digits[-1] in "19" and len(digits) >= 7) or "e" in digits) and back[i] == values[i]:
                     shortest[i] = shortest_float32(values[i])
-            values = shortest  # type: ignore[assignment]
+            values = list(map(Float32, shortest))  # type: ignore[assignment]
         return list(map(_new_reading, zip(self._names, values, self._units, repeat(Quality.GOOD), repeat(None),
                                           repeat(None), repeat(None))))
 
@@ -311,11 +311,11 @@ def _number_converter(point: ModbusPoint) -> Callable[[int | float], Reading]:
         def convert_float(raw: float) -> Reading:  # type: ignore[misc]
             if not math.isfinite(raw):
                 return Reading(name, None, unit, Quality.BAD, "not a number (NaN)" if raw != raw else "infinite")
-            value = shortest_float32(raw) if shorten else raw
+            value = Float32(shortest_float32(raw)) if shorten else raw
             if scaled:
                 # In decimal, so that 16777216 x 0.001 is 16777.216 and 229.0 x 0.1 is 22.9: binary
                 # arithmetic would add noise, rounding to fixed digits would cut real ones.
-                value = float(Decimal(repr(value)) * exact_scale + exact_offset)  # type: ignore[operator]
+                value = float(Decimal(float.__repr__(value)) * exact_scale + exact_offset)  # type: ignore[operator]
             return Reading(name, value, unit)
 
         return convert_float  # type: ignore[return-value]

@@ -19,7 +19,7 @@ from typing import Any
 
 from asyncua import ua
 
-from agent.model import Quality, Reading
+from agent.model import Float32, Quality, Reading
 
 _SCALAR_TYPES = {
     ua.VariantType.Boolean, ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.VariantType.UInt16,
@@ -91,7 +91,7 @@ def convert(variant: ua.Variant | None) -> tuple[Any, str | None]:
     if kind in _SCALAR_TYPES:
         return value, None
     if kind is ua.VariantType.Float:
-        return shortest_float32(value), None
+        return Float32(shortest_float32(value)), None
     if kind is ua.VariantType.LocalizedText:
         return value.Text or "", None
     if kind is ua.VariantType.DateTime:
