@@ -55,20 +55,20 @@ async def raw_loop(ports: list[int], points: int, duration: float) -> dict[str, 
             "values_per_cpu_s": round(values / cpu)}
 
 
-def run(devices: int, points: int, duration: float, interval: float) -> dict[str, object]:
+def run(devices: int, points: int, duration: float, interval: float, encoding: str = "json") -> dict[str, object]:
     simulator, ports = e2e.start_simulator(devices, points)
     try:
         raw = asyncio.run(raw_loop(ports, points, duration))
     finally:
         simulator.terminate()
         simulator.wait(10)
-    agent = e2e.run(devices, points, interval, duration, warmup=5.0)
+    agent = e2e.run(devices, points, interval, duration, warmup=5.0, encoding=encoding)
     per_reading = agent["agent_cpu_us_per_reading"]
     agent_per_cpu_s = round(1e6 / per_reading) if isinstance(per_reading, int | float) and per_reading else None
     return {
         "benchmark": "ceiling",
         "load": {"devices": devices, "points_per_device": points, "registers_per_request": 2 * points,
-                 "type": "float32", "duration_s": duration, "agent_interval_s": interval},
+                 "type": "float32", "duration_s": duration, "agent_interval_s": interval, "encoding": encoding},
         "raw_pymodbus": raw,
         "agent": {"readings_per_s": agent["readings_per_s"], "cpu_us_per_reading": per_reading,
                   "readings_per_cpu_s": agent_per_cpu_s, "lost": agent["lost"], "rss_mb": agent["agent_rss_mb"]},
@@ -83,8 +83,9 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=62, help="float32 per device: 62 = 124 registers")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--interval", type=float, default=1.0, help="the agent's poll interval")
+    parser.add_argument("--encoding", choices=("json", "cbor"), default="json", help="the agent's data messages")
     args = parser.parse_args()
-    print(json.dumps(run(args.devices, args.points, args.duration, args.interval)))
+    print(json.dumps(run(args.devices, args.points, args.duration, args.interval, args.encoding)))
     return 0
 
 
