@@ -162,6 +162,9 @@ class Buffer:
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute(f"PRAGMA synchronous={'FULL' if durability == 'power-loss' else 'NORMAL'}")
+            # 256 KiB of page cache (SQLite's default is 2 MiB): rows are appended at one end and read once
+            # from the other, so a large cache only holds memory; it grew RSS by ~1.7 MB during an outage.
+            await db.execute("PRAGMA cache_size=-256")
             # The WAL is truncated back to this after each checkpoint, so it cannot grow far past the cap.
             await db.execute(f"PRAGMA journal_size_limit={min(64 << 20, max_bytes // 16)}")
             if await _schema_version(db) == 1:
