@@ -23,9 +23,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     WithJsonSchema,
 )
+from pydantic.dataclasses import is_pydantic_dataclass
+from pydantic.fields import FieldInfo
 
 import drivers
 from agent.errors import ConfigError, Problem
@@ -89,16 +92,18 @@ class StrictModel(BaseModel):
         return []
 
 
-_M = typing.TypeVar("_M", bound=BaseModel)
+_M = typing.TypeVar("_M")
 
 
 def valid_entries(items: Any, model: type[_M]) -> list[tuple[int, _M]]:
     """The entries of a list that validate on their own, with their indices: what a driver's `salvage`
-    cross-checks when the device as a whole failed (the invalid entries are reported with its errors)."""
+    cross-checks when the device as a whole failed (the invalid entries are reported with its errors).
+    `model` is a pydantic model or a pydantic dataclass."""
     valid: list[tuple[int, _M]] = []
+    adapter = TypeAdapter(model)
     for index, item in enumerate(items if isinstance(items, list) else []):
         try:
-            valid.append((index, model.model_validate(item)))
+            valid.append((index, adapter.validate_python(item)))
         except ValidationError:
             continue
     return valid
@@ -399,10 +404,12 @@ def _problems_from(exc: ValidationError, prefix: tuple[str | int, ...], model: t
         kind = error["type"]
         if kind == "missing":
             message = "missing required key"
-        elif kind == "extra_forbidden":
+        elif kind in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's, a dataclass's
             message = "unknown key" + _suggestion(model, loc)
         else:
-            message = error["msg"].removeprefix("Value error, ")
+            # A TOML array kept as a tuple (a point must be hashable) is still a list to the person writing it.
+            message = "Input should be a valid list" if kind == "tuple_type" else \
+                error["msg"].removeprefix("Value error, ")
             given = error.get("input")
             if isinstance(given, str | int | float | bool) and not isinstance(given, dict):
                 message += f" (got {given!r})"
@@ -417,27 +424,38 @@ def _is_internal(part: str | int) -> bool:
 
 def _suggestion(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
     """Walk the model along `loc` to the table holding the unknown key, and offer the closest real key."""
-    current: type[BaseModel] | None = model
+    fields: dict[str, FieldInfo] | None = _fields_of(model)
     for part in loc[:-1]:
-        if current is None:
+        if fields is None:
             return ""
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part)
-        current = _model_in(field.annotation) if field is not None else None
-    if current is None:
+        field = fields.get(part)
+        fields = _fields_in(field.annotation) if field is not None else None
+    if fields is None:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(current.model_fields), n=1, cutoff=0.6)
-    allowed = ", ".join(current.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.6)
+    allowed = ", ".join(fields)
     return f"; did you mean {close[0]!r}?" if close else f"; expected one of: {allowed}"
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def _fields_of(annotation: Any) -> dict[str, FieldInfo] | None:
+    """The fields of a pydantic model or pydantic dataclass (a table in the file), else None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return annotation.model_fields
+    if isinstance(annotation, type) and is_pydantic_dataclass(annotation):
+        return annotation.__pydantic_fields__
+    return None
+
+
+def _fields_in(annotation: Any) -> dict[str, FieldInfo] | None:
+    """The fields of the table an annotation holds, looking inside list[...], X | None and Annotated."""
+    fields = _fields_of(annotation)
+    if fields is not None:
+        return fields
     if typing.get_origin(annotation) in (list, tuple, typing.Union, types.UnionType, Annotated):
         for arg in typing.get_args(annotation):
-            found = _model_in(arg)
+            found = _fields_in(arg)
             if found is not None:
                 return found
     return None

@@ -75,6 +75,12 @@ CASES = [
     ("a request limit above the protocol's",
      entry('{ name = "p", function = "input", address = 0, type = "uint16" }', extra="max_registers = 126\n"),
      "devices[0].max_registers", "less than or equal to 125"),
+    ("a misspelt key in a point",
+     entry('{ name = "p", function = "input", address = 0, type = "uint16", wordorder = "CDAB" }'),
+     "devices[0].points[0].wordorder", "unknown key; did you mean 'word_order'?"),
+    ("not_available that is not a list",
+     entry('{ name = "p", function = "input", address = 0, type = "uint16", not_available = 65535 }'),
+     "devices[0].points[0].not_available", "Input should be a valid list (got 65535)"),
 ]
 
 
@@ -138,3 +144,22 @@ def test_vendor_numbers_as_check_prints_them(function: str, address: int, vendor
     assert vendor_address(function, address) == vendor
     if int(vendor) >= 10001 or function == "coil":
         assert modicon(int(vendor)) == (function, address)  # and back
+
+
+def test_a_changed_point_makes_a_different_device() -> None:
+    """What reload compares: an equal file gives an equal device, any change in a point a different one."""
+    def device(point: str) -> object:
+        return parse_config(GATEWAY + entry(point), source="case.toml").devices[0]
+
+    plain = '{ name = "p", function = "input", address = 0, type = "uint16", not_available = [65535] }'
+    assert device(plain) == device(plain)
+    assert device(plain) != device(plain.replace("65535", "32768"))
+    assert device(plain) != device(plain.replace("}", ", scale = 0.1 }"))
+    assert device(plain) != device(plain.replace("}", ', description = "pump" }'))
+
+
+def test_a_point_cannot_be_changed_after_validation() -> None:
+    [point] = parse_config(GATEWAY + entry(POINT), source="case.toml").devices[0].points
+    with pytest.raises(AttributeError):
+        point.scale = 2.0  # type: ignore[misc]
+    assert point.not_available == () and not hasattr(point, "__dict__")  # slotted: ~140 bytes a point

@@ -100,6 +100,8 @@ def test_a_device_selects_overrides_and_adds_points() -> None:
     ('profile = "eastron_sdm630"\nselect = ["voltage_l1"]\n', "devices[0].select[0]", "did you mean 'voltage_l1_n'"),
     ('profile = "eastron_sdm630"\n[devices.overrides.voltage_l1_n]\nscale = "x"\n',
      "devices[0].overrides.voltage_l1_n.scale", "valid number"),
+    ('profile = "eastron_sdm630"\n[devices.overrides.voltage_l1_n]\nsacle = 0.1\n',
+     "devices[0].overrides.voltage_l1_n.sacle", "unknown key; did you mean 'scale'?"),
     ('profile = "eastron_sdm630"\n[devices.overrides.voltage_l1_n]\nname = "v1"\n',
      "devices[0].overrides.voltage_l1_n.name", "keeps its name"),
     ('profile = "eastron_sdm630"\npoints = [{ name = "frequency", function = "input", address = 900, '

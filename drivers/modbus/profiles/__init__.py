@@ -16,7 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 PROFILE_DIR = Path(__file__).parent
 NUMBERINGS = ("modicon", "one-based", "protocol")
@@ -191,6 +192,8 @@ def expand_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
         return raw, problems
 
     merged_points = list(own)
+    point_adapter = TypeAdapter(ModbusPoint)
+    point_keys = list(ModbusPoint.__pydantic_fields__)
     for point in profile.points:
         if point["name"] not in selected:
             continue
@@ -198,12 +201,12 @@ def expand_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
         merged = {**point, **change}
         if change:
             try:
-                ModbusPoint.model_validate(merged)
+                point_adapter.validate_python(merged)
             except ValidationError as exc:
                 for error in exc.errors(include_url=False):
                     key = ".".join(str(part) for part in error["loc"])
                     path = f"overrides.{point['name']}" + (f".{key}" if key else "")
-                    problems.append((path, error["msg"].removeprefix("Value error, ")))
+                    problems.append((path, _override_message(error, point_keys)))
                 continue
         merged_points.append(merged)
     expanded = {**raw, "points": merged_points}
@@ -212,6 +215,14 @@ def expand_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
     if profile.unreadable:
         expanded["unreadable"] = [*raw.get("unreadable", []), *profile.unreadable]
     return expanded, problems
+
+
+def _override_message(error: ErrorDetails, point_keys: list[str]) -> str:
+    if error["type"] == "unexpected_keyword_argument":  # a key a point does not have
+        close = difflib.get_close_matches(str(error["loc"][-1]), point_keys, n=1, cutoff=0.6)
+        return "unknown key" + (f"; did you mean {close[0]!r}?" if close else
+                                f"; expected one of: {', '.join(point_keys)}")
+    return error["msg"].removeprefix("Value error, ")
 
 
 def _no_point(name: str, profile: Profile) -> str:
