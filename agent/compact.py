@@ -27,9 +27,9 @@ import struct
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from agent.floats import shortest_float32
 from agent.model import Float32, PollResult, Quality, Reading
 from agent.payload import bad_if_unsendable
-from drivers.modbus.decode import shortest_float32
 
 CBOR_SCHEMA = "edge-agent/cbor/v1"
 META_SCHEMA = "edge-agent/meta/v1"

@@ -10,15 +10,21 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
+from agent.floats import shortest_float32
+
 
 class Float32(float):
-    """A float that a device sent as float32, shown by its shortest decimal (229.8, not 229.8000030517578).
-
-    For everything but encoders it is a float. The compact encoding sends it as the 4 bytes the device
-    sent without working out whether that loses anything: a driver that makes one vouches that it is
-    exactly a float32's shortest decimal (drivers.modbus.decode.shortest_float32)."""
+    """A value a device sent as float32: exactly what it sent (a register holding 229.8 holds
+    229.8000030517578), shown as the shortest decimal that reads back as the same float32 ("229.8") by
+    repr, str and the JSON encoding; the compact encoding sends its 4 bytes. Finding that decimal is the
+    largest cost per reading, so it is only done where the value is shown (agent/floats.py)."""
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        return float.__repr__(shortest_float32(self))
+
+    __str__ = __repr__
 
 
 Value = float | int | bool | str | None

@@ -12,8 +12,10 @@ import json
 import math
 import string
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
+from agent.floats import shortest_float32, shortest_float32_many
 from agent.model import Float32, PollResult, Quality, Reading
 
 SCHEMA = "edge-agent/v1"
@@ -71,6 +73,7 @@ def iso_utc(ts: float) -> str:
 
 
 _POLLS_OPEN, _POLLS_CLOSE = b',"polls":[', b"]}"
+_value = itemgetter(1)
 
 
 class Encoder:
@@ -114,10 +117,16 @@ class Encoder:
         float.__repr__, as the json module does."""
         parts: list[str] = []
         texts = self._texts
+        singles = [value for value in map(_value, readings) if type(value) is Float32]
+        shown = iter(map(float.__repr__, shortest_float32_many(singles))) if singles else None  # all at once
         for point, value, unit, quality, _, source_ts, server_ts in readings:
             kind = type(value)
-            if kind is float or kind is Float32:
+            if kind is Float32:
                 if value - value != 0.0:  # NaN or infinity: the general path makes it a bad reading
+                    return None
+                text = next(shown)  # type: ignore[arg-type]
+            elif kind is float:
+                if value - value != 0.0:
                     return None
                 text = float.__repr__(value)
             elif kind is int:
@@ -154,7 +163,10 @@ class Encoder:
 
     @staticmethod
     def _item(seq: int, reading: Reading) -> dict[str, Any]:
-        item: dict[str, Any] = {"seq": seq, "point": reading.point, "value": reading.value,
+        value = reading.value
+        if type(value) is Float32:  # the json module would write its exact binary value, not its decimal
+            value = shortest_float32(value)
+        item: dict[str, Any] = {"seq": seq, "point": reading.point, "value": value,
                                 "quality": reading.quality.value}
         if reading.unit is not None:
             item["unit"] = reading.unit

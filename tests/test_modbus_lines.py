@@ -15,7 +15,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
 from agent.health import DeviceHealth, FailureLog
-from agent.model import PollResult, Quality
+from agent.model import Float32, PollResult, Quality
 from agent.scheduler import poll_loop
 from drivers.modbus import line as lines
 from drivers.modbus.config import ModbusDevice
@@ -97,7 +97,8 @@ def on(*kinds: str) -> pytest.MarkDecorator:
 
 
 def values(readings: Any) -> dict[str, Any]:
-    return {r.point: r.value for r in readings}
+    """Each point's value as the JSON encoding shows it (a float32 by its shortest decimal)."""
+    return {r.point: float(repr(r.value)) if isinstance(r.value, Float32) else r.value for r in readings}
 
 
 async def test_every_type_over_every_transport(line_under_test: Any) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.model import PollResult, Quality, Reading
+from agent.model import Float32, PollResult, Quality, Reading
 from agent.payload import DATA_TOPIC, SCHEMA, STATUS_TOPIC, Encoder, Topics, iso_utc, topic_template_problem
 
 
@@ -85,8 +86,12 @@ def test_the_schema_shipped_in_the_package_is_the_documented_one() -> None:
     assert resources.files("agent").joinpath("payload.schema.json").read_text() == docs
 
 
+def as_float32(value: float) -> Float32:
+    return Float32(struct.unpack(">f", struct.pack(">f", value))[0])
+
+
 _values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70), st.booleans(),
-                    st.text(max_size=5), st.none())
+                    st.text(max_size=5), st.none(), st.floats(width=32).map(Float32))
 _readings = st.builds(
     Reading, point=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,10}", fullmatch=True), value=_values,
     unit=st.one_of(st.none(), st.sampled_from(["V", "kWh", "°C", "µg/m³", 'a"b'])),
@@ -101,7 +106,8 @@ _readings = st.builds(
 def test_the_fast_path_writes_exactly_what_the_general_path_writes(readings: list[Reading], first_seq: int,
                                                                     good_only: bool) -> None:
     if good_only:  # most polls: every reading a good number, so the fast path is taken
-        readings = [Reading(r.point, float(i) / 3 if i % 2 else i, r.unit) for i, r in enumerate(readings)]
+        readings = [Reading(r.point, (float(i) / 3, i, as_float32(i / 7 * 10.0 ** (i - 4)))[i % 3], r.unit)
+                    for i, r in enumerate(readings)]
     result = PollResult("dev", 1_700_000_000.25, tuple(readings))
     fast = Encoder("gw", "site", "b").encode(result, first_seq)
     general = Encoder("gw", "site", "b")

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
-from itertools import compress, count, repeat
-from operator import itemgetter, ne
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
+from agent.floats import shortest_float32
 from agent.model import Float32, Quality, Reading
 from drivers.modbus.config import (
     BIT_FUNCTIONS,
@@ -200,7 +201,7 @@ def _plain_readings(plain: tuple[tuple[str, str | None, int], ...], values: Sequ
         if kind == 2:
             append(Reading(name, raw, unit))
         elif raw - raw == 0.0:  # finite
-            append(Reading(name, Float32(shortest_float32(raw)) if kind == 0 else raw, unit))
+            append(Reading(name, Float32(raw) if kind == 0 else raw, unit))
         else:
             append(Reading(name, None, unit, Quality.BAD, "not a number (NaN)" if raw != raw else "infinite"))
     return out
@@ -212,62 +213,22 @@ _new_reading = partial(tuple.__new__, Reading)  # Reading._make without its Pyth
 class _PlainBlock:
     """The readings of a block whose points are all plain float32 or all plain integers, made a block at a time
     in C loops instead of one Python step per value: the same readings as `_plain_readings` (a test holds
-    them equal) in about half the time.
-
-    Float32: every value is formatted to 7 significant digits in one step and read back in one; one round
-    trip through float32 finds the values that need 8 or 9 digits, which are tried the same way, a batch at
-    a time. Only the values whose 7 digits may hide a shorter decimal (ending in 1 or 9, or in exponent
-    form: see shortest_float32) and blocks holding a NaN or an infinity go through the per-value path."""
+    them equal) in about half the time. Float32 values stay the exact values the meter sent, marked
+    Float32: their shortest decimals are worked out where they are shown (agent/floats.py)."""
 
     def __init__(self, plain: tuple[tuple[str, str | None, int], ...], float32: bool) -> None:
         self._plain = plain
         self._names = tuple(name for name, _, _ in plain)
         self._units = tuple(unit for _, unit, _ in plain)
-        self._float32 = struct.Struct(f">{len(plain)}f") if float32 else None
-        self._format = ",".join(["%.7g"] * len(plain))
+        self._float32 = float32
 
     def readings(self, values: tuple[Any, ...]) -> list[Reading]:
-        if self._float32 is not None:
-            text = self._format % values
-            if "n" in text:  # "nan" or "inf": the per-value path makes them bad readings
+        if self._float32:
+            if not all(map(math.isfinite, values)):  # the per-value path makes NaN and infinities bad readings
                 return _plain_readings(self._plain, values)
-            texts = text.split(",")
-            shortest = list(map(float, texts))
-            try:
-                back = self._float32.unpack(self._float32.pack(*shortest))
-            except OverflowError:  # 7 digits rounded past the largest float32
-                return _plain_readings(self._plain, values)
-            longer = list(compress(count(), map(ne, back, values)))
-            if longer:
-                _more_digits(longer, values, shortest)
-            # 7 digits ending in 1 or 9, or in exponent form, may hide a shorter decimal; fewer than 7
-            # characters cannot be 7 significant digits, %g dropped the trailing zeros: already the shortest.
-            for i, digits in enumerate(texts):
-                if ((digits[-1] in "19" and len(digits) >= 7) or "e" in digits) and back[i] == values[i]:
-                    shortest[i] = shortest_float32(values[i])
-            values = list(map(Float32, shortest))  # type: ignore[assignment]
+            values = tuple(map(Float32, values))
         return list(map(_new_reading, zip(self._names, values, self._units, repeat(Quality.GOOD), repeat(None),
                                           repeat(None), repeat(None))))
-
-
-def _more_digits(indices: list[int], values: tuple[float, ...], shortest: list[float]) -> None:
-    """For the values 7 digits do not identify: 8 digits, then 9 for those 8 do not, a batch at a time."""
-    for digits in (8, 9):
-        batch = tuple(values[i] for i in indices)
-        candidates = list(map(float, (",".join([f"%.{digits}g"] * len(batch)) % batch).split(",")))
-        float32 = struct.Struct(f">{len(batch)}f")
-        back = float32.unpack(float32.pack(*candidates))
-        left = []
-        for i, candidate, read_back, value in zip(indices, candidates, back, batch, strict=True):
-            if read_back == value:
-                shortest[i] = candidate
-            else:
-                left.append(i)
-        if not left:
-            return
-        indices = left
-    for i in indices:  # 9 digits identify every float32: a guard, not a path
-        shortest[i] = shortest_float32(values[i])
 
 
 def _byte_order(order: str, width: int) -> list[int]:
@@ -311,11 +272,12 @@ def _number_converter(point: ModbusPoint) -> Callable[[int | float], Reading]:
         def convert_float(raw: float) -> Reading:  # type: ignore[misc]
             if not math.isfinite(raw):
                 return Reading(name, None, unit, Quality.BAD, "not a number (NaN)" if raw != raw else "infinite")
-            value = Float32(shortest_float32(raw)) if shorten else raw
-            if scaled:
-                # In decimal, so that 16777216 x 0.001 is 16777.216 and 229.0 x 0.1 is 22.9: binary
-                # arithmetic would add noise, rounding to fixed digits would cut real ones.
-                value = float(Decimal(float.__repr__(value)) * exact_scale + exact_offset)  # type: ignore[operator]
+            if not scaled:
+                return Reading(name, Float32(raw) if shorten else raw, unit)
+            # In decimal, so that 16777216 x 0.001 is 16777.216 and 229.0 x 0.1 is 22.9: binary arithmetic
+            # would add noise, rounding to fixed digits would cut real ones.
+            shown = shortest_float32(raw) if shorten else raw
+            value = float(Decimal(repr(shown)) * exact_scale + exact_offset)  # type: ignore[operator]
             return Reading(name, value, unit)
 
         return convert_float  # type: ignore[return-value]
@@ -356,51 +318,3 @@ def _text(raw: bytes) -> str:
 def _decimals(number: float) -> int:
     exponent = Decimal(repr(number)).as_tuple().exponent
     return -exponent if isinstance(exponent, int) and exponent < 0 else 0
-
-
-_F32 = struct.Struct(">f")
-_FLT_MIN = 1.1754943508222875e-38  # the smallest normal float32
-
-
-def shortest_float32(value: float, _pack: Callable[[float], bytes] = _F32.pack) -> float:
-    """The shortest decimal that reads back as the same float32: a register holding 229.8 gives 229.8,
-    not 229.8000030517578 (the exact binary value, which no meter means).
-
-    This runs for the float32 values a block cannot settle at once (`_PlainBlock`) and for every scaled
-    one, the agent's largest cost per reading at scale, so it starts
-    at 7 significant digits, which nearly always gives the shortest decimal when 7 or fewer digits are
-    enough (%g drops trailing zeros): one try for most values, two or three for 8 or 9 digits. Reading
-    back is monotonic in the number of digits (if k digits read back, k + 1 do), so when 7 digits may hide
-    a shorter form, shorter ones are tried until one does not read back. Subnormal values start at 6.
-    A test compares it with the digit-by-digit search over random float32 bit patterns."""
-    exact = _pack(value)
-    try:
-        if -_FLT_MIN < value < _FLT_MIN:
-            for digits in (6, 7, 8):
-                candidate = float(f"{value:.{digits}g}")
-                if _pack(candidate) == exact:
-                    return candidate
-        else:
-            text = f"{value:.7g}"
-            candidate = float(text)
-            if _pack(candidate) == exact:
-                # Where half an ulp is wider than half a step of the seventh digit (about 1 value in 25,000),
-                # 7 digits ending in 1 or 9 can sit next to a shorter decimal that also reads back.
-                if text[-1] in "19" or "e" in text:
-                    mantissa = text.partition("e")[0]
-                    if mantissa[-1] in "19" and len(mantissa.lstrip("-0.").replace(".", "")) == 7:
-                        for digits in (6, 5, 4, 3, 2, 1):
-                            shorter = float(f"{value:.{digits}g}")
-                            if _pack(shorter) != exact:
-                                break
-                            candidate = shorter
-                return candidate
-            candidate = float(f"{value:.8g}")
-            if _pack(candidate) == exact:
-                return candidate
-        candidate = float(f"{value:.9g}")  # 9 digits always identify a normal float32
-        if _pack(candidate) == exact:
-            return candidate
-    except OverflowError:  # a candidate rounded past the largest float32
-        pass
-    return _F32.unpack(exact)[0]

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import struct
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,16 +53,6 @@ def epoch(value: datetime | None) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def shortest_float32(value: float) -> float:
-    """The shortest decimal that reads back as the same float32."""
-    packed = struct.pack("<f", value)
-    for digits in range(6, 10):
-        candidate = float(f"{value:.{digits}g}")
-        if struct.pack("<f", candidate) == packed:
-            return candidate
-    return value
-
-
 def to_reading(point: str, unit: str | None, data: ua.DataValue) -> Reading:
     code = data.StatusCode.value if data.StatusCode is not None else 0
     source_ts = epoch(data.SourceTimestamp)
@@ -91,7 +80,7 @@ def convert(variant: ua.Variant | None) -> tuple[Any, str | None]:
     if kind in _SCALAR_TYPES:
         return value, None
     if kind is ua.VariantType.Float:
-        return Float32(shortest_float32(value)), None
+        return Float32(value), None
     if kind is ua.VariantType.LocalizedText:
         return value.Text or "", None
     if kind is ua.VariantType.DateTime:
