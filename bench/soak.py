@@ -103,7 +103,8 @@ def wait_sampling(samples: Samples, seconds: float, phase: str) -> None:
         time.sleep(min(0.2, max(0.0, until - time.monotonic())))
 
 
-def run(devices: int, points: int, duration: float, outage: float, warmup: float) -> dict[str, object]:
+def run(devices: int, points: int, duration: float, outage: float, warmup: float,
+        encoding: str = "json") -> dict[str, object]:
     if outage >= duration:
         raise ValueError(f"the outage ({outage} s) must be shorter than the run ({duration} s)")
     offered = devices * points
@@ -118,7 +119,7 @@ def run(devices: int, points: int, duration: float, outage: float, warmup: float
         try:
             broker.start()
             config = work / "config.toml"
-            write_config(config, broker.port, ports, points, 1.0)
+            write_config(config, broker.port, ports, points, 1.0, encoding)
             metrics_port = free_port()
             with config.open("a") as f:
                 f.write(f"\n[metrics]\nport = {metrics_port}\n")
@@ -176,7 +177,7 @@ def run(devices: int, points: int, duration: float, outage: float, warmup: float
                          "offered_readings_per_s": offered, "warmup_s": warmup, "duration_s": round(t1 - t0, 1),
                          "outage_s": round(restarted - outage_started, 1),
                          "outage_starts_after_s": round(before_outage, 1), "rss_sampled_every_s": SAMPLE_EVERY,
-                         "buffer_durability": "power-loss",
+                         "buffer_durability": "power-loss", "encoding": encoding,
                          "broker": "mosquitto, stopped (SIGTERM) and started again on the same port"},
                 "rss_mb_at_warmup_end": warm,
                 "rss_mb_peak": max(samples.rss("polling", "outage", "drain", "after")),
@@ -218,10 +219,11 @@ def main() -> int:
     parser.add_argument("--outage", type=float, default=60.0,
                         help="seconds the broker is down, in the middle of the run (the issue's shape: 600)")
     parser.add_argument("--warmup", type=float, default=30.0)
+    parser.add_argument("--encoding", choices=("json", "cbor"), default="json", help="the agent's data messages")
     args = parser.parse_args()
     if not 0 < args.outage < args.duration:
         parser.error("--outage must be positive and shorter than --duration")
-    print(json.dumps(run(args.devices, args.points, args.duration, args.outage, args.warmup)))
+    print(json.dumps(run(args.devices, args.points, args.duration, args.outage, args.warmup, args.encoding)))
     return 0
 
 
