@@ -143,9 +143,11 @@ class MqttUplink:
         while True:
             self._wake.clear()
             try:
-                await self._delete_acked()
+                # Send first: room in the window is freed by the acks themselves, so deleting what was
+                # acknowledged (a write to the buffer, behind the writer's commits) can wait until after.
                 if self._connected and not self._stopping:
                     await self._fill_window(client)
+                await self._delete_acked()
             except Exception as exc:  # noqa: BLE001 - a disk error must not end the uplink; nothing is lost
                 storage.failed(exc, "sending pauses, the rows stay in the buffer")
                 await asyncio.sleep(delay)
