@@ -288,3 +288,25 @@ async def test_a_backlog_in_json_and_live_compact_both_arrive_after_a_switch(
     finally:
         monitor.stop()
     assert buffered >= 20 and last > buffered and monitor.invalid == 0
+
+
+def test_the_monitor_decodes_compact_messages_with_the_tables_it_was_sent() -> None:
+    """Without a broker: the monitor's accounting fed a meta message and data messages directly. A message
+    naming a table no meta message announced is counted invalid and says which table, never guessed."""
+    compact, _ = encoders()
+    result = PollResult("meter", 1764000000.0, (Reading("voltage_l1", f32(229.8), "V"),
+                                                 Reading("current_l1", None, "A", Quality.BAD, "timed out")))
+    data = compact.message(result, 1)
+    (_, table_id, points), = compact.take_tables()
+    topic = "edge/site-1/gw-1/data/meter"
+    monitor = Monitor("127.0.0.1", 1, "edge/#")  # never started: nothing connects
+    monitor._handle(time.time(), time.monotonic(), topic, data)
+    assert monitor.invalid == 1 and table_id in monitor.gateways["gw-1"].errors[0]
+    meta = b'{"schema":"edge-agent/meta/v1","gateway":"gw-1","site":"site-1","device":"meter","tables":{"%s":%s}}' % (
+        table_id.encode(), points.encode())
+    monitor._handle(time.time(), time.monotonic(), "edge/site-1/gw-1/meta/meter", meta)
+    monitor._handle(time.time(), time.monotonic(), topic, data)
+    assert monitor.invalid == 1 and monitor.stream("gw-1").seqs.count == 2
+    latest = monitor.latest["meter"]
+    assert repr(Float32(latest["voltage_l1"].value)) == "229.8" and latest["voltage_l1"].unit == "V"
+    assert latest["current_l1"].quality == "bad" and latest["current_l1"].value is None
