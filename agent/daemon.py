@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
@@ -175,6 +176,10 @@ class Agent:
                 reload_task = group.create_task(self._reload_on_request(), name="reload")
                 for device in config.devices:
                     self._start_device(device)
+                # What start-up built (config models, read plans, imported modules) lives as long as the agent:
+                # out of the cyclic collector's reach, which otherwise walks it all again at every full
+                # collection, and polling allocates a reading per value.
+                gc.freeze()
                 self.started.set()
                 self.notifier.notify("READY=1", f"STATUS=polling {len(config.devices)} device(s); buffer holds "
                                                 f"{stats.readings} readings")
