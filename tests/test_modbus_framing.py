@@ -447,3 +447,75 @@ async def test_a_reply_that_came_before_its_request_is_never_its_answer(misbehav
     assert values(readings) == {"a": 1000, "b": 1001}
     assert figures["discarded"]["unexpected"] == 2  # the strays behind the first two answers in this mode
     no_traceback(logged)
+
+
+# --- the receive path on its own --------------------------------------------------------------------
+
+def rtu_answer(unit: int, words: list[int], function_code: int = 3) -> bytes:
+    from drivers.modbus.transport import rtu_frame
+
+    return rtu_frame(unit, registers(function_code, words))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_the_rtu_answer_is_found_behind_noise_false_starts_and_another_units_frame(chunk: int) -> None:
+    """Byte by byte (a USB adapter), in small pieces, or at once: the answer is found, and each thing in
+    front of it is counted as what it is."""
+    from drivers.modbus.transport import Expect, LineCounters, RtuReceiver
+
+    counters = LineCounters()
+    receiver = RtuReceiver(counters)
+    receiver.begin(Expect(unit=1, function_code=3, byte_count=4))
+    other_unit = rtu_answer(2, [9, 9])  # a whole, valid frame from unit 2: not ours
+    garbled = bytearray(rtu_answer(1, [8, 8]))
+    garbled[3] ^= 0x40  # our header, damaged data: a CRC error
+    stream = b"\xff\x00" + bytes([1, 3, 0x7F]) + other_unit + bytes(garbled) + rtu_answer(1, [1000, 1001])
+    response = None
+    for start in range(0, len(stream), chunk):
+        response = receiver.feed(stream[start:start + chunk]) or response
+    assert response is not None and response.registers == [1000, 1001]
+    assert counters.discarded["unit_id"] == 1
+    assert counters.crc_errors == 1
+    assert counters.framing_errors >= 1  # the glitch bytes and the false start
+
+
+def test_an_exception_inside_the_receive_path_is_logged_once_and_never_reaches_asyncio(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """No device input is known to raise in the receive path; this guards the rule if one ever does (a decode
+    error of a future response class): counted, told once at ERROR, then at debug, and the recovery once."""
+    from drivers.modbus import transport
+
+    caplog.set_level(logging.DEBUG, logger="drivers.modbus")
+    link = transport.ModbusLink("tcp", name="tcp 127.0.0.1:1", timeout=0.1, counters=transport.LineCounters())
+    good = transport.answer
+
+    def broken(unit: int, transaction_id: int, pdu: bytes) -> Any:
+        raise ValueError("a decoder bug")
+
+    monkeypatch.setattr(transport, "answer", broken)
+    for tid in (1, 2, 3):
+        link._receiver.begin(transport.Expect(1, 4, 4, tid))
+        link.received(mbap(tid, 1, registers(4, [1, 2])))  # returns: nothing propagates to the transport
+    monkeypatch.setattr(transport, "answer", good)
+    link._receiver.begin(transport.Expect(1, 4, 4, 4))
+    loop = asyncio.new_event_loop()
+    try:
+        link._waiter = loop.create_future()
+        link.received(mbap(4, 1, registers(4, [1, 2])))
+        assert link._waiter.result().registers == [1, 2]
+    finally:
+        loop.close()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "ValueError: a decoder bug" in errors[0].getMessage()
+    assert not errors[0].exc_info
+    assert any("recovered after 3 failures" in r.getMessage() for r in caplog.records)
+    assert link.counters.framing_errors == 3
+
+
+def test_edge_agent_status_shows_what_a_line_threw_away() -> None:
+    from agent.cli import _line_errors
+
+    quiet = {"crc_errors": 0, "framing_errors": 0, "discarded": {"unit_id": 0}, "disconnects": 0}
+    assert _line_errors(quiet) == ""
+    noisy = {"crc_errors": 12, "framing_errors": 3, "discarded": {"unit_id": 1, "length": 1}, "disconnects": 0}
+    assert _line_errors(noisy) == "; 12 CRC errors, 3 framing errors, 2 replies discarded"

@@ -240,78 +240,78 @@ class Receiver:
 class RtuReceiver(Receiver):
     """RTU has no header to find a frame by: the answer is looked for at every offset of what arrived, by unit
     id, function code, a length that fits, and its CRC. A frame with a good CRC that is not the request's
-    (another unit, another function code or length) is discarded whole; bytes that are no frame are noise."""
+    (another unit, another function code or length) is discarded whole; bytes that are no frame are noise.
+
+    Incremental, because a USB adapter may hand over a reply a byte at a time: each offset is sized once
+    (`_next`), and a possible frame is checked once, when its last byte has come (`_pending`)."""
 
     def __init__(self, counters: LineCounters) -> None:
         super().__init__(counters)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._next = 0  # the first offset not yet sized
+        self._pending: list[tuple[int, int]] = []  # (offset, end) of possible frames still arriving
         self._bad_crc: set[int] = set()  # offsets of frames that looked like the answer but failed the CRC
-        self._start = 0  # offsets before this one are judged (no frame starts there)
-        self._noise = False  # bytes were skipped that belonged to no frame
+        self._noise = False  # bytes were dropped that belonged to no frame
 
     def begin(self, expect: Expect) -> None:
         if self.buffer:
             self.counters.framing_errors += 1  # bytes after an answer, or between requests: noise
         self.buffer.clear()
         self.expect, self.last_discard = expect, ""
-        self._bad_crc.clear()
-        self._start, self._noise = 0, False
+        self._reset()
 
     def feed(self, data: bytes) -> ModbusPDU | None:
         self.buffer += data
-        if len(self.buffer) > MAX_BUFFER:  # a babbling line: keep the newest bytes
-            drop = len(self.buffer) - MAX_BUFFER
-            del self.buffer[:drop]
-            self._bad_crc = {offset - drop for offset in self._bad_crc if offset >= drop}
-            self._start, self._noise = max(0, self._start - drop), True
+        if len(self.buffer) > MAX_BUFFER:  # a babbling line: start again from the newest bytes
+            del self.buffer[:len(self.buffer) - MAX_BUFFER // 2]
+            self._reset()
+            self._noise = True
         expect = self.expect
         if expect is None:
             return None
         buffer = self.buffer
-        offset, settled = self._start, True
-        while offset + 1 < len(buffer):
-            size = _rtu_size(buffer, offset)
-            if not size or offset + size > len(buffer):
-                if size != 0:
-                    settled = False  # more bytes may make a frame start here: this offset stays open
-                elif settled:
-                    self._start = offset + 1
-                offset += 1
-                continue
-            frame = bytes(buffer[offset:offset + size])
+        while True:
+            while (size := _rtu_size(buffer, self._next)) is not None:
+                if size:
+                    self._pending.append((self._next, self._next + size))
+                self._next += 1
+            whole = next((pending for pending in self._pending if pending[1] <= len(buffer)), None)
+            if whole is None:
+                return None  # nothing whole yet
+            self._pending.remove(whole)
+            offset, end = whole
+            frame = bytes(buffer[offset:end])
             if crc16(frame[:-2]) != int.from_bytes(frame[-2:], "big"):
                 if frame[0] == expect.unit and frame[1] in (expect.function_code, expect.function_code | 0x80):
                     self._bad_crc.add(offset)
-                if settled:
-                    self._start = offset + 1
-                offset += 1
                 continue
             unit, pdu = frame[0], frame[1:-2]
             verdict = expect.judge(None, unit, pdu)
-            if verdict is None:
-                self._count_skipped(offset)
-                del buffer[:offset + size]
-                self.expect = None
-                return answer(unit, 0, pdu)
-            self._discard(*verdict)
-            # A whole frame that is not the answer: what lay before it is judged, skip past it.
             self._count_skipped(offset)
-            del buffer[:offset + size]
-            self._bad_crc.clear()
-            offset = self._start = 0
-            settled = True
-        return None
+            del buffer[:end]
+            if verdict is None:
+                self.expect = None
+                self._reset()
+                return answer(unit, 0, pdu)
+            # A whole frame that is not the answer: what lay before it is judged; look again after it.
+            self._discard(*verdict)
+            self._reset()
 
     def give_up(self) -> str:
         self.expect = None
         if self._bad_crc:
             self.counters.crc_errors += len(self._bad_crc)
             self.buffer.clear()
+            self._reset()
             return "a reply with a bad CRC (noise or a wiring fault on the line)" + self._also()
         if self.buffer or self._noise:
             self.counters.framing_errors += 1
-            bytes_ = len(self.buffer)
+            count = len(self.buffer)
             self.buffer.clear()
-            return f"{bytes_} byte(s) that were no valid Modbus frame (noise on the line)" + self._also()
+            self._reset()
+            return f"{count} byte(s) that were no valid Modbus frame (noise on the line)" + self._also()
         return self.last_discard
 
     def _also(self) -> str:
@@ -323,8 +323,6 @@ class RtuReceiver(Receiver):
         self.counters.crc_errors += len(bad)
         if (offset and not bad) or self._noise:
             self.counters.framing_errors += 1
-        self._bad_crc -= bad
-        self._noise = False
 
 
 def _rtu_size(buffer: bytearray, offset: int) -> int | None:
