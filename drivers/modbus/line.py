@@ -11,7 +11,11 @@ Lines are shared by key (`ModbusDevice.line_key`) and counted: the first device 
 to close releases it, so a reload that restarts one device leaves the others' connection alone.
 
 The line also measures itself: the share of the last minute it was busy (requests plus pauses). Near
-100 % it cannot keep its devices' schedules; `saturated` is logged once, with the recovery once.
+100 % it cannot keep its devices' schedules; `saturated` is logged once, with the recovery once. And it
+counts what its receive path threw away (`LineCounters`: CRC errors, framing errors, replies that were not
+the request's, disconnects), kept across reconnects, for the status message, /metrics and the log.
+
+The bytes themselves (framing, finding the answer, judging a reply) are drivers/modbus/transport.py.
 """
 
 from __future__ import annotations
