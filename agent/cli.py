@@ -195,8 +195,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"{device['overruns']:>8} {device['bad_readings']:>6} {device['last_poll_ms']:>8.1f}ms  {detail}")
     for line in status.get("lines", []):
         print(f"line {line['line']}: {line['utilisation']:.0%} busy, {len(line['devices'])} device(s), "
-              f"{line['requests']} requests, {line['timeouts']} timeouts, {line['queue']} waiting")
+              f"{line['requests']} requests, {line['timeouts']} timeouts, {line['queue']} waiting"
+              f"{_line_errors(line)}")
     return 0
+
+
+def _line_errors(line: dict[str, object]) -> str:
+    """What a line's receive path threw away, when it threw anything (drivers/modbus/README.md)."""
+    reasons = line.get("discarded")
+    discarded = sum(reasons.values()) if isinstance(reasons, dict) else 0
+    figures = [(line.get("crc_errors", 0), "CRC errors"), (line.get("framing_errors", 0), "framing errors"),
+               (discarded, "replies discarded"), (line.get("disconnects", 0), "disconnects")]
+    shown = [f"{count} {what}" for count, what in figures if count]
+    return f"; {', '.join(shown)}" if shown else ""
 
 
 def _cmd_buffer_stats(args: argparse.Namespace) -> int:

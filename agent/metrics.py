@@ -63,6 +63,20 @@ def prometheus_text(status: dict[str, Any]) -> str:
     metric("line_requests_total", "counter", "Requests sent on the line.", per_line("requests"))
     metric("line_timeouts_total", "counter", "Requests on the line that got no answer.", per_line("timeouts"))
     metric("line_queue_requests", "gauge", "Requests waiting for their turn on the line.", per_line("queue"))
+    # What the line's receive path threw away (drivers/modbus/README.md "What came instead of an answer").
+    with_errors = [line for line in shared if "crc_errors" in line]
+    metric("line_crc_errors_total", "counter", "RTU frames that looked like an answer but failed the CRC: noise "
+           "or a wiring fault (termination, biasing, baud rate, cable).",
+           [(f'{{line="{_label(line["line"])}"}}', float(line["crc_errors"])) for line in with_errors])
+    metric("line_framing_errors_total", "counter", "Answers that came with stray bytes around them, bytes that were "
+           "no frame, malformed Modbus TCP headers.",
+           [(f'{{line="{_label(line["line"])}"}}', float(line["framing_errors"])) for line in with_errors])
+    metric("line_discarded_replies_total", "counter", "Well-formed replies that were not the request's, by what "
+           "did not match (transaction_id, unit_id, function_code, length; unexpected: no request waiting).",
+           [(f'{{line="{_label(line["line"])}",reason="{reason}"}}', float(count))
+            for line in with_errors for reason, count in sorted(line["discarded"].items())])
+    metric("line_disconnects_total", "counter", "Connections (or serial ports) lost.",
+           [(f'{{line="{_label(line["line"])}"}}', float(line["disconnects"])) for line in with_errors])
     metric("buffer_readings", "gauge", "Readings waiting in the buffer for the broker.", [("", buffer["readings"])])
     metric("buffer_bytes", "gauge", "The buffer's size on disk.", [("", buffer["bytes"])])
     metric("buffer_oldest_age_seconds", "gauge", "Age of the oldest waiting reading.", [("", buffer["oldest_age_s"])])

@@ -1,5 +1,5 @@
-"""The agent's work per Modbus answer without the network: pymodbus's framer and PDU decoding of a received
-frame, as the agent's client is configured, then the driver's decoding to readings. Repeatable under
+"""The agent's work per Modbus answer without the network: the line's receive path (drivers/modbus/transport.py:
+the MBAP frame cut, judged against the request and made a PDU), then the driver's decoding to readings. Repeatable under
 `valgrind --tool=callgrind` (instruction counts do not depend on the machine's load), e.g.
 
     valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.decode --answers 2000
@@ -21,7 +21,7 @@ import sys
 import time
 
 from drivers.modbus import driver as modbus_driver
-from drivers.modbus import line as lines
+from drivers.modbus import transport
 from drivers.modbus.config import ModbusDevice
 
 
@@ -49,14 +49,16 @@ async def run(points: int, kind: str, answers: int) -> dict[str, object]:
     config = device(points)
     driver = modbus_driver.ModbusDriver(config)
     [request] = driver.requests
-    client = lines.Line(config)._new_client(1.0)  # pymodbus makes its client inside an event loop
-    framer = client.ctx.framer
+    receiver = transport.MbapReceiver(transport.LineCounters())
+    expect = transport.Expect(1, request.function_code, 2 * request.count, 1)
     frames = [frame(struct.pack(f">{points}f", *values(kind, points)), 1)]
     readings = 0
     started = time.process_time()
     for _ in range(answers):
         for data in frames:
-            _, response = framer.handleFrame(data, 1, 1)
+            receiver.expect = expect
+            response = receiver.feed(data)
+            assert response is not None
             readings += len(modbus_driver.readings_of(request, response))
     cpu = time.process_time() - started
     return {"benchmark": "decode", "points": points, "values": kind, "answers": answers, "readings": readings,

@@ -133,10 +133,9 @@ class ModbusDriver:
             # only that unit's problem (its neighbours keep the connection).
             if isinstance(exc, ConnectionException) or line.users == 1:
                 line.lost(str(exc))
-            if not isinstance(exc, ConnectionException):
-                line.timeouts += 1
-            raise DeviceError(f"no answer from {self.endpoint} to FC{request.function_code:02d} "
-                              f"{request.address}+{request.count} within {self.config.timeout:g} s") from exc
+            # The line counts its timeouts and says what came instead of an answer (a reset, a stray reply).
+            raise DeviceError(lines.failure(exc, self.endpoint, request.function_code, request.address,
+                                            request.count, self.config.timeout)) from exc
 
     def _replace(self, request: ReadRequest, parts: tuple[ReadRequest, ...], code: int) -> None:
         """Keep the split for the following polls: the device will refuse the joined request again."""

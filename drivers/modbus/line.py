@@ -11,28 +11,37 @@ Lines are shared by key (`ModbusDevice.line_key`) and counted: the first device 
 to close releases it, so a reload that restarts one device leaves the others' connection alone.
 
 The line also measures itself: the share of the last minute it was busy (requests plus pauses). Near
-100 % it cannot keep its devices' schedules; `saturated` is logged once, with the recovery once.
+100 % it cannot keep its devices' schedules; `saturated` is logged once, with the recovery once. And it
+counts what its receive path threw away (`LineCounters`: CRC errors, framing errors, replies that were not
+the request's, disconnects), kept across reconnects, for the status message, /metrics and the log.
+
+The bytes themselves (framing, finding the answer, judging a reply) are drivers/modbus/transport.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException, ModbusIOException
-from pymodbus.framer import FramerType
-from pymodbus.pdu import ModbusPDU
-from pymodbus.pdu.bit_message import ReadCoilsResponse, ReadDiscreteInputsResponse
-from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
+from pymodbus.exceptions import ModbusException
 
 from agent.errors import DeviceError
 from agent.health import FailureLog
 from drivers.modbus.config import ModbusDevice
+from drivers.modbus.transport import (
+    READ_RESPONSES,
+    LineCounters,
+    LinkLost,
+    ModbusLink,
+    NoAnswer,
+    RegisterBytes,
+    SerialSettings,
+)
+
+__all__ = ["READ_RESPONSES", "Client", "Line", "RegisterBytes", "acquire", "failure", "lines", "release"]
 
 log = logging.getLogger("drivers.modbus")
 
@@ -40,7 +49,7 @@ T = TypeVar("T")
 WINDOW_S = 60
 SATURATED = 0.9
 
-Client = AsyncModbusTcpClient | AsyncModbusSerialClient
+Client = ModbusLink
 
 
 class Line:
@@ -54,7 +63,10 @@ class Line:
         self._client: Client | None = None
         self.users = 0
         self.requests = 0
-        self.timeouts = 0
+        self.timeouts = 0  # requests that got no valid answer in time (whatever else came instead)
+        self.counters = LineCounters()  # what the receive path threw away: CRC, noise, others' replies
+        self._told: set[str] = set()  # the kinds of discarded reply logged at WARNING already
+        self._receiving = FailureLog(f"line {self.key}: receiving", log)
         self.queue_length = 0  # requests waiting for their turn
         self.demand: dict[str, tuple[int, float]] = {}  # device name -> (requests per poll, timeout)
         self._busy = [0.0] * WINDOW_S  # busy seconds per second of the last minute, indexed by second % 60
@@ -78,10 +90,14 @@ class Line:
             started = time.monotonic()
             try:
                 client = await self._connected(seconds)
-                # One client serves devices with different timeouts; pymodbus reads it for every request.
-                client.comm_params.timeout_connect = seconds
+                # One client serves devices with different timeouts; it reads it for every request.
+                client.timeout = seconds
                 self.requests += 1
-                return await call(client)
+                try:
+                    return await call(client)
+                except NoAnswer:
+                    self.timeouts += 1
+                    raise
             finally:
                 try:
                     if self.turnaround:
@@ -108,8 +124,11 @@ class Line:
         return min(1.0, busy / span)
 
     def snapshot(self) -> dict[str, Any]:
+        counters = self.counters
         return {"line": self.key, "devices": sorted(self.demand), "utilisation": round(self.utilisation(), 3),
-                "requests": self.requests, "timeouts": self.timeouts, "queue": self.queue_length}
+                "requests": self.requests, "timeouts": self.timeouts, "queue": self.queue_length,
+                "crc_errors": counters.crc_errors, "framing_errors": counters.framing_errors,
+                "discarded": dict(counters.discarded), "disconnects": counters.disconnects}
 
     def close(self) -> None:
         if self._client is not None:
@@ -151,28 +170,8 @@ class Line:
         if not ok:
             client.close()
             raise DeviceError(f"{self._cannot()}: {_not_connected(self._template)}")
-        if self.transport == "rtu":
-            # pymodbus opens the port without a lock; take one, so a second program (or a second agent)
-            # on the same RS-485 adapter is refused instead of garbling every frame.
-            self._lock_port(client)
         self._client = client
         return client
-
-    def _lock_port(self, client: Client) -> None:
-        import fcntl
-
-        # pymodbus keeps the pyserial port in its transaction manager's transport.
-        transport = getattr(getattr(client, "ctx", None), "transport", None)
-        serial_port = getattr(transport, "sync_serial", None)
-        fd = serial_port.fileno() if serial_port is not None else None
-        if fd is None:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            client.close()
-            self._client = None
-            raise DeviceError(f"{self._cannot()}: {_BUSY}") from exc
 
     def _cannot(self) -> str:
         if self.transport == "rtu":
@@ -181,73 +180,30 @@ class Line:
 
     def _new_client(self, timeout: float) -> Client:
         device = self._template
-        client: Client
         if device.transport == "rtu":
             assert device.serial_port is not None
-            client = AsyncModbusSerialClient(device.serial_port, framer=FramerType.RTU, baudrate=device.baudrate,
-                                             parity=device.parity, bytesize=device.data_bits,
-                                             stopbits=device.stop_bits, timeout=timeout, retries=0, reconnect_delay=0,
-                                             name=self.key)
-        else:
-            assert device.host is not None
-            framer = FramerType.RTU if device.transport == "rtu_over_tcp" else FramerType.SOCKET
-            client = AsyncModbusTcpClient(device.host, port=device.port, framer=framer, timeout=timeout, retries=0,
-                                          reconnect_delay=0, name=self.key)
-        for response in READ_RESPONSES:
-            client.register(response)
-        return client
+            # pyserial's exclusive lock: a second program (or a second agent) on the same RS-485 adapter is
+            # refused instead of garbling every frame.
+            serial = SerialSettings(device.serial_port, device.baudrate, device.parity, device.data_bits,
+                                    device.stop_bits)
+            return ModbusLink("rtu", name=self.key, timeout=timeout, counters=self.counters, serial=serial,
+                              told=self._told, receiving=self._receiving)
+        assert device.host is not None
+        return ModbusLink(device.transport, name=self.key, timeout=timeout, counters=self.counters,
+                          host=device.host, port=device.port, told=self._told, receiving=self._receiving)
 
 
-# --- the answers the line's client decodes ----------------------------------------------------------------
-
-class _Brief(ModbusPDU):
-    """pymodbus formats every answer it decodes for a debug line (`DecodePDU.decode`), logged or not: every
-    register or bit of it, the largest cost per answer in its receive path. Ours says what it is, briefly."""
-
-    def __str__(self) -> str:
-        return f"{type(self).__name__}(dev_id={self.dev_id}, transaction_id={self.transaction_id})"
-
-
-class RegisterBytes(_Brief):
-    """A register answer kept as the bytes that came (big-endian registers): pymodbus unpacks an answer one
-    register at a time, the block decoder reads the bytes in one step. `registers` is there for the tools."""
-
-    payload: bytes = b""
-
-    def decode(self, data: bytes) -> None:
-        byte_count = data[0]
-        if byte_count >= len(data):  # as pymodbus: a count longer than the frame is not an answer
-            raise ModbusIOException(f"byte_count {byte_count} > length of packet {len(data)}",
-                                    function_code=self.function_code)
-        self.payload = data[1:1 + byte_count - byte_count % 2]
-
-    @property  # type: ignore[override]
-    def registers(self) -> list[int]:
-        return list(struct.unpack(f">{len(self.payload) // 2}H", self.payload))
-
-    @registers.setter
-    def registers(self, registers: list[int]) -> None:
-        self.payload = struct.pack(f">{len(registers)}H", *registers)
-
-
-class _HoldingRegisters(RegisterBytes, ReadHoldingRegistersResponse):
-    pass
-
-
-class _InputRegisters(RegisterBytes, ReadInputRegistersResponse):
-    pass
-
-
-class _Coils(_Brief, ReadCoilsResponse):
-    pass
-
-
-class _DiscreteInputs(_Brief, ReadDiscreteInputsResponse):
-    pass
-
-
-# Registered on every client through pymodbus's public `register` (a response class per function code).
-READ_RESPONSES: tuple[type[ModbusPDU], ...] = (_Coils, _DiscreteInputs, _HoldingRegisters, _InputRegisters)
+def failure(exc: ModbusException, endpoint: str, function_code: int, address: int, count: int,
+            timeout: float) -> str:
+    """A failed request in a technician's words: silence, something that was not the answer, or a lost link."""
+    request = f"FC{function_code:02d} {address}+{count}"
+    if isinstance(exc, NoAnswer) and exc.detail:
+        return f"no valid answer from {endpoint} to {request} within {timeout:g} s: {exc.detail}"
+    if isinstance(exc, NoAnswer):
+        return f"no answer from {endpoint} to {request} within {timeout:g} s"
+    if isinstance(exc, LinkLost):
+        return f"{endpoint}: {exc} during {request}"
+    return f"no answer from {endpoint} to {request} within {timeout:g} s ({exc})"
 
 
 _BUSY = "the port is busy: another program has it open (another agent, a terminal program, ModemManager)"
