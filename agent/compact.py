@@ -2,8 +2,9 @@
 platform in docs/payload.md ("The compact encoding").
 
 The same messages as the JSON encoding, without the text that repeats: a poll carries its time, its first
-sequence number, the id of a point table and its values in table order; point names and units travel once
-per device in a retained JSON message on the meta topic, which lists the tables by id. A value is a CBOR
+sequence number, the id of a point table and its values in table order; point names and units travel in
+the tables, now and then in the data messages themselves (below) and in a retained JSON message on the
+meta topic, which lists the tables by id. A value is a CBOR
 integer, boolean, text or null, a float32 when the value is a float32 shown by its shortest decimal (what a
 meter's float32 register decodes to, and what the JSON encoding writes as that decimal: the same value, in
 5 bytes), or else a float64. Quality, reasons and device timestamps ride in an optional map keyed by
