@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
+import socket
 import sqlite3
 import struct
+import subprocess
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.compact import CBOR_SCHEMA, SELF_DESCRIBED, CborEncoder, _good_values, _values_and_extra, decode_polls
-from agent.demo.mosquitto import MosquittoProcess
+from agent.demo.mosquitto import MosquittoProcess, free_port
 from agent.model import Float32, PollResult, Quality, Reading
 from agent.monitor import Monitor
 from agent.payload import Encoder
@@ -459,3 +463,57 @@ async def test_the_monitor_command_joining_late_decodes_without_the_meta_topic(
     (gateway,) = final["gateways"]
     assert final["ok"] and final["invalid"] == 0 and gateway["waiting_for_table"] == 0, gateway["invalid_errors"]
     assert gateway["readings"] >= 40
+
+
+# --- a second broker implementation: NATS's MQTT (its own ordering and retained-message code) -------------
+
+NATS_SERVER = shutil.which("nats-server") or next((p for p in ("/usr/sbin/nats-server",) if Path(p).exists()), None)
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def nats_mqtt(tmp_path: Path) -> Iterator[int]:
+    """nats-server with JetStream (its MQTT needs it) and an MQTT listener on a free loopback port."""
+    if NATS_SERVER is None:
+        pytest.skip("nats-server is not installed")
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(f'server_name: "edge_test"\nlisten: "127.0.0.1:-1"\n'
+                      f'jetstream {{ store_dir: "{tmp_path / "nats"}" }}\nmqtt {{ host: "127.0.0.1", port: {port} }}\n')
+    with (tmp_path / "nats.log").open("wb") as log_file:
+        process = subprocess.Popen([NATS_SERVER, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not listening(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nats-server did not start: {(tmp_path / 'nats.log').read_text()[-500:]}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+async def test_a_data_topics_only_subscriber_decodes_everything_through_nats(
+        tmp_path: Path, nats_mqtt: int, modbus_sim: SimServer) -> None:
+    devices = meter_device(modbus_sim.port) + meter_device(modbus_sim.port, name="env-sensor", unit_id=2)
+    config = agent_config(tmp_path, nats_mqtt, devices, extra_mqtt='encoding = "cbor"')
+    with Monitor("127.0.0.1", nats_mqtt, DATA_ONLY) as monitor:
+        _, stop, task = await start_agent(config)
+        await eventually(lambda: monitor.received(GATEWAY) >= 60, 15, "compact readings through NATS")
+        await stop_agent(stop, task)
+        await nothing_lost(monitor, tmp_path / "buffer.db")
+        report = monitor.report()
+    assert report.invalid == 0 and report.gateways[0].waiting_for_table == 0, report.gateways[0].invalid_errors
+    assert {d.device for d in report.gateways[0].devices} == {"power-meter", "env-sensor"}
