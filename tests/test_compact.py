@@ -437,6 +437,25 @@ async def test_a_backlog_after_a_restart_decodes_from_the_data_topics_alone(
     assert report.invalid == 0 and report.gateways[0].waiting_for_table == 0, report.gateways[0].invalid_errors
 
 
+async def test_after_a_reconnect_the_first_messages_carry_the_tables_again(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+    """A subscriber that joins while the broker restarts (a new platform instance, a consumer that lost
+    its tables) decodes the data topics alone at once: the agent's first messages on its new connection
+    carry the tables; nothing waits for the minute's repeat."""
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port), extra_mqtt='encoding = "cbor"')
+    agent, stop, task = await start_agent(config)
+    try:
+        await eventually(lambda: agent.uplink is not None and agent.uplink.messages_delivered >= 5, 10,
+                         "messages delivered, the tables acknowledged")
+        mosquitto.restart()  # the agent waits reconnect_min (1 s) or more before it is back
+        with Monitor("127.0.0.1", mosquitto.port, DATA_ONLY) as monitor:
+            await eventually(lambda: monitor.received(GATEWAY) >= 40, 10, "readings after the reconnect")
+            report = monitor.report()
+    finally:
+        await stop_agent(stop, task)
+    assert report.invalid == 0 and report.gateways[0].waiting_for_table == 0, report.gateways[0].invalid_errors
+
+
 async def test_the_monitor_command_joining_late_decodes_without_the_meta_topic(
         tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """`edge-agent monitor` subscribed to the data topics only, started after the agent had sent its
