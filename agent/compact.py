@@ -2,8 +2,9 @@
 platform in docs/payload.md ("The compact encoding").
 
 The same messages as the JSON encoding, without the text that repeats: a poll carries its time, its first
-sequence number, the id of a point table and its values in table order; point names and units travel once
-per device in a retained JSON message on the meta topic, which lists the tables by id. A value is a CBOR
+sequence number, the id of a point table and its values in table order; point names and units travel in
+the tables, now and then in the data messages themselves (below) and in a retained JSON message on the
+meta topic, which lists the tables by id. A value is a CBOR
 integer, boolean, text or null, a float32 when the value is a float32 shown by its shortest decimal (what a
 meter's float32 register decodes to, and what the JSON encoding writes as that decimal: the same value, in
 5 bytes), or else a float64. Quality, reasons and device timestamps ride in an optional map keyed by
@@ -17,14 +18,28 @@ its id is the first 8 hex digits of the SHA-256 of its JSON, so the same points 
 and an id never changes meaning. A poll that holds a point the table lacks (a driver that reports points
 it was not configured with) makes a new table with that point added, never a failure. New tables are
 handed to the buffer with the rows that use them (`take_tables`), so a row on disk is always decodable.
+
+Tables travel in band. MQTT orders messages within one topic only: a table published on the meta topic
+can reach a subscriber after the data that names it (aedes), or never (RabbitMQ 3.10 does not deliver
+retained messages to wildcard subscriptions). So a data message carries, under "tables", every table its
+polls name that no acknowledged message of the device carried on this connection in the last
+TABLE_REPEAT seconds. The invariant that follows from per-topic order alone: before a subscriber gets a
+message naming a table without carrying it, it got (on the same topic, from the same connection) a
+message that carried it; a subscriber that joined later gets it again within TABLE_REPEAT. Until an
+acknowledgement comes back every message carries the table, so one the broker refuses or a link that
+drops cannot leave a table unsent. The uplink tells the encoder which tables a device has
+(`tables_known`), when a connection starts (`new_connection`) and what was acknowledged (`carried`); the
+retained meta message stays, for subscribers that join late on brokers that keep it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from agent.floats import shortest_float32
@@ -40,6 +55,9 @@ _POLLS_OPEN, _BREAK = b"\x9f", b"\xff"  # an indefinite-length array and its end
 _F32, _F64 = struct.Struct(">f"), struct.Struct(">d")
 _pack_f32, _unpack_f32, _pack_f64 = _F32.pack, _F32.unpack, _F64.pack
 _TRUE, _FALSE, _NULL = b"\xf5", b"\xf4", b"\xf6"
+# Seconds after which a device's tables ride in its data again: how long a subscriber that joined late on a
+# broker that keeps no retained meta waits for them. At 1 s polls of 50 points it costs ~0.3 bytes a reading.
+TABLE_REPEAT = 60.0
 
 
 class Table(NamedTuple):
@@ -59,11 +77,15 @@ def table_of(points: Iterable[tuple[str, str | None]]) -> Table:
 
 class CborEncoder:
     def __init__(self, gateway: str, site: str, buffer_id: str) -> None:
-        self._head = SELF_DESCRIBED + _header(0xA0, 6) + b"".join(
-            item(key) + item(value) for key, value in
-            (("schema", CBOR_SCHEMA), ("gateway", gateway), ("site", site), ("buffer_id", buffer_id))) + \
-            item("device")
-        self._polls_key = item("polls")
+        fields = b"".join(item(key) + item(value) for key, value in
+                          (("schema", CBOR_SCHEMA), ("gateway", gateway), ("site", site), ("buffer_id", buffer_id)))
+        self._head = SELF_DESCRIBED + _header(0xA0, 6) + fields + item("device")
+        self._head_with_tables = SELF_DESCRIBED + _header(0xA0, 7) + fields + item("device")
+        self._polls_key, self._tables_key = item("polls"), item("tables")
+        # In-band tables: per device, the CBOR of each table it has (id item + table, as "tables" holds it),
+        # and when a message carrying it was last acknowledged on this connection (monotonic seconds).
+        self._inline: dict[str, dict[str, bytes]] = {}
+        self._carried: dict[str, dict[str, float]] = {}
         self._tables: dict[str, Table] = {}  # device -> its table now
         self._stored: dict[str, Table] = {}  # device -> the table last handed out to be stored with rows
         self._new: list[tuple[str, str, str]] = []  # (device, table id, points JSON) not yet handed out
@@ -82,6 +104,42 @@ class CborEncoder:
         those fragments."""
         new, self._new = self._new, []
         return new
+
+    # --- tables in band (see the module's docstring) -----------------------------------------------------
+
+    def tables_known(self, device: str, tables: dict[str, str]) -> None:
+        """The device's tables by id (points JSON, as the buffer stores them): what its messages may carry.
+        Called before any message of the device is framed on a connection."""
+        known = self._inline.get(device, {})
+        self._inline[device] = {table_id: known.get(table_id) or item(table_id) + item(json.loads(text))
+                                for table_id, text in tables.items()}
+
+    def new_connection(self) -> None:
+        """A new MQTT connection: a subscriber may have joined in between, so every table rides again."""
+        self._carried.clear()
+
+    def due(self, device: str, table_ids: Iterable[str | None], now: float | None = None) -> list[str]:
+        """Of the tables some polls name, those their message must carry (sorted)."""
+        now = time.monotonic() if now is None else now
+        carried, known = self._carried.get(device, {}), self._inline.get(device, {})
+        return sorted({table_id for table_id in table_ids if table_id in known and
+                       now - carried.get(table_id, -math.inf) >= TABLE_REPEAT})
+
+    def carried(self, device: str, table_ids: Iterable[str], now: float | None = None) -> None:
+        """The broker acknowledged a message of the device that carried these tables."""
+        now = time.monotonic() if now is None else now
+        self._carried.setdefault(device, {}).update(dict.fromkeys(table_ids, now))
+
+    def _due_bytes(self, device: str, now: float | None) -> int:
+        """What the tables a message of the device would carry now add to it (all of its due tables: the
+        size limit must hold whichever of them its polls name)."""
+        known = self._inline.get(device)
+        if not known:
+            return 0
+        due = self.due(device, known, now)
+        if not due:
+            return 0
+        return len(self._tables_key) + len(_header(0xA0, len(due))) + sum(len(known[t]) for t in due)
 
     def _use(self, device: str, table: Table) -> Table:
         self._tables[device] = table
@@ -142,12 +200,20 @@ class CborEncoder:
         encoded = self._table_ids[table_id] = item(table_id)
         return encoded
 
-    def frame(self, device: str, polls: list[bytes]) -> bytes:
-        """The message for some polls of one device, oldest first."""
-        return b"".join((self._head, self._device(device), self._polls_key, _POLLS_OPEN, *polls, _BREAK))
+    def frame(self, device: str, polls: list[bytes], tables: Iterable[str] = ()) -> bytes:
+        """The message for some polls of one device, oldest first, carrying `tables` (ids from `due`)."""
+        known = self._inline.get(device, {})
+        carry = [known[table_id] for table_id in tables]
+        if not carry:
+            return b"".join((self._head, self._device(device), self._polls_key, _POLLS_OPEN, *polls, _BREAK))
+        # "tables" before "polls": a streaming decoder has the tables before the values that need them.
+        return b"".join((self._head_with_tables, self._device(device), self._tables_key,
+                         _header(0xA0, len(carry)), *carry, self._polls_key, _POLLS_OPEN, *polls, _BREAK))
 
-    def framed_size(self, device: str, polls_bytes: int, polls: int) -> int:
-        return len(self._head) + len(self._device(device)) + len(self._polls_key) + 2 + polls_bytes
+    def framed_size(self, device: str, polls_bytes: int, polls: int, now: float | None = None) -> int:
+        """At most the length of `frame` for these polls now, tables it would carry included."""
+        return len(self._head) + len(self._device(device)) + len(self._polls_key) + 2 + polls_bytes + \
+            self._due_bytes(device, now)
 
     def message(self, result: PollResult, first_seq: int) -> bytes:
         """A single poll as a whole message (tests, tools)."""
@@ -170,8 +236,14 @@ def meta_message(gateway: str, site: str, device: str, tables: dict[str, str]) -
 
 def decode_polls(message: Any, tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """A decoded compact message's polls in the JSON encoding's shape ({ts (epoch seconds), readings}),
-    given the device's tables by id (from its meta messages). For the monitor and tests; a platform does
-    the same in its own language. Raises KeyError for a table it was not given."""
+    given the device's tables by id (from its meta messages and earlier data messages); the tables the
+    message carries are added to `tables`. For the monitor and tests; a platform does the same in its own
+    language. Raises KeyError for a table neither the message nor `tables` holds."""
+    carried = message.get("tables")
+    if carried is not None:
+        if not isinstance(carried, Mapping):
+            raise TypeError(f"tables is a {type(carried).__name__}, not a map")
+        tables.update(carried)
     polls = []
     for poll in message["polls"]:
         ts_ms, seq, table_id, values, *rest = poll

@@ -16,6 +16,10 @@ How it works, and what it promises:
   "pending". Numbers below the first one seen were sent before the monitor subscribed: never gaps.
 - An invalid message is counted against its gateway (from the topic) and not accounted further, as a
   platform would park it: its readings show as a gap too.
+- A compact message that names a point table not received yet (neither in a data message nor on the meta
+  topic: a monitor that joined late, a broker that keeps no retained meta) waits, as docs/payload.md tells
+  a platform to, and is accounted when the table arrives (the agent sends it again within a minute). One
+  still waiting when the monitor stops is invalid.
 - Memory stays bounded on long runs: a window of one byte per sequence number (older numbers folded into
   a list of missing ranges), a fixed number of latency samples per stream.
 """
@@ -36,7 +40,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import cache
@@ -59,6 +63,7 @@ ERRORS_PER_MESSAGE = 3
 ERROR_TEXT_MAX = 200
 LATENCY_SAMPLES = 10_000      # per stream, for the percentiles
 INBOX_MESSAGES = 10_000       # received, not yet accounted; a full inbox slows the network thread down
+WAITING_MAX = 10_000          # compact messages waiting for their point table, all gateways together
 SEQ_WINDOW = 1 << 22          # sequence numbers held one byte each (4 MiB) before the oldest are folded
 HIGH_WATER_STEP = 0.1         # seconds: resolution of "when was this number first exceeded"
 RATE_BUCKET = 0.1             # seconds
@@ -300,6 +305,7 @@ class GatewayState:
     devices: dict[str, DeviceState] = field(default_factory=dict)
     invalid: int = 0
     errors: list[str] = field(default_factory=list)  # the first ERRORS_KEPT
+    waiting: int = 0           # compact messages waiting for a point table
     status: dict[str, Any] | None = None
     status_received: float | None = None
 
@@ -361,6 +367,7 @@ class GatewayReport:
     latency: Latency
     streams: tuple[StreamReport, ...]
     devices: tuple[DeviceReport, ...]
+    waiting_for_table: int = 0  # compact messages held until their point table arrives
 
 
 @dataclass(frozen=True)
@@ -413,6 +420,11 @@ class Monitor:
         # Compact encoding: every point table seen on a meta topic, by (gateway, device) and id. Kept for
         # the monitor's life: an id never changes meaning, and backlog messages may name older tables.
         self.tables: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+        # Compact messages naming a table not received yet, by (gateway, device), in arrival order: the
+        # arguments of _handle_data and the table's id. Only the worker thread touches them.
+        self._waiting: dict[tuple[str, str], list[tuple[tuple[Any, ...], str]]] = {}
+        self._waiting_count = 0
+        self._tables_arrived: set[tuple[str, str]] = set()
         self.invalid = 0
         self.ignored = 0
         self.started = time.monotonic()
@@ -488,6 +500,7 @@ class Monitor:
             self._inbox.put(None)
             self._worker.join()
             self._worker = None
+        self._give_up_waiting()
 
     def __enter__(self) -> Monitor:
         return self.start()
@@ -516,6 +529,16 @@ class Monitor:
     # --- accounting (the worker thread) -------------------------------------------------------------
 
     def _handle(self, arrived: float, now: float, topic: str, payload: bytes) -> None:
+        self._dispatch(arrived, now, topic, payload)
+        while self._tables_arrived:  # messages that waited for a table that came with this one
+            key = self._tables_arrived.pop()
+            for args, _ in self._waiting.pop(key, []):
+                self._waiting_count -= 1
+                with self._lock:
+                    self.gateways.setdefault(key[0], GatewayState()).waiting -= 1
+                self._handle_data(*args)
+
+    def _dispatch(self, arrived: float, now: float, topic: str, payload: bytes) -> None:
         levels = topic.split("/")
         if len(levels) >= 3 and levels[-1] == "status":
             self._handle_status(arrived, topic, levels[-2], payload)
@@ -530,7 +553,7 @@ class Monitor:
     def _handle_data(self, arrived: float, now: float, topic: str, site: str, gateway: str, device: str,
                      payload: bytes) -> None:
         if payload.startswith(SELF_DESCRIBED):
-            body = self._from_compact(gateway, device, payload)
+            body = self._from_compact((arrived, now, topic, site, gateway, device, payload))
             if body is None:
                 return
         else:
@@ -572,23 +595,42 @@ class Monitor:
         except (ValueError, AttributeError, RecursionError) as exc:
             self._reject(gateway, [f"{device} meta: {exc}"])
             return
-        with self._lock:
-            self.tables.setdefault((gateway, device), {}).update(body["tables"])
+        self._learn_tables(gateway, device, body["tables"])
 
-    def _from_compact(self, gateway: str, device: str, payload: bytes) -> dict[str, Any] | None:
+    def _learn_tables(self, gateway: str, device: str, tables: Mapping[str, Any]) -> None:
+        """Point tables from a meta or a data message: messages waiting for one of them are accounted next."""
+        with self._lock:
+            known = self.tables.setdefault((gateway, device), {})
+            new = tables.keys() - known.keys()
+            known.update(tables)
+        if new and (gateway, device) in self._waiting:
+            self._tables_arrived.add((gateway, device))
+
+    def _from_compact(self, args: tuple[Any, ...]) -> dict[str, Any] | None:
         """A compact message in the JSON encoding's shape, so that it is checked and counted the same way;
-        None (and counted invalid) when it cannot be decoded."""
+        None when it cannot be decoded (counted invalid) or waits for its point table. `args`: those of
+        _handle_data."""
         import cbor2  # only a platform on the compact encoding pays for it
 
+        gateway, device, payload = args[4], args[5], args[6]
         try:
             message = cbor2.loads(payload)
             if message.get("schema") != CBOR_SCHEMA:
                 raise ValueError(f"not an {CBOR_SCHEMA} message")
+            carried = message.get("tables")
+            if carried is not None:
+                if not isinstance(carried, Mapping):
+                    raise TypeError(f"tables is a {type(carried).__name__}, not a map")
+                self._learn_tables(gateway, device, carried)
             with self._lock:
                 tables = dict(self.tables.get((gateway, device), {}))
             polls = decode_polls(message, tables)
         except KeyError as exc:
-            self._reject(gateway, [f"{device}: names the point table {exc} that no meta message announced"])
+            table_id = exc.args[0] if exc.args else None
+            if not isinstance(table_id, str) or table_id in tables:
+                self._reject(gateway, [f"{device}: not a compact message (a point table without {exc})"])
+            else:
+                self._wait_for_table(args, table_id)
             return None
         except (ValueError, TypeError, AttributeError, IndexError, cbor2.CBORDecodeError) as exc:
             self._reject(gateway, [f"{device}: not a compact message ({exc})"])
@@ -601,6 +643,25 @@ class Monitor:
                         reading[key] = iso_utc(reading[key])
         return {**{key: message.get(key) for key in ("gateway", "site", "buffer_id", "device")},
                 "schema": SCHEMA, "polls": polls}
+
+    def _wait_for_table(self, args: tuple[Any, ...], table_id: str) -> None:
+        gateway, device = args[4], args[5]
+        if self._waiting_count >= WAITING_MAX:
+            self._reject(gateway, [_no_table(device, table_id)])
+            return
+        self._waiting.setdefault((gateway, device), []).append((args, table_id))
+        self._waiting_count += 1
+        with self._lock:
+            self.gateways.setdefault(gateway, GatewayState()).waiting += 1
+
+    def _give_up_waiting(self) -> None:
+        """At stop: a message whose table never came is invalid, named by the table."""
+        waiting, self._waiting, self._waiting_count = self._waiting, {}, 0
+        for (gateway, device), messages in waiting.items():
+            with self._lock:
+                self.gateways.setdefault(gateway, GatewayState()).waiting -= len(messages)
+            for _, table_id in messages:
+                self._reject(gateway, [_no_table(device, table_id)])
 
     def _problems(self, body: Any, topic: str, from_topic: dict[str, str]) -> list[str]:
         device = from_topic["device"]
@@ -693,7 +754,7 @@ class Monitor:
             rate=round(sum(r.rate for r in reports), 1), rate_overall=round(sum(r.rate_overall for r in reports), 1),
             gaps=sum(r.gaps for r in reports), lost=sum(r.lost for r in reports),
             pending=sum(r.pending for r in reports), invalid=state.invalid, invalid_errors=tuple(state.errors),
-            latency=_latency(samples, highest), streams=reports,
+            latency=_latency(samples, highest), streams=reports, waiting_for_table=state.waiting,
             devices=tuple(DeviceReport(name, d.messages, d.readings, d.bad, iso_utc(d.last_seen),
                                        round(wall - d.last_seen, 1), d.last_ts)
                           for name, d in sorted(state.devices.items())))
@@ -731,6 +792,10 @@ def _status_since(state: GatewayState) -> str | None:
         return None
     ts = state.status.get("ts")
     return ts if isinstance(ts, str) else iso_utc(state.status_received)
+
+
+def _no_table(device: str, table_id: str) -> str:
+    return f"{device}: names the point table {table_id!r} that neither a data message nor the meta topic carried"
 
 
 def _parse_ts(text: str) -> float:
@@ -884,6 +949,8 @@ def _gateway_line(g: GatewayReport) -> str:
     if g.pending:
         parts.append(f"pending {g.pending}")
     parts += [f"dup {g.duplicates}"] + ([f"out-of-order {g.out_of_order}"] if g.out_of_order else [])
+    if g.waiting_for_table:
+        parts.append(f"waiting for a point table {g.waiting_for_table}")
     parts += [f"invalid {g.invalid}", f"latency p50 {_ms(g.latency.p50_ms)} p95 {_ms(g.latency.p95_ms)}"]
     if len(g.streams) > 1:
         parts.append(f"{len(g.streams)} buffers")

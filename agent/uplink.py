@@ -14,10 +14,12 @@ Invariants:
    speed, and neither starves. Within the live stream and within each backlog range, rows go out in
    sequence order over one connection, and MQTT keeps that order per topic: a device's readings arrive in
    order within each stream; a live reading may overtake the same device's backlog.
-4. Compact encoding (agent/compact.py): before the first message of a device that names a point table
-   not yet announced on this connection, the device's tables are published, retained, on its meta topic
-   - on the same connection, so the broker forwards them first. Each row is sent in the encoding it was
-   stored in: after `encoding` was changed, the backlog goes out in the old one.
+4. Compact encoding (agent/compact.py): a data message carries the point tables its polls name until a
+   message carrying them is acknowledged on this connection, and again every `compact.TABLE_REPEAT`
+   seconds, so per-topic order alone puts a table before the data that needs it. The device's tables are
+   also published, retained, on its meta topic at the first message of each connection, for subscribers
+   that join later on brokers that keep them. Each row is sent in the encoding it was stored in: after
+   `encoding` was changed, the backlog goes out in the old one.
 5. When the link drops, messages in flight stay with paho, which re-sends them (DUP) after reconnecting;
    their rows are still in the buffer. If the agent stops or crashes first, they are sent again by the
    next run: the cost of a crash is duplicates, which the platform drops by sequence number, never a loss.
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 class _InFlight:
     seqs: list[int]  # the buffer rows the message carries
     readings: int
+    tables: tuple[str, list[str]] | None = None  # compact: (device, the point tables it carries in band)
 
 
 LIVE, BACKLOG = 0, 1
@@ -199,6 +202,7 @@ class MqttUplink:
             if missing:  # cannot happen (invariant 6 of the buffer); the rows still go, loudly
                 log.error("device %s: point table(s) %s missing from the buffer; its compact messages cannot be "
                           "decoded by the platform", device, ", ".join(sorted(missing)))
+            self._cbor.tables_known(device, tables)
             payload = meta_message(self._gateway.id, self._gateway.site, device, tables)
             info = client.publish(self.topics.meta(device), payload, qos=1, retain=True,
                                   properties=self._content_type(False))
@@ -254,13 +258,18 @@ class MqttUplink:
 
     def _publish(self, client: mqtt.Client, rows: list[StoredBatch]) -> None:
         device, compact = rows[0].device, rows[0].table is not None
-        payload = (self._cbor if compact else self._json).frame(device, [row.payload for row in rows])
+        if compact:  # with the point tables it must carry (invariant 4)
+            carried = self._cbor.due(device, (row.table for row in rows))
+            payload = self._cbor.frame(device, [row.payload for row in rows], carried)
+        else:
+            carried, payload = [], self._json.frame(device, [row.payload for row in rows])
         info = client.publish(self.topics.data(device), payload, qos=1, properties=self._content_type(compact))
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # Not queued by paho at all: the caller puts the rows back; tried again after a pause.
             raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
         # MQTT_ERR_NO_CONN: the link dropped just now; paho keeps the message and sends it on reconnect.
-        self._inflight[info.mid] = _InFlight([row.seq for row in rows], sum(row.count for row in rows))
+        self._inflight[info.mid] = _InFlight([row.seq for row in rows], sum(row.count for row in rows),
+                                             (device, carried) if carried else None)
 
     async def _delete_acked(self) -> None:
         if not self._acked:
@@ -318,6 +327,7 @@ class MqttUplink:
             if not was:
                 log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
                 self._announced.clear()  # a new session: announce point tables again before their data
+                self._cbor.new_connection()  # and carry them in band again
                 # What piled up while disconnected (or before this run) becomes a backlog range.
                 live_from = self._buffer.next_seq
                 if live_from - 1 > self._cursor:
@@ -350,6 +360,8 @@ class MqttUplink:
             self._backlog.extendleft((seq - 1, seq + 1) for seq in reversed(entry.seqs))
         else:
             self._acked.append(entry)
+            if entry.tables is not None:  # later messages of the device need not carry them (invariant 4)
+                self._cbor.carried(*entry.tables)
         self._wake.set()
 
     # --- client setup and teardown --------------------------------------------------------------------

@@ -5,8 +5,10 @@ Each poll is 50 float32 readings of a meter (shortest decimals, as the Modbus de
 encoded as the uplink sends them (`--encoding`: JSON, or the compact CBOR encoding), and committed
 through `Buffer.append` (which compresses JSON) in transactions of `--polls-per-commit` polls, the way the
 buffer writer batches one poll cycle. On the wire: each poll as a live message of its own (the header,
-the topic and MQTT's fixed overhead included; the compact encoding's meta message, once per device and
-connection, is not). Prints one JSON object.
+the topic and MQTT's fixed overhead included; with the compact encoding, the point tables a message
+carries in band: each device's first message, then one every TABLE_REPEAT seconds of poll time, as the
+uplink sends them with every message acknowledged at once; the retained meta message, once per device and
+connection, is not). 50 devices polled every second for count / 50 seconds. Prints one JSON object.
 
     python -m bench.buffer --polls 20000 --polls-per-commit 50 --encoding cbor
 """
@@ -53,6 +55,8 @@ async def run(count: int, per_commit: int, durability: str, encoding: str) -> di
         encoder = (CborEncoder if encoding == "cbor" else Encoder)("changwon-a-gw01", "changwon-plant-a",
                                                                    buffer.buffer_id)
         encoded_bytes = framed_bytes = 0
+        sent: list[tuple[PollResult, int, str | None]] = []  # (poll, fragment length, table)
+        tables: dict[str, dict[str, str]] = {}
         started, cpu_started = time.perf_counter(), time.process_time()
         for first in range(0, count, per_commit):
             seq = buffer.next_seq
@@ -60,11 +64,21 @@ async def run(count: int, per_commit: int, durability: str, encoding: str) -> di
             for result in results[first:first + per_commit]:
                 payload, table = encoder.fragment(result, seq)
                 encoded_bytes += len(payload)
-                framed_bytes += encoder.framed_size(result.device, len(payload), 1)
+                sent.append((result, len(payload), table))
                 batches.append(StoredBatch(seq, len(result.readings), result.device, result.ts, payload, table))
                 seq += len(result.readings)
-            await buffer.append(batches, encoder.take_tables())
+            new_tables = encoder.take_tables()
+            for device, table_id, text in new_tables:
+                tables.setdefault(device, {})[table_id] = text
+            await buffer.append(batches, new_tables)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        for result, length, table in sent:  # each poll framed as a live message, when it would be sent
+            if isinstance(encoder, CborEncoder):
+                encoder.tables_known(result.device, tables[result.device])
+                framed_bytes += encoder.framed_size(result.device, length, 1, now=result.ts)
+                encoder.carried(result.device, encoder.due(result.device, [table], now=result.ts), now=result.ts)
+            else:
+                framed_bytes += encoder.framed_size(result.device, length, 1)
         await buffer.close()
         on_disk = sum(p.stat().st_size for p in Path(tmp).iterdir()  # noqa: ASYNC240 - after the timing
                       if p.name.startswith("buffer.db") and not p.name.endswith(".lock"))

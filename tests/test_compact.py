@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
+import socket
 import sqlite3
 import struct
+import subprocess
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.compact import CBOR_SCHEMA, SELF_DESCRIBED, CborEncoder, _good_values, _values_and_extra, decode_polls
-from agent.demo.mosquitto import MosquittoProcess
+from agent.demo.mosquitto import MosquittoProcess, free_port
 from agent.model import Float32, PollResult, Quality, Reading
 from agent.monitor import Monitor
 from agent.payload import Encoder
@@ -173,6 +177,38 @@ def test_tables_are_named_by_their_content_and_handed_out_once() -> None:
     assert json.loads(grown[2])[-1] == {"point": "new_point"} and list(poll[4]["points"]) == [0, 5]
 
 
+def test_a_message_carries_its_tables_until_one_that_did_is_acknowledged_and_again_later() -> None:
+    """In band: a data message decodes with nothing but the data topic's earlier messages. Every message
+    carries its table until the broker acknowledged one that did (a refused or lost one cannot leave it
+    unsent), again on each new connection, and again after TABLE_REPEAT for subscribers that joined late."""
+    from agent.compact import TABLE_REPEAT
+
+    compact, _ = encoders()
+    result = PollResult("meter", 1764000000.0, tuple(Reading(p, 1.5, u) for p, u in POINTS))
+    first, table_id = compact.fragment(result, 1)
+    compact.tables_known("meter", {table_id: text for _, table_id, text in compact.take_tables()})
+
+    def carried(now: float) -> list[str]:
+        due = compact.due("meter", [table_id], now)
+        message = compact.frame("meter", [first], due)
+        assert len(message) == compact.framed_size("meter", len(first), 1, now)
+        return list(cbor2.loads(message).get("tables", {}))
+
+    assert carried(100.0) == carried(100.5) == [table_id]  # none acknowledged yet: each one carries it
+    tables: dict[str, list[dict[str, Any]]] = {}
+    assert as_json_polls(compact.frame("meter", [first], [table_id]), tables)[0]["readings"][0] == {
+        "seq": 1, "point": "voltage_l1", "value": 1.5, "quality": "good", "unit": "V"}
+    assert tables[table_id][2] == {"point": "power_factor"}  # decode_polls keeps what the message carried
+    compact.carried("meter", [table_id], 101.0)
+    assert carried(101.1) == [] and carried(101.0 + TABLE_REPEAT - 1) == []
+    assert carried(101.0 + TABLE_REPEAT) == [table_id]  # a subscriber that joined since gets it again
+    compact.carried("meter", [table_id], 200.0)
+    compact.new_connection()
+    assert carried(200.1) == [table_id]
+    assert compact.due("other-device", [table_id], 200.1) == []  # a table it was never told of: not its own
+    assert as_json_polls(compact.frame("meter", [first], []), tables)  # later messages: the kept table
+
+
 def test_framed_size_is_the_length_of_the_frame() -> None:
     compact, _ = encoders()
     result = PollResult("meter", 0.0, tuple(Reading(p, 1.5, u) for p, u in POINTS))
@@ -292,7 +328,9 @@ async def test_a_backlog_in_json_and_live_compact_both_arrive_after_a_switch(
 
 def test_the_monitor_decodes_compact_messages_with_the_tables_it_was_sent() -> None:
     """Without a broker: the monitor's accounting fed a meta message and data messages directly. A message
-    naming a table no meta message announced is counted invalid and says which table, never guessed."""
+    naming a table not received yet waits for it (as a platform should: the meta message can come later,
+    or the table in a later data message); one whose table never comes is invalid at the end and says
+    which table, never guessed."""
     compact, _ = encoders()
     result = PollResult("meter", 1764000000.0, (Reading("voltage_l1", f32(229.8), "V"),
                                                  Reading("current_l1", None, "A", Quality.BAD, "timed out")))
@@ -301,12 +339,200 @@ def test_the_monitor_decodes_compact_messages_with_the_tables_it_was_sent() -> N
     topic = "edge/site-1/gw-1/data/meter"
     monitor = Monitor("127.0.0.1", 1, "edge/#")  # never started: nothing connects
     monitor._handle(time.time(), time.monotonic(), topic, data)
-    assert monitor.invalid == 1 and table_id in monitor.gateways["gw-1"].errors[0]
+    assert monitor.invalid == 0 and monitor.report().gateways[0].waiting_for_table == 1
     meta = b'{"schema":"edge-agent/meta/v1","gateway":"gw-1","site":"site-1","device":"meter","tables":{"%s":%s}}' % (
         table_id.encode(), points.encode())
     monitor._handle(time.time(), time.monotonic(), "edge/site-1/gw-1/meta/meter", meta)
-    monitor._handle(time.time(), time.monotonic(), topic, data)
-    assert monitor.invalid == 1 and monitor.stream("gw-1").seqs.count == 2
+    assert monitor.stream("gw-1").seqs.count == 2 and monitor.report().gateways[0].waiting_for_table == 0
     latest = monitor.latest["meter"]
     assert repr(Float32(latest["voltage_l1"].value)) == "229.8" and latest["voltage_l1"].unit == "V"
     assert latest["current_l1"].quality == "bad" and latest["current_l1"].value is None
+    # A table that never comes: the message is invalid when the monitor stops, named by its table.
+    other = CborEncoder("gw-1", "site-1", BUFFER_ID)
+    lost = other.message(PollResult("meter-2", 0.0, (Reading("x", 1),)), 3)
+    (_, lost_table, _), = other.take_tables()
+    monitor._handle(time.time(), time.monotonic(), "edge/site-1/gw-1/data/meter-2", lost)
+    assert monitor.invalid == 0
+    monitor.stop()
+    assert monitor.invalid == 1 and monitor.report().gateways[0].waiting_for_table == 0
+    assert lost_table in monitor.gateways["gw-1"].errors[0] and "meter-2" in monitor.gateways["gw-1"].errors[0]
+
+
+# --- no cross-topic ordering: a subscriber to the data topics alone decodes everything ------------------
+
+DATA_ONLY = f"edge/test-site/{GATEWAY}/data/#"
+
+
+def decode_in_arrival_order(messages: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """docs/payload.md's recipe, strictly: each message decoded when it arrives, with the tables the topics
+    carried before it (in band on the data topic, or on the meta topic). Raises KeyError for a data message
+    whose table had not arrived."""
+    tables: dict[tuple[str, str], dict[str, Any]] = {}
+    polls: list[dict[str, Any]] = []
+    for topic, body in messages:
+        kind, device = topic.split("/")[-2:]
+        if kind == "meta":
+            meta = json.loads(body)
+            tables.setdefault((meta["gateway"], device), {}).update(meta["tables"])
+        elif body.startswith(SELF_DESCRIBED):
+            message = cbor2.loads(body)
+            polls += decode_polls(message, tables.setdefault((message["gateway"], device), {}))
+    return polls
+
+
+async def test_a_subscriber_that_sees_the_data_before_the_tables_decodes_every_message(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+    """The aedes reordering, and RabbitMQ 3.10 (no retained message for a wildcard subscription): a
+    subscriber that gets the data topics first and the meta topic only later decodes each data message
+    the moment it arrives."""
+    got: list[tuple[str, bytes]] = []
+    subscriber = mqtt.Client(CallbackAPIVersion.VERSION2)
+    subscriber.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    subscriber.connect("127.0.0.1", mosquitto.port)
+    subscriber.subscribe(DATA_ONLY, qos=1)
+    subscriber.loop_start()
+    try:
+        devices = meter_device(modbus_sim.port) + meter_device(modbus_sim.port, name="env-sensor", unit_id=2)
+        config = agent_config(tmp_path, mosquitto.port, devices, extra_mqtt='encoding = "cbor"')
+        _, stop, task = await start_agent(config)
+        try:
+            await eventually(lambda: len(got) >= 10, 10, "data messages")
+            subscriber.subscribe(f"edge/test-site/{GATEWAY}/meta/#", qos=1)  # the tables, after the data
+            await eventually(lambda: any("/meta/" in topic for topic, _ in got), 10, "the retained meta")
+        finally:
+            await stop_agent(stop, task)
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()
+    assert "/data/" in got[0][0]
+    polls = decode_in_arrival_order(got)
+    seqs = [reading["seq"] for poll in polls for reading in poll["readings"]]
+    assert len(polls) >= 10 and len(seqs) == len(set(seqs))
+    assert {reading["point"] for poll in polls for reading in poll["readings"]} >= {"voltage_avg", "active_power"}
+
+
+async def test_a_backlog_after_a_restart_decodes_from_the_data_topics_alone(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+    """Compact rows stored while the broker was away (a schema 2 buffer: the rows and tables an earlier
+    version wrote are the same bytes), sent by the next run as a backlog beside the live stream: the
+    platform's monitor, subscribed to the data topics only, decodes every reading, none waits."""
+    device = meter_device(modbus_sim.port)
+    config = agent_config(tmp_path, mosquitto.port, device, extra_mqtt='encoding = "cbor"')
+    mosquitto.stop()
+    agent, stop, task = await start_agent(config)
+    await asyncio.sleep(1.5)  # compact rows pile up in the buffer
+    await stop_agent(stop, task)
+    with sqlite3.connect(tmp_path / "buffer.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(2,)]
+        assert db.execute("SELECT count(*) FROM batches WHERE tbl IS NOT NULL").fetchone()[0] >= 5
+    mosquitto.start()
+    with Monitor("127.0.0.1", mosquitto.port, DATA_ONLY) as monitor:
+        agent, stop, task = await start_agent(config)
+        buffered = agent.buffer.next_seq - 1 if agent.buffer else 0
+        await eventually(lambda: monitor.received(GATEWAY) >= buffered + 20, 15, "backlog and live readings")
+        await stop_agent(stop, task)
+        _, last, _ = await nothing_lost(monitor, tmp_path / "buffer.db")
+        report = monitor.report()
+    assert buffered >= 20 and last > buffered
+    assert report.invalid == 0 and report.gateways[0].waiting_for_table == 0, report.gateways[0].invalid_errors
+
+
+async def test_after_a_reconnect_the_first_messages_carry_the_tables_again(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+    """A subscriber that joins while the broker restarts (a new platform instance, a consumer that lost
+    its tables) decodes the data topics alone at once: the agent's first messages on its new connection
+    carry the tables; nothing waits for the minute's repeat."""
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port), extra_mqtt='encoding = "cbor"')
+    agent, stop, task = await start_agent(config)
+    try:
+        await eventually(lambda: agent.uplink is not None and agent.uplink.messages_delivered >= 5, 10,
+                         "messages delivered, the tables acknowledged")
+        mosquitto.restart()  # the agent waits reconnect_min (1 s) or more before it is back
+        with Monitor("127.0.0.1", mosquitto.port, DATA_ONLY) as monitor:
+            await eventually(lambda: monitor.received(GATEWAY) >= 40, 10, "readings after the reconnect")
+            report = monitor.report()
+    finally:
+        await stop_agent(stop, task)
+    assert report.invalid == 0 and report.gateways[0].waiting_for_table == 0, report.gateways[0].invalid_errors
+
+
+async def test_the_monitor_command_joining_late_decodes_without_the_meta_topic(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edge-agent monitor` subscribed to the data topics only, started after the agent had sent its
+    tables: what arrives before the table rides again waits for it, and everything is decoded."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    monkeypatch.setattr("agent.compact.TABLE_REPEAT", 1.0, raising=False)  # the agent's 60 s: a slow test
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"),
+                          extra_mqtt='encoding = "cbor"')
+    _, stop, task = await start_agent(config)
+    try:
+        await asyncio.sleep(0.5)  # the first messages, with the tables, are gone before the monitor starts
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "agent", "monitor", "--port", str(mosquitto.port),
+                             "--topic", "edge/+/+/data/#", "--duration", "3", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        await stop_agent(stop, task)
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    (gateway,) = final["gateways"]
+    assert final["ok"] and final["invalid"] == 0 and gateway["waiting_for_table"] == 0, gateway["invalid_errors"]
+    assert gateway["readings"] >= 40
+
+
+# --- a second broker implementation: NATS's MQTT (its own ordering and retained-message code) -------------
+
+NATS_SERVER = shutil.which("nats-server") or next((p for p in ("/usr/sbin/nats-server",) if Path(p).exists()), None)
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def nats_mqtt(tmp_path: Path) -> Iterator[int]:
+    """nats-server with JetStream (its MQTT needs it) and an MQTT listener on a free loopback port."""
+    if NATS_SERVER is None:
+        pytest.skip("nats-server is not installed")
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(f'server_name: "edge_test"\nlisten: "127.0.0.1:-1"\n'
+                      f'jetstream {{ store_dir: "{tmp_path / "nats"}" }}\nmqtt {{ host: "127.0.0.1", port: {port} }}\n')
+    with (tmp_path / "nats.log").open("wb") as log_file:
+        process = subprocess.Popen([NATS_SERVER, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not listening(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nats-server did not start: {(tmp_path / 'nats.log').read_text()[-500:]}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+async def test_a_data_topics_only_subscriber_decodes_everything_through_nats(
+        tmp_path: Path, nats_mqtt: int, modbus_sim: SimServer) -> None:
+    devices = meter_device(modbus_sim.port) + meter_device(modbus_sim.port, name="env-sensor", unit_id=2)
+    config = agent_config(tmp_path, nats_mqtt, devices, extra_mqtt='encoding = "cbor"')
+    with Monitor("127.0.0.1", nats_mqtt, DATA_ONLY) as monitor:
+        _, stop, task = await start_agent(config)
+        await eventually(lambda: monitor.received(GATEWAY) >= 60, 15, "compact readings through NATS")
+        await stop_agent(stop, task)
+        await nothing_lost(monitor, tmp_path / "buffer.db")
+        report = monitor.report()
+    assert report.invalid == 0 and report.gateways[0].waiting_for_table == 0, report.gateways[0].invalid_errors
+    assert {d.device for d in report.gateways[0].devices} == {"power-meter", "env-sensor"}
