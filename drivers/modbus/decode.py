@@ -1,11 +1,16 @@
 """Request planning and block decoding, both computed once at start-up.
 
 `plan()` turns a device's points into read requests: points of one register space are joined into one
-request when the registers between them (at most `max_gap`) are not declared unreadable and the request
-stays within the device's limit. `BlockDecoder` turns the registers of one response into readings in one
-step: the registers are packed to bytes once, reordered once (when any point is not big-endian), and
-unpacked by one precompiled `struct` format that covers every point of the block; bits, strings and
-"not available" sentinels are resolved by per-point converters built at start-up.
+request when the registers between them (at most `max_gap`) are not declared unreadable (nor learned to be
+refused, nor across a learned break) and the request stays within the device's limit. Over TCP it makes the
+fewest requests; on a serial line (`LineCost`, from the baud rate, character format and turnaround) it
+makes the requests that take the least line time, and the default `max_gap` is the most unused registers
+worth reading there instead of one more request. `halves()` splits a request a meter refused, to find by
+bisection what it refuses (drivers/modbus/driver.py keeps what it learns). `BlockDecoder` turns the
+registers of one response into readings in one step: the registers are packed to bytes once, reordered once
+(when any point is not big-endian), and unpacked by one precompiled `struct` format that covers every point
+of the block; bits, strings and "not available" sentinels are resolved by per-point converters built at
+start-up.
 """
 
 from __future__ import annotations
