@@ -11,6 +11,7 @@ import math
 import struct
 from decimal import Decimal
 from itertools import pairwise
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -399,6 +400,46 @@ def test_plan_invariants(points: list[ModbusPoint]) -> None:
             end = before.address + before.count
             # Split only where a gap is, or where merging would pass the limit.
             assert after.address > end or before.count + after.decoder.points[0].register_count > 125
+
+
+@st.composite
+def spread_points(draw: st.DrawFn) -> list[ModbusPoint]:
+    """Points of one register space with gaps around what a serial line's cost makes worth reading."""
+    points, address = [], draw(st.integers(0, 50))
+    for index in range(draw(st.integers(1, 40))):
+        address += draw(st.sampled_from([0, 0, 1, 5, 14, 19, 20, 25, 60]))
+        data_type = draw(st.sampled_from(["uint16", "float32", "uint64"]))
+        points.append(point(f"p{index}", data_type, address, function="input"))
+        address += REGISTER_COUNT[data_type]
+    return points
+
+
+@settings(max_examples=150, deadline=None)
+@given(points=spread_points(), limit=st.sampled_from([8, 40, 125]), baudrate=st.sampled_from([2400, 9600, 38400]),
+       hole=st.integers(0, 600), wall=st.integers(0, 600))
+def test_the_cheapest_plan_keeps_every_rule_and_never_costs_more_than_the_fewest(
+        points: list[ModbusPoint], limit: int, baudrate: int, hole: int, wall: int) -> None:
+    cost = line_cost(serial(baudrate=baudrate))
+    assert cost is not None
+    # A hole and a break only where no point is: they stand for what a meter was found to refuse.
+    taken = {a for p in points for a in range(p.address, p.address + p.register_count)}
+    unreadable = [] if hole in taken else [UnreadableRange(function="input", first=hole, last=hole)]
+    breaks = [("input", wall)]
+    rules = {"max_registers": limit, "max_gap": cost.max_gap, "unreadable": unreadable, "breaks": breaks}
+    cheapest, fewest = plan(points, **rules, cost=cost), plan(points, **rules)  # type: ignore[arg-type]
+
+    def seconds(requests: tuple[Any, ...]) -> float:
+        return sum(cost.per_request + r.count * cost.per_register for r in requests)
+
+    assert seconds(cheapest) <= seconds(fewest) + 1e-9
+    assert sorted(p.name for r in cheapest for p in r.points) == sorted(p.name for p in points)
+    for request in cheapest:
+        assert request.count <= limit
+        assert not any(request.address <= r.first <= request.address + request.count - 1 for r in unreadable)
+        assert not request.address < wall < request.address + request.count or \
+            any(p.address < wall < p.address + p.register_count for p in request.points)  # inside one value
+        for before, after in pairwise(request.points):
+            assert after.address - (before.address + before.register_count) <= cost.max_gap
 
 
 # --- gaps, limits, unreadable ranges, splitting ------------------------------------------------------------
