@@ -6,6 +6,13 @@ the moment it starts, so a technician sees values at once. Each tick is
 computed from the wall clock, never by adding intervals, so there is no drift. A poll slower than its
 interval skips the ticks it overran (counted), it never piles up. A failed poll is logged once, counted,
 and retried on a growing backoff (still aligned to ticks); nothing a driver raises can end the loop.
+
+The backoff is for dead devices, and a live one that misses a few answers must not be held by it: while a
+device has been failing for less than `DEAD_AFTER`, the wait between tries is capped so that its failed
+tries take at most `FAILING_SHARE` of the time (a try that costs a 1 s timeout is repeated at least every
+10 s, or every tick if the interval is longer). The first try that succeeds puts it back on its normal
+interval at once. Only a device silent for longer waits up to `MAX_BACKOFF` between tries, so a dead meter
+costs its line one timeout a minute.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from drivers.base import PollingDriver, StreamingDriver
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
+# A device failing for less than this is probably alive (a burst of noise on the line, a meter busy for a
+# few seconds): it is tried often enough to be back within seconds of answering again.
+DEAD_AFTER = 300.0
+# ... but its failed tries may take at most this share of the time, which leaves its line to its neighbours.
+FAILING_SHARE = 0.1
 _quality = attrgetter("quality")
 
 
@@ -40,9 +52,14 @@ async def sleep_until(wall_time: float, clock: Callable[[], float] = time.time) 
         await asyncio.sleep(delay)
 
 
-def backoff_ticks(consecutive_failures: int, interval: float) -> int:
-    """Ticks to wait after a failed poll: 1, 2, 4, ... up to about MAX_BACKOFF (at least one tick)."""
+def backoff_ticks(consecutive_failures: int, interval: float, failing_for: float = math.inf,
+                  try_seconds: float = 0.0) -> int:
+    """Ticks to wait after a failed poll: 1, 2, 4, ... up to about MAX_BACKOFF (at least one tick). While the
+    device has been failing for less than DEAD_AFTER seconds, no longer than it takes for tries of
+    `try_seconds` each to take FAILING_SHARE of the time."""
     cap = max(1, math.floor(MAX_BACKOFF / interval))
+    if failing_for < DEAD_AFTER:
+        cap = min(cap, max(1, math.ceil(try_seconds / FAILING_SHARE / interval)))
     return min(cap, 2 ** min(max(consecutive_failures - 1, 0), 30))
 
 
@@ -68,7 +85,9 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
             health.polls_failed += 1
             health.last_error = _describe(exc)
             health.failures.failed(health.last_error)
-            step = backoff_ticks(health.failures.consecutive, interval)
+            since = health.failures.failing_since
+            failing_for = time.monotonic() - since if since is not None else 0.0
+            step = backoff_ticks(health.failures.consecutive, interval, failing_for, clock() - started)
         else:
             health.polls_ok += 1
             health.readings += len(readings)

@@ -11,6 +11,7 @@ import math
 import struct
 from decimal import Decimal
 from itertools import pairwise
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -18,8 +19,8 @@ from hypothesis import strategies as st
 
 from agent.floats import shortest_float32_many
 from agent.model import Float32, Quality, Reading
-from drivers.modbus.config import MAX_REGISTERS_PER_READ, REGISTER_COUNT, ModbusPoint, UnreadableRange
-from drivers.modbus.decode import BlockDecoder, plan, shortest_float32, split
+from drivers.modbus.config import MAX_REGISTERS_PER_READ, REGISTER_COUNT, ModbusDevice, ModbusPoint, UnreadableRange
+from drivers.modbus.decode import BlockDecoder, gaps, halves, line_cost, plan, shortest_float32
 
 
 def shown(value: object) -> object:
@@ -401,6 +402,46 @@ def test_plan_invariants(points: list[ModbusPoint]) -> None:
             assert after.address > end or before.count + after.decoder.points[0].register_count > 125
 
 
+@st.composite
+def spread_points(draw: st.DrawFn) -> list[ModbusPoint]:
+    """Points of one register space with gaps around what a serial line's cost makes worth reading."""
+    points, address = [], draw(st.integers(0, 50))
+    for index in range(draw(st.integers(1, 40))):
+        address += draw(st.sampled_from([0, 0, 1, 5, 14, 19, 20, 25, 60]))
+        data_type = draw(st.sampled_from(["uint16", "float32", "uint64"]))
+        points.append(point(f"p{index}", data_type, address, function="input"))
+        address += REGISTER_COUNT[data_type]
+    return points
+
+
+@settings(max_examples=150, deadline=None)
+@given(points=spread_points(), limit=st.sampled_from([8, 40, 125]), baudrate=st.sampled_from([2400, 9600, 38400]),
+       hole=st.integers(0, 600), wall=st.integers(0, 600))
+def test_the_cheapest_plan_keeps_every_rule_and_never_costs_more_than_the_fewest(
+        points: list[ModbusPoint], limit: int, baudrate: int, hole: int, wall: int) -> None:
+    cost = line_cost(serial(baudrate=baudrate))
+    assert cost is not None
+    # A hole and a break only where no point is: they stand for what a meter was found to refuse.
+    taken = {a for p in points for a in range(p.address, p.address + p.register_count)}
+    unreadable = [] if hole in taken else [UnreadableRange(function="input", first=hole, last=hole)]
+    breaks = [("input", wall)]
+    rules = {"max_registers": limit, "max_gap": cost.max_gap, "unreadable": unreadable, "breaks": breaks}
+    cheapest, fewest = plan(points, **rules, cost=cost), plan(points, **rules)  # type: ignore[arg-type]
+
+    def seconds(requests: tuple[Any, ...]) -> float:
+        return sum(cost.per_request + r.count * cost.per_register for r in requests)
+
+    assert seconds(cheapest) <= seconds(fewest) + 1e-9
+    assert sorted(p.name for r in cheapest for p in r.points) == sorted(p.name for p in points)
+    for request in cheapest:
+        assert request.count <= limit
+        assert not any(request.address <= r.first <= request.address + request.count - 1 for r in unreadable)
+        assert not request.address < wall < request.address + request.count or \
+            any(p.address < wall < p.address + p.register_count for p in request.points)  # inside one value
+        for before, after in pairwise(request.points):
+            assert after.address - (before.address + before.register_count) <= cost.max_gap
+
+
 # --- gaps, limits, unreadable ranges, splitting ------------------------------------------------------------
 
 def test_gaps_up_to_max_gap_are_bridged() -> None:
@@ -438,13 +479,59 @@ def test_bits_of_one_register_share_it() -> None:
     assert [(r.point, r.value) for r in readings] == [("alarm", True), ("trip", False), ("v", 42)]
 
 
-def test_split_makes_runs_then_single_registers() -> None:
-    points = [point("a", "uint16", 0), point("b", "uint16", 1), point("c", "uint16", 6)]
+def test_halves_bisect_by_points_and_keep_the_bits_of_a_register_together() -> None:
+    points = [point("a", "uint16", 0), point("b", "uint16", 1), point("x", "bool", 4, bit=0),
+              point("y", "bool", 4, bit=1), point("c", "uint16", 9)]
     [bridged] = plan(points, max_gap=10)
-    runs = split(bridged)
-    assert [span(r) for r in runs] == [("holding", 0, 2), ("holding", 6, 1)]
-    assert [span(r) for r in split(runs[0])] == [("holding", 0, 1), ("holding", 1, 1)]
-    assert [span(r) for r in split(split(runs[0])[0])] == [("holding", 0, 1)]  # cannot split further
+    left, right = halves(bridged)  # type: ignore[misc]
+    assert (span(left), span(right)) == (("holding", 0, 2), ("holding", 4, 6))  # 2..3 read by neither
+    assert [p.name for p in right.points] == ["x", "y", "c"]
+    [bits_only] = plan(points[2:4])
+    assert halves(bits_only) is None  # one register: what is refused, it cannot be split
+    assert halves(plan([point("f", "float32", 0)])[0]) is None
+
+
+def test_a_break_keeps_two_adjacent_runs_apart() -> None:
+    points = [point(f"p{i}", "uint16", i) for i in range(6)]
+    assert [span(r) for r in plan(points, breaks=[("holding", 3)])] == [("holding", 0, 3), ("holding", 3, 3)]
+    assert [span(r) for r in plan(points, breaks=[("input", 3)])] == [("holding", 0, 6)]
+    gapped = [point("a", "uint16", 0), point("b", "uint16", 8)]
+    assert len(plan(gapped, max_gap=10, breaks=[("holding", 5)])) == 2  # a break inside a gap: not bridged
+
+
+def serial(**keys: object) -> ModbusDevice:
+    return ModbusDevice.model_validate({"name": "m", "driver": "modbus", "transport": "rtu",
+                                        "serial_port": "/dev/ttyUSB0", "points": [{"name": "v", "function": "input",
+                                                                                   "address": 0, "type": "uint16"}],
+                                        **keys})
+
+
+def test_a_request_at_9600_baud_costs_about_41_ms_and_a_register_about_2_ms() -> None:
+    cost = line_cost(serial())
+    assert cost is not None
+    # 8 request + 5 answer bytes, two 3.5-character silences, 20 ms turnaround; 10 bits a character (8N1).
+    assert cost.per_request == pytest.approx((13 + 7) * 10 / 9600 + 0.020)
+    assert round(cost.per_request * 1000) == 41 and round(cost.per_register * 1000, 1) == 2.1
+    assert cost.max_gap == 19  # 19 unused registers (39.6 ms) still cost less than one more request
+    assert gaps(serial()).registers == 19 and gaps(serial()).derived
+
+
+@pytest.mark.parametrize(("keys", "expected"), [
+    ({"baudrate": 19200}, 29),  # the turnaround weighs more against faster characters
+    ({"baudrate": 2400}, 12),
+    ({"baudrate": 9600, "parity": "E"}, 18),  # 11 bits a character: the turnaround weighs a little less
+    ({"baudrate": 115200}, 124),  # silences fixed at 1.75 ms: read through anything rather than ask twice
+    ({"baudrate": 9600, "turnaround": "5ms"}, 12),
+])
+def test_the_derived_gap_follows_the_line(keys: dict[str, object], expected: int) -> None:
+    assert gaps(serial(**keys)).registers == expected
+
+
+def test_an_explicit_max_gap_wins_and_tcp_keeps_its_default() -> None:
+    assert gaps(serial(max_gap=3)).registers == 3 and not gaps(serial(max_gap=3)).derived
+    tcp = ModbusDevice.model_validate({"name": "m", "driver": "modbus", "host": "h",
+                                       "points": [{"name": "v", "function": "input", "address": 0, "type": "uint16"}]})
+    assert line_cost(tcp) is None and gaps(tcp).registers == 10
 
 
 # --- bits, strings, sentinels ------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ points = [
     lines = out.splitlines()
     assert lines[1].split() == ["voltage", "229.8", "V", "good"]
     assert lines[2].split() == ["current", "12.5", "A", "good"]
-    assert "bad: Modbus exception 2 (illegal data address)" in lines[3]
+    assert "bad: the meter refuses it: Modbus exception 2 (illegal data address) for FC04 50 (30051)" in lines[3]
     assert "3 points from tcp 127.0.0.1" in out and "1 bad" in out
 
 

@@ -183,12 +183,12 @@ async def test_exception_inside_a_coalesced_block_splits_it_and_keeps_the_split(
         assert values(first) == {"voltage": VOLTS[0], "energy": ENERGY[0], "hole": None}
         hole = next(r for r in first if r.point == "hole")
         assert "exception 2 (illegal data address)" in (hole.reason or "")
-        # Split into runs, then the refused run on its own: the good points never go dark.
-        assert [(r.address, r.count) for r in driver.requests] == [(0, 2), (5, 1), (10, 2)]
+        # Bisected: the good points never go dark, and the refused value is left out of the following polls.
+        assert [(r.address, r.count) for r in driver.requests] == [(0, 2), (10, 2)]
         sent_before = server.function_codes[(1, 4)]
         second = await driver.poll()
         assert values(second) == values(first)
-        assert server.function_codes[(1, 4)] - sent_before == 3  # the kept split, no second refusal
+        assert server.function_codes[(1, 4)] - sent_before == 2  # the kept plan, no second refusal
     finally:
         await driver.close()
 

@@ -12,7 +12,7 @@ import pytest
 from agent.config import parse_config
 from agent.errors import ConfigError
 from drivers.modbus.config import MAX_REGISTERS_PER_READ, ModbusDevice
-from drivers.modbus.decode import plan
+from drivers.modbus.decode import device_plan
 from drivers.modbus.profiles import available, expand_profile, load, modicon, requests_table, to_protocol
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def test_every_shipped_profile_is_a_valid_device(profile_id: str) -> None:
     device = as_device(profile_id)
     assert device.problems() == []  # no overlaps, no duplicate names, every value inside 0..65535
     assert {p.unit for p in device.points} <= UNITS
-    requests = plan(device.points, device.max_registers, device.max_gap, device.unreadable, device.max_bits)
+    requests = device_plan(device)
     assert all(r.count <= min(device.max_registers, MAX_REGISTERS_PER_READ) for r in requests)
     assert sum(len(r.points) for r in requests) == len(device.points)
 

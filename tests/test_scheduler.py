@@ -20,10 +20,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent import scheduler
 from agent.errors import DeviceError
 from agent.health import DeviceHealth, FailureLog
 from agent.model import PollResult, Quality, Reading
-from agent.scheduler import MAX_BACKOFF, backoff_ticks, poll_loop, tick_index_after
+from agent.scheduler import DEAD_AFTER, MAX_BACKOFF, backoff_ticks, poll_loop, tick_index_after
 from drivers.base import PollingDriver
 
 pytestmark = pytest.mark.timeout(10)
@@ -83,6 +84,18 @@ def test_backoff_never_waits_much_more_than_max_backoff(interval: float) -> None
     assert waits == sorted(waits)
     assert max(waits) <= MAX_BACKOFF
     assert max(waits) > MAX_BACKOFF - interval
+
+
+def test_a_device_failing_for_less_than_dead_after_is_tried_within_ten_tries_of_time() -> None:
+    # Timeouts of 1 s at a 1 s interval: at most a tenth of the line, so at least every 10 s ...
+    assert [backoff_ticks(n, 1.0, failing_for=n, try_seconds=1.0) for n in range(1, 8)] == [1, 2, 4, 8, 10, 10, 10]
+    # ... at a 15 s interval every tick, however many it missed (the old backoff: 60 s after the 3rd miss) ...
+    assert {backoff_ticks(n, 15.0, failing_for=15.0 * n, try_seconds=1.0) for n in range(1, 20)} == {1}
+    # ... and only once it has been silent for DEAD_AFTER, up to a minute: a dead meter costs its line little.
+    assert backoff_ticks(30, 1.0, failing_for=DEAD_AFTER, try_seconds=1.0) == 60
+    assert backoff_ticks(30, 1.0, failing_for=DEAD_AFTER - 1, try_seconds=1.0) == 10
+    # Slow failures (a 5 s timeout) still keep to their share, whatever the interval.
+    assert backoff_ticks(10, 1.0, failing_for=10.0, try_seconds=5.0) == 50
 
 
 @pytest.mark.parametrize("interval", [900.0, 3600.0])
@@ -257,12 +270,14 @@ async def test_a_failing_driver_is_counted_logged_once_and_recovers(
         assert meter.cancelled == 2  # the timeout cancelled each stuck poll; none is left behind
         assert meter.max_active == 1
     else:
-        # Retried on the next tick, then after 2 ticks (backoff), then every tick again.
-        assert [b - a for a, b in pairwise(ticks)][:3] == [1, 2, 1]
+        # A try that fails at once costs the line nothing: a device that answered a moment ago is tried at
+        # every tick, and back on every tick when it answers.
+        assert [b - a for a, b in pairwise(ticks)][:3] == [1, 1, 1]
 
 
 async def test_a_driver_that_stays_broken_backs_off_and_logs_one_error(
-        device_log: Callable[[], list[logging.LogRecord]]) -> None:
+        device_log: Callable[[], list[logging.LogRecord]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler, "DEAD_AFTER", 0.0)  # failing long enough to count as dead
     loop = Loop(0.04, FakeMeter(default=DeviceError("timed out")))
     await loop.until(lambda: loop.health.polls_failed == 6)
     await loop.stop()

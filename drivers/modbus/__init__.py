@@ -21,17 +21,29 @@ def create(config: DeviceConfig) -> ModbusDriver:
 def describe(config: DeviceConfig) -> list[str]:
     """What `edge-agent check` prints for this device: the line, the read plan, both address numberings."""
     from drivers.modbus.config import vendor_address
-    from drivers.modbus.decode import plan
+    from drivers.modbus.decode import device_plan, gaps, plan
 
-    requests = plan(config.points, config.max_registers, config.max_gap, config.unreadable, config.max_bits)
+    chosen = gaps(config)
+    requests = device_plan(config)
     minimum = len(plan(config.points, config.max_registers, 65535, config.unreadable, config.max_bits))
     profile = f", profile {config.profile}" if config.profile else ""
+    gap = f"max_gap {chosen.registers}" + (" derived from the line" if chosen.derived and chosen.cost else
+                                           " by default over TCP" if chosen.derived else "")
     lines = [f"device {config.name}: modbus {config.endpoint}{profile}, every {config.poll_interval:g} s, "
              f"timeout {config.timeout:g} s: {_count(len(config.points), 'point')} in "
-             f"{_count(len(requests), 'request')} per poll (fewest possible {minimum}; max_gap {config.max_gap})"]
+             f"{_count(len(requests), 'request')} per poll (fewest possible {minimum}; {gap})"]
     if config.transport == "rtu":
         lines.append(f"  line {config.serial_port}: {config.baudrate} baud {config.data_bits}{config.parity}"
                      f"{config.stop_bits}, turnaround {config.effective_turnaround * 1000:g} ms")
+    cost = chosen.cost
+    if cost is not None:
+        worth = f"up to {cost.max_gap} unused registers are worth reading to save a request" if chosen.derived \
+            else f"reading up to {cost.max_gap} unused registers would save a request (max_gap is set to " \
+                 f"{config.max_gap})"
+        seconds = sum(cost.per_request + r.count * (cost.character / 8 if r.function in ("coil", "discrete")
+                                                    else cost.per_register) for r in requests)
+        lines.append(f"  cost on the line: a request ~{cost.per_request * 1000:.0f} ms, a register "
+                     f"~{cost.per_register * 1000:.1f} ms: {worth}; this plan ~{seconds * 1000:.0f} ms a poll")
     for request in requests:
         first, last = request.address, request.address + request.count - 1
         unit = "bit" if request.function in ("coil", "discrete") else "register"

@@ -92,6 +92,16 @@ def _device(line: dict[str, Any], unit: int, points: list[dict[str, Any]], name:
                                         **line})
 
 
+def _tool_line(device: Any) -> Any:
+    """The device's line for a tool: a scan or a read keeps it busy on purpose, so the daemon's "busy 100 % of
+    the last minute" judgement would only interrupt the tool's own output."""
+    from drivers.modbus import line as lines
+
+    link = lines.acquire(device)
+    link.watch_saturation = False
+    return link
+
+
 # --- read ------------------------------------------------------------------------------------------------
 
 def _cmd_read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -131,7 +141,7 @@ async def _read(line: dict[str, Any], unit: int, function: str, address: int, co
     from drivers.modbus.driver import EXCEPTION_NAMES, READ_METHOD
 
     device = _device(line, unit, [{"name": "probe", "function": "holding", "address": 0, "type": "uint16"}])
-    link = lines.acquire(device)
+    link = _tool_line(device)
     try:
         async def call(client: Any) -> Any:
             return await getattr(client, READ_METHOD[function])(address, count=count, device_id=unit)
@@ -229,7 +239,7 @@ async def _scan(line: dict[str, Any], units: list[int], function: str, address: 
     from drivers.modbus.driver import EXCEPTION_NAMES, READ_METHOD
 
     device = _device(line, units[0], [{"name": "probe", "function": "holding", "address": 0, "type": "uint16"}])
-    link = lines.acquire(device)
+    link = _tool_line(device)
     found: list[str] = []
     started = time.monotonic()
     try:
@@ -325,7 +335,10 @@ async def _poll(device: Any) -> int:
     from agent.model import Quality
     from drivers.modbus.driver import ModbusDriver
 
-    driver = ModbusDriver(device)
+    driver = ModbusDriver(device)  # inside the event loop: it takes its line now
+    link = driver.link()
+    if link is not None:
+        link.watch_saturation = False  # see _tool_line
     started = time.monotonic()
     try:
         readings = await driver.poll()
@@ -341,7 +354,11 @@ async def _poll(device: Any) -> int:
         quality = reading.quality.value + (f": {reading.reason}" if reading.quality is not Quality.GOOD else "")
         print(f"{reading.point:<{width}}  {value:>16}  {reading.unit or '':<6} {quality}")
     bad = sum(1 for r in readings if r.quality is not Quality.GOOD)
-    print(f"{len(readings)} points from {device.endpoint} in {len(driver.requests)} request(s), "
+    # What went on the wire, bisection of a refused request included, not what the plan says.
+    sent = driver.sent_last_poll
+    planned = "" if sent == len(driver.base) == len(driver.requests) else \
+        f" (planned {len(driver.base)}; the meter refused part of it: {len(driver.requests)} per poll from now on)"
+    print(f"{len(readings)} points from {device.endpoint} in {sent} request(s){planned}, "
           f"{elapsed * 1000:.0f} ms; {bad} bad")
     return EXIT_OK if bad == 0 else EXIT_FAILED
 

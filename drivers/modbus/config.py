@@ -174,8 +174,9 @@ class ModbusDevice(DeviceBase):
                                description="Largest register read sent to this device (some meters accept fewer "
                                            "than the protocol's 125).")
     max_bits: int = Field(MAX_BITS_PER_READ, ge=1, le=MAX_BITS_PER_READ)
-    max_gap: int = Field(10, ge=0, le=124, description="Unused registers (or bits) a request may read to join two "
-                                                       "points into one request.")
+    max_gap: int | None = Field(None, ge=0, le=124, description="Unused registers (or bits) a request may read to "
+                                "join two points into one request. Default: what is cheaper on the line (from the "
+                                "baud rate and turnaround on a serial line; 10 over TCP).")
     unreadable: list[UnreadableRange] = Field(
         default_factory=list, description="Address ranges the device refuses: never read, never bridged.")
     profile: Name | None = Field(None, description="A register map shipped with the agent (docs/profiles.md); "

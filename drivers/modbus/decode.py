@@ -1,11 +1,16 @@
 """Request planning and block decoding, both computed once at start-up.
 
 `plan()` turns a device's points into read requests: points of one register space are joined into one
-request when the registers between them (at most `max_gap`) are not declared unreadable and the request
-stays within the device's limit. `BlockDecoder` turns the registers of one response into readings in one
-step: the registers are packed to bytes once, reordered once (when any point is not big-endian), and
-unpacked by one precompiled `struct` format that covers every point of the block; bits, strings and
-"not available" sentinels are resolved by per-point converters built at start-up.
+request when the registers between them (at most `max_gap`) are not declared unreadable (nor learned to be
+refused, nor across a learned break) and the request stays within the device's limit. Over TCP it makes the
+fewest requests; on a serial line (`LineCost`, from the baud rate, character format and turnaround) it
+makes the requests that take the least line time, and the default `max_gap` is the most unused registers
+worth reading there instead of one more request. `halves()` splits a request a meter refused, to find by
+bisection what it refuses (drivers/modbus/driver.py keeps what it learns). `BlockDecoder` turns the
+registers of one response into readings in one step: the registers are packed to bytes once, reordered once
+(when any point is not big-endian), and unpacked by one precompiled `struct` format that covers every point
+of the block; bits, strings and "not available" sentinels are resolved by per-point converters built at
+start-up.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from decimal import Decimal
 from functools import partial
 from itertools import repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, Protocol
 
 from agent.floats import shortest_float32
 from agent.model import Float32, Quality, Reading
@@ -27,8 +32,8 @@ from drivers.modbus.config import (
     FUNCTION_CODE,
     MAX_BITS_PER_READ,
     MAX_REGISTERS_PER_READ,
+    ModbusDevice,
     ModbusPoint,
-    UnreadableRange,
 )
 
 _STRUCT_CODE = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q",
@@ -53,55 +58,225 @@ class ReadRequest:
         return self.decoder.points
 
 
+class Span(Protocol):
+    """An address range of one register space that a request must not read (`UnreadableRange` from the
+    config, or a `Refused` range the meter taught the driver)."""
+
+    @property
+    def function(self) -> str: ...
+    @property
+    def first(self) -> int: ...
+    @property
+    def last(self) -> int: ...
+
+
 def plan(points: Sequence[ModbusPoint], max_registers: int = MAX_REGISTERS_PER_READ,
-         max_gap: int = 0, unreadable: Iterable[UnreadableRange] = (),
-         max_bits: int = MAX_BITS_PER_READ) -> tuple[ReadRequest, ...]:
-    """The fewest requests that read every point, reading at most `max_gap` unused registers (or bits)
-    between two points, never an address inside `unreadable`, never more than the limit per request.
-    A point is never split across two requests."""
+         max_gap: int = 0, unreadable: Iterable[Span] = (),
+         max_bits: int = MAX_BITS_PER_READ, *, max_bit_gap: int | None = None,
+         breaks: Iterable[tuple[str, int]] = (), cost: LineCost | None = None) -> tuple[ReadRequest, ...]:
+    """Requests that read every point, reading at most `max_gap` unused registers (`max_bit_gap` unused bits,
+    `max_gap` unless given) between two points, never an address inside `unreadable`, never more than the
+    limit per request, and never across a break (`(function, address)`: no request reads both address - 1
+    and address). A point is never split across two requests.
+
+    Without `cost`, the fewest requests (each as long as the rules allow, in address order). With the cost
+    of a serial line, the requests that take the least line time: one more request against the registers
+    read through, where the request limit makes that a real choice (a longer first request can push the
+    next one past an unused stretch it would otherwise have had to read)."""
     unreadable = tuple(unreadable)
+    breaks = frozenset(breaks)
     requests: list[ReadRequest] = []
     for function in FUNCTIONS:
         group = sorted((p for p in points if p.function == function), key=lambda p: (p.address, p.bit or 0))
-        limit = max_bits if function in BIT_FUNCTIONS else max_registers
+        if not group:
+            continue
+        is_bits = function in BIT_FUNCTIONS
+        limit = max_bits if is_bits else max_registers
+        gap_limit = (max_gap if max_bit_gap is None else max_bit_gap) if is_bits else max_gap
         refused = [(r.first, r.last) for r in unreadable if r.function == function]
-        block: list[ModbusPoint] = []
-        end = 0
-        for point in group:
-            point_end = point.address + point.register_count
-            if block:
-                start = block[0].address
-                shares = point.address < end  # bits of a register already in the block
-                joins = shares or (point.address - end <= max_gap
-                                   and not any(first < point.address and last >= end for first, last in refused))
-                if not joins or max(end, point_end) - start > limit:
-                    requests.append(_request(function, block))
-                    block = []
-            block.append(point)
-            end = max(end, point_end) if len(block) > 1 else point_end
-        if block:
-            requests.append(_request(function, block))
+        walls = sorted(address for f, address in breaks if f == function)
+
+        def joins(end: int, address: int, gap_limit: int = gap_limit, refused: list[tuple[int, int]] = refused,
+                  walls: list[int] = walls) -> bool:
+            """May a request that reads up to `end` (exclusive) go on to a point at `address`?"""
+            if address < end:
+                return True  # bits of a register already read
+            return (address - end <= gap_limit and not any(first < address and last >= end for first, last in refused)
+                    and not any(end <= wall <= address for wall in walls))
+
+        if cost is None:
+            blocks = _fewest(group, limit, joins)
+        else:
+            blocks = _cheapest(group, limit, joins, cost.per_request,
+                               cost.character / 8 if is_bits else cost.per_register)
+        requests.extend(_request(function, block) for block in blocks)
     return tuple(requests)
 
 
-def _request(function: str, block: list[ModbusPoint]) -> ReadRequest:
+def _fewest(group: list[ModbusPoint], limit: int, joins: Callable[[int, int], bool]) -> list[list[ModbusPoint]]:
+    """Each request as long as it may be, in address order: the fewest requests."""
+    blocks: list[list[ModbusPoint]] = []
+    block: list[ModbusPoint] = []
+    end = 0
+    for point in group:
+        point_end = point.address + point.register_count
+        if block and (not joins(end, point.address) or max(end, point_end) - block[0].address > limit):
+            blocks.append(block)
+            block = []
+        block.append(point)
+        end = max(end, point_end) if len(block) > 1 else point_end
+    if block:
+        blocks.append(block)
+    return blocks
+
+
+def _cheapest(group: list[ModbusPoint], limit: int, joins: Callable[[int, int], bool], per_request: float,
+              per_unit: float) -> list[list[ModbusPoint]]:
+    """The requests of least total cost (`per_request` each, `per_unit` per register or bit read), by dynamic
+    programming over the points in address order: best[j] is the cheapest way to read the first j points."""
+    # Points that start at one address (the bits of a register) always travel together.
+    units: list[list[ModbusPoint]] = []
+    for point in group:
+        if units and units[-1][0].address == point.address:
+            units[-1].append(point)
+        else:
+            units.append([point])
+    starts = [u[0].address for u in units]
+    ends = [max(p.address + p.register_count for p in u) for u in units]
+    best: list[tuple[float, int]] = [(0.0, 0)]  # (cost, requests) of the first j units
+    cut: list[int] = [0]  # where the last request of best[j] starts
+    for j in range(len(units)):
+        choice: tuple[float, int] | None = None
+        chosen = j
+        end = ends[j]
+        for i in range(j, -1, -1):
+            if i < j:
+                end = max(end, ends[i])
+                if not joins(ends[i], starts[i + 1]):
+                    break
+            if end - starts[i] > limit:
+                break
+            total = (best[i][0] + per_request + (end - starts[i]) * per_unit, best[i][1] + 1)
+            if choice is None or total < choice:
+                choice, chosen = total, i
+        assert choice is not None  # a unit alone always fits: the config keeps a value within one request
+        best.append(choice)
+        cut.append(chosen)
+    blocks: list[list[ModbusPoint]] = []
+    j = len(units)
+    while j > 0:
+        i = cut[j]
+        blocks.append([p for u in units[i:j] for p in u])
+        j = i
+    blocks.reverse()
+    return blocks
+
+
+def _request(function: str, block: Sequence[ModbusPoint]) -> ReadRequest:
     start = block[0].address
     count = max(p.address + p.register_count for p in block) - start
     decoder = BitDecoder(start, count, block) if function in BIT_FUNCTIONS else BlockDecoder(start, count, block)
     return ReadRequest(function, start, count, decoder)
 
 
-def split(request: ReadRequest) -> tuple[ReadRequest, ...]:
-    """Smaller requests for the points of one the device refused: first the runs of adjacent points (no
-    bridged gap), and a run that is refused in turn, one request per register (its bits stay together).
-    A request for one register or one value comes back as it is: it cannot be split."""
-    runs = plan(request.points, max_registers=request.count, max_bits=request.count)
-    if len(runs) > 1:
-        return runs
+def halves(request: ReadRequest) -> tuple[ReadRequest, ReadRequest] | None:
+    """The request's points in two requests of about as many points each, to find by bisection what a
+    meter refused in it; None for a request of one value (or of the bits of one register): that cannot be
+    split. Each half reads from its first point to its last, so the registers between the halves (if the
+    request bridged a gap there) are read by neither."""
     by_register: dict[int, list[ModbusPoint]] = {}
     for point in request.points:
         by_register.setdefault(point.address, []).append(point)
-    return tuple(_request(request.function, group) for group in by_register.values())
+    groups = [by_register[address] for address in sorted(by_register)]
+    if len(groups) < 2:
+        return None
+    middle = len(groups) // 2
+    left = [p for g in groups[:middle] for p in g]
+    right = [p for g in groups[middle:] for p in g]
+    return _request(request.function, left), _request(request.function, right)
+
+
+# --- what a request costs on a line -----------------------------------------------------------------------
+
+# A read request frame is 8 bytes on RTU (unit, function, address, count, CRC); an answer is 5 bytes
+# (unit, function, byte count, CRC) plus the data.
+_REQUEST_BYTES = 8
+_ANSWER_OVERHEAD_BYTES = 5
+# Modbus over serial line v1.02, 2.5.1.1: above 19200 baud the 3.5-character silence is a fixed 1.75 ms.
+_FIXED_SILENCE_S = 0.00175
+# Over TCP a request costs a round trip and an unused register nearly nothing, but the device may be a
+# serial meter behind a gateway whose baud rate the agent cannot see: a moderate default.
+TCP_MAX_GAP = 10
+MAX_GAP = MAX_REGISTERS_PER_READ - 1
+
+
+@dataclass(frozen=True, slots=True)
+class LineCost:
+    """What a serial line spends, in seconds, on one more request and on one more register read through.
+    A request costs its frame, the answer's fixed part, the two 3.5-character silences that end them, and
+    the turnaround pause after it; a register costs its two bytes in the answer. Reading `gap` unused
+    registers is cheaper than a second request while `gap * per_register < per_request`."""
+
+    baudrate: int
+    bits_per_character: int
+    per_request: float
+    per_register: float
+
+    @property
+    def character(self) -> float:
+        return self.bits_per_character / self.baudrate
+
+    @property
+    def max_gap(self) -> int:
+        """The most unused registers worth reading to save a request on this line."""
+        return min(MAX_GAP, math.floor(self.per_request / self.per_register))
+
+    @property
+    def max_bit_gap(self) -> int:
+        """The same for coils and discrete inputs: eight bits travel in one byte."""
+        return min(MAX_BITS_PER_READ - 1, math.floor(self.per_request / (self.character / 8)))
+
+
+def line_cost(device: ModbusDevice) -> LineCost | None:
+    """The cost model of the device's serial line; None over TCP (including RTU over TCP: the serial line
+    is behind a device server, its baud rate is not in the config)."""
+    if device.transport != "rtu":
+        return None
+    bits = 1 + device.data_bits + (0 if device.parity == "N" else 1) + device.stop_bits
+    character = bits / device.baudrate
+    silence = _FIXED_SILENCE_S if device.baudrate > 19200 else 3.5 * character
+    per_request = (_REQUEST_BYTES + _ANSWER_OVERHEAD_BYTES) * character + 2 * silence + device.effective_turnaround
+    return LineCost(device.baudrate, bits, per_request, 2 * character)
+
+
+@dataclass(frozen=True, slots=True)
+class Gaps:
+    """The gaps the planner may read through for one device, and where they came from."""
+
+    registers: int
+    bits: int
+    derived: bool  # from the line's cost model (no `max_gap` in the config)
+    cost: LineCost | None
+
+
+def gaps(device: ModbusDevice) -> Gaps:
+    """`max_gap` as configured; unset, derived from the serial line's cost model, or `TCP_MAX_GAP`."""
+    if device.max_gap is not None:
+        return Gaps(device.max_gap, device.max_gap, False, line_cost(device))
+    cost = line_cost(device)
+    if cost is None:
+        return Gaps(TCP_MAX_GAP, TCP_MAX_GAP, True, None)
+    return Gaps(cost.max_gap, cost.max_bit_gap, True, cost)
+
+
+def device_plan(device: ModbusDevice, unreadable: Iterable[Span] = (), breaks: Iterable[tuple[str, int]] = (),
+                leave_out: frozenset[str] = frozenset()) -> tuple[ReadRequest, ...]:
+    """The device's requests: its points (less `leave_out`, by name) with its limits and gaps, never
+    reading its `unreadable` ranges nor the extra ones given."""
+    chosen = gaps(device)
+    points = [p for p in device.points if p.name not in leave_out] if leave_out else device.points
+    return plan(points, device.max_registers, chosen.registers, (*device.unreadable, *unreadable),
+                device.max_bits, max_bit_gap=chosen.bits, breaks=breaks, cost=chosen.cost)
 
 
 class BitDecoder:

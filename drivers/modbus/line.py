@@ -74,6 +74,8 @@ class Line:
         self._opened = time.monotonic()
         self._judged = 0  # the second of the last saturation judgement
         self.saturation = FailureLog(f"line {self.key}", log)
+        # The daemon's judgement; a tool (modbus scan, poll) that keeps the line busy on purpose turns it off.
+        self.watch_saturation = True
 
     def worst_wait(self) -> float:
         """How long a poll could wait behind every device's requests on this line if all of them timed out."""
@@ -146,7 +148,7 @@ class Line:
             self._busy[slot] += part
             started += part
         # Judged once a second (not per request: it sums the minute), and only on a fair sample.
-        if int(ended) != self._judged and ended - self._opened >= 10:
+        if self.watch_saturation and int(ended) != self._judged and ended - self._opened >= 10:
             self._judged = int(ended)
             used = self.utilisation()
             if used >= SATURATED:

@@ -137,6 +137,8 @@ class SimulatedDevice(ABC):
         if input_registers:
             self._images[INPUT_REGISTERS] = [0] * input_registers
         self._refused: set[tuple[int, int]] = set()  # (function code, address) answered ILLEGAL_ADDRESS
+        # Some meters answer ILLEGAL_VALUE to a register read longer than their own limit.
+        self.longest_read: int | None = None
         self._bits = {COILS: coils, DISCRETE_INPUTS: discrete_inputs}
         for function_code, count in self._bits.items():
             if count:
@@ -154,6 +156,10 @@ class SimulatedDevice(ABC):
     def refuse(self, function_code: int, first: int, last: int) -> None:
         """Answer ILLEGAL_ADDRESS to any read that touches `first..last`, as meters do for holes in their map."""
         self._refused.update((function_code, address) for address in range(first, last + 1))
+
+    def accept(self, function_code: int, first: int, last: int) -> None:
+        """Answer reads of `first..last` again (after `refuse`), as a meter does after a firmware update."""
+        self._refused.difference_update((function_code, address) for address in range(first, last + 1))
 
     def set_bit(self, function_code: int, address: int, value: bool) -> None:
         """Set coil (1) or discrete input (2) `address`."""
@@ -203,6 +209,9 @@ class SimulatedDevice(ABC):
         image = self._images.get(_IMAGE_FOR_FUNCTION_CODE.get(function_code, 0))
         if image is None:
             return ExcCodes.ILLEGAL_FUNCTION
+        if self.longest_read is not None and function_code in (HOLDING_REGISTERS, INPUT_REGISTERS) \
+                and count > self.longest_read:
+            return ExcCodes.ILLEGAL_VALUE
         if self._refused:
             is_bits = function_code in (COILS, DISCRETE_INPUTS)
             touched = range(address, address + (count * 16 if is_bits else count))

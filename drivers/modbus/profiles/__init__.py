@@ -14,10 +14,13 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
+
+if TYPE_CHECKING:
+    from drivers.modbus.decode import LineCost, ReadRequest
 
 PROFILE_DIR = Path(__file__).parent
 NUMBERINGS = ("modicon", "one-based", "protocol")
@@ -232,22 +235,36 @@ def _no_point(name: str, profile: Profile) -> str:
 
 
 def requests_table() -> str:
-    """The table in docs/profiles.md: requests per poll cycle with the default settings, against the fewest
+    """The table in docs/profiles.md: requests per poll cycle with the default settings, over TCP and on an
+    RS-485 line at 9600 baud 8N1 (where the gaps worth reading come from the line's cost), against the fewest
     possible (every gap bridged, only the device's request limit and unreadable ranges respected), and
     against one request per point (what a gateway without coalescing sends)."""
     from drivers.modbus.config import ModbusDevice
-    from drivers.modbus.decode import plan
+    from drivers.modbus.decode import TCP_MAX_GAP, device_plan, line_cost, plan
 
-    rows = ["| Profile | Points | Requests per poll (max_gap 10) | Fewest possible | One per point | Registers read |",
-            "|---|---:|---:|---:|---:|---:|"]
+    line = {"transport": "rtu", "serial_port": "/dev/ttyUSB0", "baudrate": 9600}
+    rows = [f"| Profile | Points | Requests per poll, TCP (max_gap {TCP_MAX_GAP}) | RS-485 9600 baud, derived max_gap "
+            f"| Line time a poll at 9600 baud | The same with max_gap {TCP_MAX_GAP} | Fewest possible "
+            "| One per point |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for profile_id in available():
-        raw, problems = expand_profile({"name": "x", "driver": "modbus", "host": "h", "profile": profile_id})
-        if problems:
-            raise ProfileError(f"{profile_id}: {problems}")
-        device = ModbusDevice.model_validate(raw)
-        requests = plan(device.points, device.max_registers, device.max_gap, device.unreadable, device.max_bits)
-        fewest = plan(device.points, device.max_registers, 65535, device.unreadable, device.max_bits)
-        registers = sum(r.count for r in requests)
-        rows.append(f"| `{profile_id}` | {len(device.points)} | {len(requests)} | {len(fewest)} | "
-                    f"{len(device.points)} | {registers} |")
+        devices = []
+        for where in ({"host": "h"}, line, {**line, "max_gap": TCP_MAX_GAP}):
+            raw, problems = expand_profile({"name": "x", "driver": "modbus", "profile": profile_id, **where})
+            if problems:
+                raise ProfileError(f"{profile_id}: {problems}")
+            devices.append(ModbusDevice.model_validate(raw))
+        tcp, rtu, fixed = devices
+        cost = line_cost(rtu)
+        assert cost is not None
+        on_rtu = device_plan(rtu)
+
+        def line_ms(requests: tuple[ReadRequest, ...], cost: LineCost = cost) -> str:
+            seconds = sum(cost.per_request + r.count * cost.per_register for r in requests)
+            return f"{seconds * 1000:.0f} ms"
+
+        fewest = plan(tcp.points, tcp.max_registers, 65535, tcp.unreadable, tcp.max_bits)
+        rows.append(f"| `{profile_id}` | {len(tcp.points)} | {len(device_plan(tcp))} | {len(on_rtu)} "
+                    f"(max_gap {cost.max_gap}) | {line_ms(on_rtu)} | {len(device_plan(fixed))}, "
+                    f"{line_ms(device_plan(fixed))} | {len(fewest)} | {len(tcp.points)} |")
     return "\n".join(rows)
