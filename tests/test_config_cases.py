@@ -103,6 +103,10 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("OPC-UA port 99999", GATEWAY + opcua("opc.tcp://10.0.0.7:99999"),
      ['devices[0].endpoint: a TCP port is 1 to 65535; expected an endpoint URL such as '
       '"opc.tcp://192.168.10.30:4840" (got \'opc.tcp://10.0.0.7:99999\')']),
+    ("an OPC-UA read every 50 ms", GATEWAY + opcua("opc.tcp://10.0.0.7:4840").replace("points", 'poll_interval = '
+                                                                                     '"50ms"\npoints'),
+     ['devices[0].poll_interval: expected 100 ms or more in mode "read"; faster than 100 ms is not polling a meter '
+      "(got 0.05)"]),
     ("status_interval of 1 ms", GATEWAY.replace('"plant-a"\n', '"plant-a"\nstatus_interval = "1ms"\n') + tcp(),
      ["gateway.status_interval: expected a duration from 1 s up to 1 d (got '1ms')"]),
     # tracebacks before
@@ -214,6 +218,9 @@ def test_a_bad_config_gets_exactly_its_error_lines(tmp_path: Path, text: str, ex
                                       'type = "int16", scale = 1, not_available = [0x8000, 65535] }'),
                  id="a point name with a dot: not a topic level"),
     pytest.param(GATEWAY + opcua("opc.tcp://plc.local:65535/path"), id="OPC-UA port 65535"),
+    pytest.param(GATEWAY + opcua("opc.tcp://plc.local:4840").replace("points", 'mode = "subscribe"\n'
+                                                                      'poll_interval = "50ms"\npoints'),
+                 id="a 50 ms publishing interval in subscribe mode"),
 ])
 def test_values_near_the_limits_are_accepted(text: str) -> None:
     parse_config(text, source="c.toml")

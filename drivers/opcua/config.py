@@ -24,6 +24,7 @@ from agent.config import (
     FilePath,
     PointName,
     UserName,
+    duration,
     file_problem,
     host_problem,
     valid_entries,
@@ -43,6 +44,8 @@ _ENDPOINT = re.compile(r"^opc\.tcp://(?P<host>[^\s/:]+)(:(?P<port>\d{1,5}))?(/\S
 ENDPOINT_HELP = 'expected an endpoint URL such as "opc.tcp://192.168.10.30:4840"'
 # An endpoint URL travels in every OPC-UA hello and session request; servers take 4096 bytes at most.
 _ENDPOINT_MAX = 4096
+
+PublishingInterval = duration(0.01, 86400, minimum_included=True)
 
 NODE_ID_HELP = ('expected a NodeId such as "ns=2;i=1001", "ns=2;s=Boiler.Temperature" or '
                 '"nsu=urn:example:plant;s=Boiler.Temperature"')
@@ -139,6 +142,11 @@ class OpcuaDevice(DeviceBase):
     driver: Literal["opcua"]
     endpoint: str = Field(description='The server\'s endpoint URL, "opc.tcp://192.168.10.30:4840" (a path may '
                                       'follow).')
+    # In subscribe mode this is the publishing interval: the server sends only changes, and a fast one is what
+    # a test bench or a fast process asks for. A read-mode poll stays at 100 ms or more (checked in problems).
+    poll_interval: PublishingInterval = Field(
+        1.0, description="read: how often every node is read (at least 100 ms). subscribe: the publishing "
+                         "interval (at least 10 ms).")
     mode: Literal["read", "subscribe"] = Field(
         "read", description='"read": every node read in one batched request per poll_interval, on the clock. '
         '"subscribe": the server sends changes; poll_interval is the publishing interval.')
@@ -201,6 +209,9 @@ class OpcuaDevice(DeviceBase):
 
     def problems(self) -> list[tuple[str, str]]:
         out = self._security_problems()
+        if self.mode == "read" and self.poll_interval < 0.1:
+            out.append(("poll_interval", f'expected 100 ms or more in mode "read"; faster than 100 ms is not '
+                                         f"polling a meter (got {self.poll_interval:g})"))
         out.extend(_point_problems(list(enumerate(self.points)), self.mode, set(self.namespaces)))
         if self.mode == "read" and self.heartbeat is not None:
             out.append(("heartbeat", 'applies to mode = "subscribe" only (read mode sends every poll)'))
