@@ -633,6 +633,9 @@ class AgentConfig:
 MAX_CONFIG_BYTES = 4 << 20
 # Tables and arrays deeper than this are no config of ours; far deeper ones exhaust Python's recursion.
 MAX_NESTING = 32
+# No table of the config has more than a few dozen keys (`overrides` one per point of a profile). A table of
+# a million unknown keys is refused as a whole: validating it would cost seconds and hundreds of MB.
+MAX_TABLE_KEYS = 1000
 
 
 def load_config(path: Path | str) -> AgentConfig:
@@ -685,24 +688,27 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
                                                "digits")]) from exc
     except RecursionError as exc:
         raise ConfigError(source, [Problem("", f"arrays or tables nested more than {MAX_NESTING} deep")]) from exc
-    where = _too_deep(raw)
-    if where is not None:
-        raise ConfigError(source, [Problem(_dotted(where), f"arrays or tables nested more than {MAX_NESTING} "
-                                                           "deep")])
+    shape = _shape_problem(raw)
+    if shape is not None:
+        raise ConfigError(source, [Problem(_dotted(shape[0]), shape[1])])
     if base_dir is not None:
         _resolve_paths(raw, base_dir)
     return validate_config(raw, source)
 
 
-def _too_deep(raw: dict[str, Any]) -> tuple[str | int, ...] | None:
-    """The path of a value nested deeper than MAX_NESTING, or None. Iterative: the point is not to recurse."""
+def _shape_problem(raw: dict[str, Any]) -> tuple[tuple[str | int, ...], str] | None:
+    """A value nested deeper than MAX_NESTING or a table of more than MAX_TABLE_KEYS keys, as (path,
+    message), or None. Iterative: the point is not to recurse."""
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(raw, ())]
     while stack:
         value, where = stack.pop()
         if len(where) > MAX_NESTING:
             # Named by the key holding the deep value, not by thirty [0]s.
             keys = [index for index, part in enumerate(where) if isinstance(part, str)]
-            return where[:keys[-1] + 1] if keys else where[:1]
+            return where[:keys[-1] + 1] if keys else where[:1], f"arrays or tables nested more than {MAX_NESTING} deep"
+        if isinstance(value, dict) and len(value) > MAX_TABLE_KEYS:
+            return where, (f"a table of {len(value):,} keys; no table of the config has more than "
+                           f"{MAX_TABLE_KEYS:,} (is it the right file?)")
         if isinstance(value, dict):
             stack.extend((item, (*where, key)) for key, item in value.items())
         elif isinstance(value, list):
