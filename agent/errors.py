@@ -21,15 +21,20 @@ class Problem:
 
 
 class ConfigError(Exception):
+    SHOWN = 50
+
     def __init__(self, source: Path | str, problems: list[Problem]) -> None:
         self.source = str(source)
         self.problems = problems
         super().__init__(self.render())
 
     def render(self) -> str:
+        # The first SHOWN problems: a file of a million unknown keys is not fixed by reading them all.
         lines = [f"{self.source}: {p.where}: {p.message}" if p.where else f"{self.source}: {p.message}"
-                 for p in self.problems]
+                 for p in self.problems[:self.SHOWN]]
         count = len(self.problems)
+        if count > self.SHOWN:
+            lines.append(f"{self.source}: and {count - self.SHOWN} more")
         lines.append(f"{self.source}: {count} problem{'s' if count != 1 else ''}; nothing was started")
         return "\n".join(lines)
 

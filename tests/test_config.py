@@ -102,7 +102,7 @@ BAD_CONFIGS: list[tuple[str, str, list[tuple[str, str]]]] = [
      [("devices[0].points[0].address", "less than or equal to 65535")]),
     ("name with a slash",
      GATEWAY + device("line/1"),
-     [("devices[0].name", "should match pattern")]),
+     [("devices[0].name", "'/' is not allowed: it separates topic levels; rename it to 'line-1'")]),
     ("point name with a slash",
      GATEWAY + device(points='{ name = "v/l1", function = "input", address = 0, type = "float32" }'),
      [("devices[0].points[0].name", "should match pattern")]),

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
+from tests.certs import make_test_certificates
 from tests.conftest import REPO
 
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -93,7 +94,8 @@ def config_for_prefix(prefix: Path) -> str:
     technician would set up a gateway."""
     etc = prefix / "etc/edge-agent"
     (etc / "mqtt-password").write_text("secret\n")
-    (etc / "platform-ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    # `check` loads the CA bundle as the uplink will: it must hold a certificate.
+    shutil.copy(make_test_certificates(prefix.parent / "test-certs").ca_file, etc / "platform-ca.pem")
     text = (REPO / "deploy/config.example.toml").read_text()
     text = text.replace("/var/lib/edge-agent", str(prefix / "var/lib/edge-agent"))
     text = text.replace("/etc/edge-agent/", f"{etc}/")

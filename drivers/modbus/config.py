@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
-from agent.config import DeviceBase, Duration, Name, StrictModel, valid_entries
+from agent.config import DeviceBase, Host, PointName, StrictModel, duration, echo, text, valid_entries
 
 DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64",
                    "string"]
@@ -50,28 +50,46 @@ def vendor_address(function: str, address: int) -> str:
 # A plant's config holds thousands of points, each kept for the life of the process: as a frozen slotted
 # dataclass a point costs about 150 bytes, as a pydantic model about 840 (its __dict__ and fields-set).
 # Validation, the error messages and the JSON schema are still pydantic's.
+# A pydantic dataclass cannot be strict as a whole (it would refuse the TOML table itself): each field is.
+_Int = Annotated[int, Strict()]
+_Number = Annotated[float, Strict()]  # a TOML integer or float; never a string or a boolean
+_Text = Annotated[str, Strict()]
+_RawValue = Annotated[int, Strict()] | Annotated[float, Strict()]
+
+
+def _not_a_bool(value: Any) -> Any:
+    # Literal[1, 2] alone would take `true` for 1: True == 1 in Python.
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not true or false")
+    return value
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class ModbusPoint:
-    name: Name
+    name: PointName
     function: Function = Field(
         description='"coil" (FC01, 0xxxx), "discrete" (FC02, 1xxxx), "input" (FC04, 3xxxx) or "holding" (FC03, '
                     '4xxxx).')
-    address: int = Field(ge=0, le=65535, description="0-based protocol address (40001 -> 0).")
+    address: _Int = Field(ge=0, le=65535, description="0-based protocol address (40001 -> 0).")
     type: DataType = Field(description='The value\'s type; "bool" (the default) for coils and discrete inputs, and '
                                        'with `bit` for one bit of a register.')
-    count: int | None = Field(None, ge=1, le=125, description="Registers the value spans: required for a string "
+    count: _Int | None = Field(None, ge=1, le=125, description="Registers the value spans: required for a string "
                                                               "(2 characters per register), implied for the others.")
-    bit: int | None = Field(None, ge=0, le=15, description="For a bool in a register: the bit, 0 = least significant.")
+    bit: _Int | None = Field(None, ge=0, le=15, description="For a bool in a register: the bit, 0 = least significant.")
     word_order: WordOrder = Field(
         "ABCD", description="Byte order of the value, A = most significant byte: ABCD big-endian, "
         "CDAB word-swapped (low word first), BADC byte-swapped, DCBA little-endian. Strings: ABCD or BADC.")
-    scale: float = Field(1.0, description="value = raw * scale + offset")
-    offset: float = 0.0
-    not_available: tuple[int | float, ...] = Field(
+    scale: _Number = Field(1.0, description="value = raw * scale + offset")
+    offset: _Number = 0.0
+    not_available: Annotated[tuple[_RawValue, ...], BeforeValidator(_as_tuple)] = Field(
         (), description="Raw values the meter sends for 'no value' (0xFFFF = 65535, 0x8000 = "
         "32768, 0x7FFFFFFF ...), compared before scaling: such a reading is sent with quality bad.")
-    unit: str | None = Field(None, max_length=32)
-    description: str | None = Field(None, max_length=200, description="Free text for people; not sent.")
+    unit: _Text | None = Field(None, max_length=32)
+    description: _Text | None = Field(None, max_length=200, description="Free text for people; not sent.")
 
     @field_validator("scale", "offset")
     @classmethod
@@ -149,6 +167,9 @@ class UnreadableRange(StrictModel):
 
 
 Parity = Literal["N", "E", "O"]
+# 0 is right on TCP; past 10 s a pause no longer spares a slow meter, it stalls the line.
+Turnaround = duration(0.0, 10.0, minimum_included=True)
+SerialPort = text(4095)
 
 
 class ModbusDevice(DeviceBase):
@@ -156,20 +177,19 @@ class ModbusDevice(DeviceBase):
     transport: Literal["tcp", "rtu", "rtu_over_tcp"] = Field(
         "tcp", description='"tcp" (Modbus TCP), "rtu" (RS-485/RS-232 serial port), "rtu_over_tcp" (RTU frames '
                            'through a serial device server in transparent mode).')
-    host: Annotated[str, Field(min_length=1)] | None = Field(None, description="tcp and rtu_over_tcp: the device "
-                                                                               "or gateway address.")
+    host: Host | None = Field(None, description="tcp and rtu_over_tcp: the device or gateway address.")
     port: int = Field(502, ge=1, le=65535, description="tcp and rtu_over_tcp: the TCP port.")
-    serial_port: Annotated[str, Field(min_length=1)] | None = Field(
+    serial_port: SerialPort | None = Field(
         None, description='rtu: the serial device, e.g. "/dev/ttyUSB0" or "/dev/serial/by-id/...".')
-    baudrate: int = Field(9600, description="rtu: bits per second.")
+    baudrate: int = Field(9600, ge=300, le=921600, description="rtu: bits per second (300 to 921600).")
     parity: Parity = Field("N", description='rtu: "N" none, "E" even, "O" odd.')
     data_bits: Literal[7, 8] = 8
-    stop_bits: Literal[1, 2] = 1
-    turnaround: Duration | None = Field(
+    stop_bits: Annotated[Literal[1, 2], BeforeValidator(_not_a_bool)] = 1
+    turnaround: Turnaround | None = Field(
         None, description="Pause after every request on the line before the next one (bus turnaround). Default: "
                           "20ms on a serial line, 0 on TCP.")
-    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit id (slave id); 1-247 on serial lines, "
-                                                      "often 1 or 255 for a TCP device.")
+    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit id (slave id): 1-247 on a serial line (also "
+                                                      "behind rtu_over_tcp); 0-255 on Modbus TCP, often 1 or 255.")
     max_registers: int = Field(MAX_REGISTERS_PER_READ, ge=1, le=MAX_REGISTERS_PER_READ,
                                description="Largest register read sent to this device (some meters accept fewer "
                                            "than the protocol's 125).")
@@ -179,7 +199,7 @@ class ModbusDevice(DeviceBase):
                                 "baud rate and turnaround on a serial line; 10 over TCP).")
     unreadable: list[UnreadableRange] = Field(
         default_factory=list, description="Address ranges the device refuses: never read, never bridged.")
-    profile: Name | None = Field(None, description="A register map shipped with the agent (docs/profiles.md); "
+    profile: PointName | None = Field(None, description="A register map shipped with the agent (docs/profiles.md); "
                                                    "`points` then adds to it.")
     select: list[str] | None = Field(None, description="With a profile: keep only these points.")
     overrides: dict[str, dict[str, Any]] = Field(
@@ -239,7 +259,13 @@ class ModbusDevice(DeviceBase):
         return f"{self.line_label} unit {self.unit_id}"
 
     def problems(self) -> list[tuple[str, str]]:
-        return _point_problems(list(enumerate(self.points)), self.unreadable)
+        out = _point_problems(list(enumerate(self.points)), self.unreadable)
+        # Modbus over serial line v1.02, 2.2: 0 is broadcast (no meter answers it), 248-255 are reserved. On
+        # TCP (Modbus messaging on TCP/IP v1.0b, 4.4.2) 0 and 255 address the device itself.
+        if self.transport != "tcp" and not 1 <= self.unit_id <= 247:
+            out.append(("unit_id", f"expected 1 to 247 on a serial line (0 is broadcast, which no meter answers; "
+                                   f"248-255 are reserved) (got {echo(self.unit_id)})"))
+        return out
 
     @classmethod
     def expand(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:

@@ -12,12 +12,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, Strict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
-from agent.config import DeviceBase, Duration, Name, valid_entries
+from agent.config import (
+    DeviceBase,
+    Duration,
+    EnvName,
+    FilePath,
+    PointName,
+    UserName,
+    duration,
+    file_problem,
+    host_problem,
+    valid_entries,
+)
 
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
@@ -29,7 +40,12 @@ _NODE_ID = re.compile(r"^(?:(?:ns=(?P<ns>\d+)|nsu=(?P<nsu>[^;]+));)?"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
-_ENDPOINT = re.compile(r"^opc\.tcp://[^\s/:]+(:\d{1,5})?(/\S*)?$")
+_ENDPOINT = re.compile(r"^opc\.tcp://(?P<host>[^\s/:]+)(:(?P<port>\d{1,5}))?(/\S*)?$")
+ENDPOINT_HELP = 'expected an endpoint URL such as "opc.tcp://192.168.10.30:4840"'
+# An endpoint URL travels in every OPC-UA hello and session request; servers take 4096 bytes at most.
+_ENDPOINT_MAX = 4096
+
+PublishingInterval = duration(0.01, 86400, minimum_included=True)
 
 NODE_ID_HELP = ('expected a NodeId such as "ns=2;i=1001", "ns=2;s=Boiler.Temperature" or '
                 '"nsu=urn:example:plant;s=Boiler.Temperature"')
@@ -43,9 +59,9 @@ def node_id_problem(text: str) -> str | None:
     kind, ident = match["kind"], match["id"]
     if kind == "i" and not (ident.isdigit() and int(ident) < 2**32):
         return f"a numeric identifier (i=) must be a whole number from 0 to 4294967295; {NODE_ID_HELP}"
-    if kind == "g" and not _GUID.match(ident):
+    if kind == "g" and not _GUID.fullmatch(ident):
         return "a GUID identifier (g=) is written g=09087e75-8e5e-499b-954f-f2a9603db28a"
-    if kind == "b" and not _BASE64.match(ident):
+    if kind == "b" and not _BASE64.fullmatch(ident):
         return "an opaque identifier (b=) is base64"
     if match["ns"] is not None and int(match["ns"]) > 65535:
         return "a namespace index is 0 to 65535"
@@ -60,7 +76,7 @@ def browse_path_elements(text: str) -> list[tuple[str | None, str]]:
         prefix, colon, name = part.partition(":")
         if not colon:
             prefix, name = None, part  # type: ignore[assignment]
-        elif not (prefix.isdigit() or _ALIAS.match(prefix)):
+        elif not (prefix.isdigit() or _ALIAS.fullmatch(prefix)):
             raise ValueError(f"{part!r}: the part before ':' must be a namespace index or an alias from "
                              "`namespaces`")
         if not name.strip():
@@ -79,20 +95,25 @@ def _absolute(value: Path | None) -> Path | None:
 
 
 # A frozen slotted dataclass, as a Modbus point: a fraction of a pydantic model's memory per point.
+# A pydantic dataclass cannot be strict as a whole (it would refuse the TOML table itself): each field is.
+_Text = Annotated[str, Strict()]
+
+
 @dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class OpcuaPoint:
-    name: Name
-    node_id: str | None = Field(None, description='NodeId: "ns=2;s=Boiler.Temp", "nsu=<namespace URI>;i=1001".')
-    browse_path: str | None = Field(
+    name: PointName
+    node_id: _Text | None = Field(None, description='NodeId: "ns=2;s=Boiler.Temp", "nsu=<namespace URI>;i=1001".')
+    browse_path: _Text | None = Field(
         None, description='Path from the Objects folder: "plant:Boiler/plant:Temperature" (alias or index '
         'before each name).')
-    unit: str | None = Field(None, max_length=32)
+    unit: _Text | None = Field(None, max_length=32)
     sampling_interval: Duration | None = Field(
         None, description="Subscribe mode: how often the server samples this node (default: the device's).")
-    queue_size: int | None = Field(None, ge=1, le=10000, description="Subscribe mode: values the server keeps "
-                                                                   "between two publishes (default: the device's).")
-    deadband: float | None = Field(None, ge=0, description="Subscribe mode: a change smaller than this is not "
-                                                           "sent. Needs deadband_type.")
+    queue_size: Annotated[int, Strict()] | None = Field(
+        None, ge=1, le=10000, description="Subscribe mode: values the server keeps between two publishes (default: "
+                                          "the device's).")
+    deadband: Annotated[float, Strict()] | None = Field(
+        None, ge=0, description="Subscribe mode: a change smaller than this is not sent. Needs deadband_type.")
     deadband_type: Literal["absolute", "percent"] | None = Field(
         None, description='"absolute": in the value\'s unit; "percent": of the node\'s EURange.')
 
@@ -121,23 +142,29 @@ class OpcuaDevice(DeviceBase):
     driver: Literal["opcua"]
     endpoint: str = Field(description='The server\'s endpoint URL, "opc.tcp://192.168.10.30:4840" (a path may '
                                       'follow).')
+    # In subscribe mode this is the publishing interval: the server sends only changes, and a fast one is what
+    # a test bench or a fast process asks for. A read-mode poll stays at 100 ms or more (checked in problems).
+    poll_interval: PublishingInterval = Field(
+        1.0, description="read: how often every node is read (at least 100 ms). subscribe: the publishing "
+                         "interval (at least 10 ms).")
     mode: Literal["read", "subscribe"] = Field(
         "read", description='"read": every node read in one batched request per poll_interval, on the clock. '
         '"subscribe": the server sends changes; poll_interval is the publishing interval.')
     security_mode: SecurityMode = "None"
     security_policy: SecurityPolicy = Field("None", description="With Sign or SignAndEncrypt: Basic256Sha256, "
                                                                 "Aes128_Sha256_RsaOaep or Aes256_Sha256_RsaPss.")
-    username: str | None = None
-    password_file: Path | None = Field(None, description="File holding the password (first line).")
-    password_env: str | None = Field(None, description="Environment variable holding the password.")
+    username: UserName | None = None
+    password_file: FilePath | None = Field(None, description="File holding the password (first line).")
+    password_env: EnvName | None = Field(None, description="Environment variable holding the password.")
     allow_password_without_security: bool = Field(
         False, description="Send a password on an endpoint with security_mode None. Only on closed test networks.")
-    user_certificate: Path | None = Field(None, description="X.509 user identity: certificate (DER or PEM).")
-    user_private_key: Path | None = Field(None, description="X.509 user identity: its private key (PEM).")
-    certificate_dir: Path | None = Field(
+    user_certificate: FilePath | None = Field(None, description="X.509 user identity: certificate (DER or PEM).")
+    user_private_key: FilePath | None = Field(None, description="X.509 user identity: its private key (PEM).")
+    certificate_dir: FilePath | None = Field(
         None, description="Where the agent's application certificate and key are kept (created on first start). "
         "Default: the folder 'opcua' beside the buffer file.")
-    trust_dir: Path | None = Field(None, description="Trusted server certificates. Default: certificate_dir/trusted.")
+    trust_dir: FilePath | None = Field(None, description="Trusted server certificates. Default: "
+                                                         "certificate_dir/trusted.")
     trust_on_first_use: bool = Field(
         False, description="Commissioning only: trust and store the certificate a server presents when none for "
         "that server is trusted yet (logged). A changed certificate is still refused.")
@@ -156,8 +183,13 @@ class OpcuaDevice(DeviceBase):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if not _ENDPOINT.match(value):
-            raise ValueError('expected an endpoint URL such as "opc.tcp://192.168.10.30:4840"')
+        match = _ENDPOINT.fullmatch(value) if len(value) <= _ENDPOINT_MAX else None
+        if not match:
+            raise ValueError(ENDPOINT_HELP)
+        if match["port"] is not None and not 1 <= int(match["port"]) <= 65535:
+            raise ValueError(f"a TCP port is 1 to 65535; {ENDPOINT_HELP}")
+        if host_problem(match["host"]):
+            raise ValueError(f"{host_problem(match['host'])}; {ENDPOINT_HELP}")
         return value
 
     @field_validator("password_file", "user_certificate", "user_private_key", "certificate_dir", "trust_dir")
@@ -169,7 +201,7 @@ class OpcuaDevice(DeviceBase):
     @classmethod
     def _aliases(cls, value: dict[str, str]) -> dict[str, str]:
         for alias, uri in value.items():
-            if not _ALIAS.match(alias):
+            if not _ALIAS.fullmatch(alias):
                 raise ValueError(f"alias {alias!r}: letters, digits and _, starting with a letter")
             if not uri.strip():
                 raise ValueError(f"alias {alias!r}: empty namespace URI")
@@ -177,6 +209,9 @@ class OpcuaDevice(DeviceBase):
 
     def problems(self) -> list[tuple[str, str]]:
         out = self._security_problems()
+        if self.mode == "read" and self.poll_interval < 0.1:
+            out.append(("poll_interval", f'expected 100 ms or more in mode "read"; faster than 100 ms is not '
+                                         f"polling a meter (got {self.poll_interval:g})"))
         out.extend(_point_problems(list(enumerate(self.points)), self.mode, set(self.namespaces)))
         if self.mode == "read" and self.heartbeat is not None:
             out.append(("heartbeat", 'applies to mode = "subscribe" only (read mode sends every poll)'))
@@ -192,8 +227,8 @@ class OpcuaDevice(DeviceBase):
                                            + ", ".join(SECURE_POLICIES)))
         for key, path in (("password_file", self.password_file), ("user_certificate", self.user_certificate),
                           ("user_private_key", self.user_private_key)):
-            if path is not None and not path.is_file():
-                out.append((key, f"file not found: {path}"))
+            if path is not None and (problem := file_problem(path)):
+                out.append((key, problem))
         if self.password_file is not None and self.password_env is not None:
             out.append(("password_env", "give the password either in password_file or in password_env"))
         if self.password_env is not None and self.password_env not in os.environ:
