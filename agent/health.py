@@ -7,6 +7,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+DEVICE_REASONS_LOGGED = 5
+
 
 @dataclass
 class FailureLog:
@@ -16,13 +18,24 @@ class FailureLog:
     logger: logging.Logger
     failing_since: float | None = None
     consecutive: int = 0
+    # How many different reasons one episode may log at ERROR. 1: only the first. More: a reason not seen
+    # before in this episode (a server restarted with a new certificate, a meter that stopped answering
+    # and now refuses) is a new failure, logged loudly once; still bounded, for reasons that carry numbers.
+    reasons_logged: int = 1
+    _reasons: set[str] = field(default_factory=set, repr=False)
 
     def failed(self, reason: object, detail: str = "") -> None:
         self.consecutive += 1
+        text = str(reason)
         if self.failing_since is None:
             self.failing_since = time.monotonic()
+            self._reasons = {text}
             self.logger.error("%s: %s%s (repeats are logged at debug level until it recovers)", self.what,
                               reason, f"; {detail}" if detail else "")
+        elif text not in self._reasons and len(self._reasons) < self.reasons_logged:
+            self._reasons.add(text)
+            self.logger.error("%s: failing for another reason now (%d in a row): %s%s", self.what,
+                              self.consecutive, reason, f"; {detail}" if detail else "")
         else:
             self.logger.debug("%s: still failing (%d in a row): %s", self.what, self.consecutive, reason)
 
@@ -32,6 +45,7 @@ class FailureLog:
             self.logger.info("%s: recovered after %d failures over %.1f s", self.what, self.consecutive, down)
         self.failing_since = None
         self.consecutive = 0
+        self._reasons = set()
 
     @property
     def failing(self) -> bool:
@@ -56,6 +70,8 @@ class DeviceHealth:
 
     def __post_init__(self) -> None:
         self.bad_points = FailureLog(f"{self.failures.what}: bad readings", self.failures.logger)
+        # A device's failure reason is a sentence a technician acts on: each new one is worth its line.
+        self.failures.reasons_logged = max(self.failures.reasons_logged, DEVICE_REASONS_LOGGED)
 
     @property
     def state(self) -> str:
