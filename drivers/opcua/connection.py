@@ -429,6 +429,8 @@ def browse_path(text: str, namespaces: dict[str, str], index_of: dict[str, int])
         elif prefix.isdigit():
             index = int(prefix)
         else:
+            if prefix not in namespaces:
+                raise LookupError(f"the namespace alias {prefix!r} is not defined in `namespaces`")
             uri = namespaces[prefix]
             if uri not in index_of:
                 raise LookupError(f"namespace {uri} ({prefix}) is not on the server")
