@@ -22,7 +22,7 @@ class FailureLog:
     # before in this episode (a server restarted with a new certificate, a meter that stopped answering
     # and now refuses) is a new failure, logged loudly once; still bounded, for reasons that carry numbers.
     reasons_logged: int = 1
-    _reasons: set[str] = field(default_factory=set, repr=False)
+    _reasons: set[str] = field(init=False, default_factory=set, repr=False)
 
     def failed(self, reason: object, detail: str = "") -> None:
         self.consecutive += 1
