@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
+        from agent.logs import error_lines
+
+        print(error_lines(exc.render()), file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
@@ -122,7 +124,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_run_until_signalled(config))
     except BufferUnavailable as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
+        from agent.logs import error_lines
+
+        print(error_lines(f"edge-agent: {exc}"), file=sys.stderr)
         return 1
     return 0
 

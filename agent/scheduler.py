@@ -92,16 +92,16 @@ async def poll_loop(name: str, interval: float, driver: PollingDriver, health: D
             health.polls_ok += 1
             health.readings += len(readings)
             # Counted in C first (a poll is nearly always all good); the bad ones are listed only when there are.
-            bad_count = len(readings) - list(map(_quality, readings)).count(Quality.GOOD)
+            # Uncertain readings carry a value and are not bad (docs/payload.md, Quality).
+            bad_count = list(map(_quality, readings)).count(Quality.BAD)
             health.bad_readings += bad_count
             health.last_success = started
             health.failures.succeeded()
             if bad_count:
-                bad = [r for r in readings if r.quality is not Quality.GOOD]
-                health.bad_points.failed(f"{len(bad)} of {len(readings)} points bad, first {bad[0].point}: "
-                                         f"{bad[0].reason}")
+                health.points_bad({r.point: r.reason or r.quality.value for r in readings
+                                   if r.quality is Quality.BAD}, len(readings))
             else:
-                health.bad_points.succeeded()
+                health.points_good()
             await submit(PollResult(name, started, tuple(readings)))
         now = clock()
         health.last_poll_seconds = now - started
@@ -138,17 +138,16 @@ async def stream_loop(name: str, driver: StreamingDriver, health: DeviceHealth,
         health.last_success = result.ts
         health.failures.succeeded()
         for reading in result.readings:
-            if reading.quality is Quality.GOOD:
-                bad_now.pop(reading.point, None)
-            else:
+            if reading.quality is Quality.BAD:
                 health.bad_readings += 1
                 bad_now[reading.point] = reading.reason or reading.quality.value
+            else:
+                bad_now.pop(reading.point, None)
         # A change of one point says nothing of the others: bad points are tracked until each recovers.
         if bad_now:
-            point, reason = next(iter(bad_now.items()))
-            health.bad_points.failed(f"{len(bad_now)} point(s) bad, first {point}: {reason}")
+            health.points_bad(bad_now)
         else:
-            health.bad_points.succeeded()
+            health.points_good()
         await submit(result)
 
     while True:

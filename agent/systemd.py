@@ -4,6 +4,8 @@ READY=1 once the buffer is open and polling has started; STATUS= a line for `sys
 sent from the event loop itself, so that a hung loop misses its pings and systemd restarts the agent
 (WatchdogSec= in the unit); STOPPING=1 at shutdown. Outside systemd (no NOTIFY_SOCKET) every call does
 nothing.
+
+Also here: what a device the service's device policy blocks looks like (EPERM on open), in words.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -59,3 +62,26 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def device_blocked(path: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """Why opening a device node failed with EPERM ("Operation not permitted"), and what to do.
+
+    File permissions and group membership give EACCES; EPERM on open() of a device node comes from a device
+    policy (systemd's DevicePolicy=/DeviceAllow=, a container's device cgroup). The unit allows the serial
+    classes; a class it does not know (another major) is named with the line to add."""
+    where = "this service's device policy (DevicePolicy=closed and DeviceAllow= in edge-agent.service)" \
+        if environ.get("INVOCATION_ID") else "a device policy (a systemd unit's DeviceAllow=, a container's devices)"
+    node = ""
+    allow = "DeviceAllow=char-<major> rw"
+    if path:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISCHR(st.st_mode):
+            major = os.major(st.st_rdev)
+            node = f" ({path} is character device {major}:{os.minor(st.st_rdev)})"
+            allow = f"DeviceAllow=char-{major} rw"
+    return (f"operation not permitted: blocked by {where}{node}, not by file permissions or groups: add "
+            f"`{allow}` with `systemctl edit edge-agent`, then `systemctl restart edge-agent`")

@@ -15,7 +15,9 @@
 #   /usr/local/bin/edge-agent               symlink to /opt/edge-agent/venv/bin/edge-agent, if nothing is there
 # --uninstall removes the unit and /opt/edge-agent and keeps the config and the buffer; --purge also removes
 # them and the user. With --prefix DIR every path is under DIR, and what needs the real system (useradd,
-# chown, systemctl) is only printed: that is how the test suite installs into a temporary folder.
+# chown, starting the service) is only printed: that is how the test suite installs into a temporary folder.
+# Where systemd does not run (a chroot, an image build, a container build, or --prefix) the unit is enabled
+# offline in the root's files (systemctl --root), so that it starts at the first boot.
 set -eu
 
 NAME=edge-agent
@@ -87,13 +89,19 @@ system() {
     fi
 }
 
-systemd_running() { [ -z "$prefix" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
+# A chroot may see the host's /run (bind-mounted by image builders): it is not a system systemd runs.
+in_chroot() { command -v systemd-detect-virt >/dev/null 2>&1 && systemd-detect-virt --quiet --chroot; }
+systemd_running() {
+    [ -z "$prefix" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1 && ! in_chroot
+}
+# systemctl on the unit files of the root being installed into, without a running systemd (enable, disable).
+systemctl_offline() { systemctl --root="${prefix:-/}" "$@"; }
 
 uninstall() {
-    if [ -n "$prefix" ]; then
-        say "skipped under --prefix, would run: systemctl disable --now $NAME.service"
-    elif systemd_running && [ -e "$unit" ]; then
+    if systemd_running && [ -e "$unit" ]; then
         systemctl disable --now --quiet "$NAME.service" || say "warning: could not stop or disable $NAME.service"
+    elif [ -e "$unit" ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl_offline disable --quiet "$NAME.service" || say "warning: could not disable $NAME.service"
     fi
     rm -f "$unit"
     if systemd_running; then systemctl daemon-reload; fi
@@ -338,12 +346,19 @@ your [[devices]] (docs: $opt/docs/config.md). Then: $opt/venv/bin/$NAME check --
 fi
 
 # systemd: enable always; start or restart only with a config the agent accepts.
-if [ -n "$prefix" ]; then
-    say "skipped under --prefix, would run: systemctl daemon-reload && systemctl enable $NAME.service"
-    [ "$start" = no ] || say "skipped under --prefix, would run: systemctl start $NAME.service (restart if it \
-was running; only if the config check passed)"
-elif ! systemd_running; then
-    say "systemd is not running here: enable and start $unit yourself"
+if ! systemd_running; then
+    # A chroot or image build (or --prefix): the unit files are enabled offline; it starts at the next boot.
+    if ! command -v systemctl >/dev/null 2>&1; then
+        say "systemctl not found: enable $unit yourself"
+    elif systemctl_offline enable --quiet "$NAME.service"; then
+        say "enabled $NAME.service offline (systemd is not running here: it starts at the next boot)"
+    else
+        die "could not enable $NAME.service offline (systemctl --root=${prefix:-/} enable $NAME.service)"
+    fi
+    if [ -n "$prefix" ]; then
+        [ "$start" = no ] || say "skipped under --prefix, would run: systemctl start $NAME.service (restart if \
+it was running; only if the config check passed)"
+    fi
 else
     systemctl daemon-reload
     systemctl enable --quiet "$NAME.service"

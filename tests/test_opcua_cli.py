@@ -68,3 +68,16 @@ async def test_a_server_that_is_not_there_is_exit_1_with_a_sentence(tmp_path: Pa
     url = f"opc.tcp://127.0.0.1:{free_port()}"
     assert await run("read", url, "i=2258", "--timeout", "1", "--certificate-dir", str(tmp_path / "pki")) == 1
     assert f"cannot connect to {url}: refused" in capsys.readouterr().err
+
+
+async def test_read_with_an_alias_browse_path_takes_namespace_and_says_what_is_missing(
+        sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pki = str(tmp_path / "pki")
+    assert await run("read", sim.url, "plant:Plant/plant:Boiler/plant:Pressure", "--namespace", f"plant={PLANT}",
+                     "--certificate-dir", pki) == 0
+    assert capsys.readouterr().out.split()[1:3] == ["1.25", "good"]
+    # Without the alias: a sentence, not "bad plant".
+    assert await run("read", sim.url, "plant:Plant/plant:Boiler/plant:Pressure", "--certificate-dir", pki) == 0
+    out = capsys.readouterr().out
+    assert "bad  the namespace alias 'plant' is not known here: add --namespace plant=URI" in out
+    assert "(2:Plant)" in out

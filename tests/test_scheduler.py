@@ -382,7 +382,7 @@ async def test_points_a_device_spoils_are_logged_once_and_their_recovery_once(
             await task
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.bad_points"]
     assert [level for level, _ in lines] == ["ERROR", "DEBUG", "DEBUG", "INFO"], lines
-    assert "1 of 2 points bad, first pf: Modbus exception 2" in lines[0][1]
+    assert "1 of 2 points bad: pf: Modbus exception 2" in lines[0][1]
     assert health.bad_readings == 3 and health.polls_failed == 0
 
 

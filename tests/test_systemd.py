@@ -115,3 +115,65 @@ def test_the_unit_file_verifies_and_its_exposure_is_low(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for edge-agent.service: ([0-9.]+)", security.stdout)
     assert match, security.stdout + security.stderr
     assert float(match.group(1)) <= 2.0, security.stdout
+
+
+def unit_values(key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(f"{key}=")]
+
+
+def test_usb_serial_adapters_are_allowed_by_major_number_so_a_late_driver_is_not_blocked() -> None:
+    """A class given by name (char-ttyUSB) is looked up in /proc/devices when the unit starts; a driver that
+    loads later (seen at boot: unit at 26 s, driver at 30 s) left the adapter blocked until a restart. The
+    kernel's fixed majors need no lookup: 188 (ttyUSB) and 166 (ttyACM)."""
+    allowed = unit_values("DeviceAllow")
+    assert unit_values("DevicePolicy") == ["closed"]
+    assert "char-188 rw" in allowed and "char-166 rw" in allowed
+    assert not [rule for rule in allowed if rule.startswith(("char-ttyUSB", "char-ttyACM"))], allowed
+    # Nothing broader than serial classes: no wildcard, no block devices.
+    assert all(re.fullmatch(r"char-(ttyS|\d+) rw", rule) for rule in allowed), allowed
+
+
+def test_reload_checks_the_config_before_it_signals_the_agent(tmp_path: Path) -> None:
+    """`systemctl reload` runs every ExecReload= in turn and fails at the first that fails: the check first, so
+    that a file the agent would refuse makes the reload fail, with the reason in the journal."""
+    reload = unit_values("ExecReload")
+    assert len(reload) == 2 and reload[1] == "/bin/kill -HUP $MAINPID", reload
+    check = reload[0].split()
+    assert check[:2] == ["/opt/edge-agent/venv/bin/edge-agent", "check"], reload
+    config = agent_config(tmp_path, 1883, meter_device(502))
+    good = config.read_text()
+    command = [str(REPO / ".venv" / "bin" / "edge-agent"), *check[1:]]
+    command[command.index("/etc/edge-agent/config.toml")] = str(config)
+    config.write_text(good.replace('driver = "modbus"', 'driver = "nosuch"'))
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 78 and "devices[0]" in refused.stderr, refused.stdout + refused.stderr
+    config.write_text(good)
+    accepted = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+
+def test_a_port_blocked_by_the_device_policy_is_not_sent_to_group_membership(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPERM on open comes from a device policy; no test can be put under one without systemd as PID 1, so the
+    error pyserial raises is built here, for a real character device (a pty)."""
+    import errno
+    import os
+
+    import serial
+
+    from drivers.modbus.line import describe_open_error
+
+    controller, terminal = os.openpty()
+    try:
+        port = os.ttyname(terminal)
+        major = os.major(os.stat(port).st_rdev)
+        error = serial.SerialException(errno.EPERM, f"could not open port {port}: [Errno 1] Operation not "
+                                                    f"permitted: '{port}'")
+        monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")  # as systemd sets it
+        text = describe_open_error(error, port)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "blocked by this service's device policy" in text, text
+    assert f"add `DeviceAllow=char-{major} rw` with `systemctl edit edge-agent`" in text
+    assert "dialout" not in text and "usermod" not in text

@@ -247,6 +247,10 @@ def describe_open_error(exc: BaseException, port: str | None = None) -> str:
                 pass
         return (f"permission denied: the user needs the group {group!r} (sudo usermod -aG {group} $USER, then log "
                 "in again; the systemd unit already has it)")
+    if code == errno.EPERM or "Operation not permitted" in text:  # a device policy, not groups
+        from agent.systemd import device_blocked
+
+        return device_blocked(port)
     if code == errno.EBUSY or "busy" in text.lower() or "exclusively lock" in text:
         return _BUSY
     if code == errno.ENOENT or "No such file" in text:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.opcua.config import SECURE_POLICIES, node_id_problem
+from drivers.opcua.config import SECURE_POLICIES, browse_path_elements, node_id_problem
 
 DEFAULT_DEPTH = 3
 
@@ -64,10 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("url")
     read.add_argument("nodes", nargs="+", metavar="NODE",
                       help='NodeId ("ns=2;s=Boiler.Temp", "nsu=URI;i=5") or browse path from Objects '
-                           '("2:Plant/2:Boiler/2:Temperature")')
+                           '("2:Plant/2:Boiler/2:Temperature", or "plant:Plant/plant:Boiler" with --namespace)')
+    read.add_argument("--namespace", action="append", default=[], metavar="ALIAS=URI", type=_namespace,
+                      help="an alias for browse paths, as in the device's `namespaces` (repeatable)")
     _security_options(read)
     read.set_defaults(handler=_read)
     return parser
+
+
+def _namespace(text: str) -> tuple[str, str]:
+    alias, equals, uri = text.partition("=")
+    if not equals or not alias or not uri:
+        raise argparse.ArgumentTypeError(f"{text!r}: write ALIAS=URI, e.g. plant=urn:example:boiler-plc")
+    return alias, uri
+
+
+def _alias_problem(path: str, namespaces: dict[str, str]) -> str | None:
+    """Why a browse path's alias cannot be used here, in words (None: every alias is known)."""
+    for prefix, name in browse_path_elements(path):
+        if prefix is not None and not prefix.isdigit() and prefix not in namespaces:
+            return (f"the namespace alias {prefix!r} is not known here: add --namespace {prefix}=URI (as in the "
+                    f"device's `namespaces`), or write the namespace index (2:{name})")
+    return None
 
 
 def _security_options(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +134,7 @@ async def _read(args: argparse.Namespace) -> int:
     from drivers.opcua.values import to_reading
 
     security = _security(args)
+    namespaces = dict(args.namespace)
     client = await connect(security)
     try:
         index_of = {uri: i for i, uri in enumerate(await client.get_namespace_array())}
@@ -129,8 +148,11 @@ async def _read(args: argparse.Namespace) -> int:
                         raise LookupError(problem)
                     node_ids.append(parse_node_id(text, index_of))
                 else:
+                    problem = _alias_problem(text, namespaces)
+                    if problem:
+                        raise LookupError(problem)
                     result = (await client.uaclient.translate_browsepaths_to_nodeids(
-                        [browse_path(text, {}, index_of)]))[0]
+                        [browse_path(text, namespaces, index_of)]))[0]
                     if not result.StatusCode.is_good() or not result.Targets:
                         raise LookupError(f"browse path not found ({result.StatusCode.name})")
                     target = result.Targets[0].TargetId

@@ -25,9 +25,12 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from asyncua import Client, ua
+from asyncua.common.utils import Buffer
 from asyncua.crypto import security_policies
+from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -66,8 +69,17 @@ HINTS = {
     "BadSecurityChecksFailed": "the server rejected the secure channel (often: it does not trust the agent's "
                                "certificate yet; add it to the server's trusted certificates)",
     "BadSecurityPolicyRejected": "the server does not offer this security policy",
+    "BadSecurityModeRejected": "the server refuses this security mode: set security_mode and security_policy to "
+                               "a pair the server offers (`edge-agent opcua browse` says which when they differ)",
+    "BadCertificateTimeInvalid": "the server finds the agent's certificate expired or not yet valid: check the "
+                                 "gateway's clock (and the server's)",
+    "BadCertificateUseNotAllowed": "the server does not accept the agent's certificate for this use",
+    "BadCertificateInvalid": "the server finds the agent's certificate invalid",
     "BadTooManySessions": "the server has no free session",
 }
+# Where the technician acts on the agent's certificate: the hint names the file to give the server.
+_CERTIFICATE_HINTS = ("BadCertificateUntrusted", "BadSecurityChecksFailed", "BadCertificateUseNotAllowed",
+                      "BadCertificateInvalid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +238,7 @@ def describe_failure(exc: BaseException, security: Security) -> str:
     if isinstance(exc, ua.UaStatusCodeError):
         name = status_name(exc.code)
         hint = HINTS.get(name)
-        if name == "BadCertificateUntrusted" or name == "BadSecurityChecksFailed":
+        if name in _CERTIFICATE_HINTS:
             hint = f"{hint}: {security.certificate_directory / CERT_NAME}"
         return f"{security.endpoint}: {name}" + (f" ({hint})" if hint else "")
     if isinstance(exc, ua.UaError) and "No matching endpoints" in str(exc):
@@ -244,9 +256,62 @@ def describe_failure(exc: BaseException, security: Security) -> str:
     return f"{security.endpoint}: {type(exc).__name__}: {exc}"
 
 
+class _Client(Client):
+    """asyncua's client, but a server that refuses the secure channel is heard.
+
+    node-opcua answers an OpenSecureChannel request whose client certificate it does not trust with a
+    ServiceFault (BadSecurityChecksFailed) in an OPN message, signed and encrypted for the agent. asyncua
+    decodes that as an OpenSecureChannelResponse, fails, and raises a bare AssertionError: the status code,
+    and with it the hint to trust edge-agent.der, is lost. Here the answer to the OPN request is kept, and
+    when opening fails with a bad status in it, that status is raised."""
+
+    async def open_secure_channel(self, renew: bool = False) -> None:
+        protocol = self.uaclient.protocol
+        if protocol is None:
+            return await super().open_secure_channel(renew)
+        answers: list[asyncio.Future[Any]] = []
+        send = protocol._send_request
+
+        def keep(request: Any, timeout: float = 1, message_type: ua.MessageType = ua.MessageType.SecureMessage,
+                 ) -> asyncio.Future[Any]:
+            future = send(request, timeout, message_type)
+            answers.append(future)
+            return future
+
+        protocol._send_request = keep  # type: ignore[method-assign]
+        try:
+            await super().open_secure_channel(renew)
+        except Exception as exc:
+            code = _refusal(answers)
+            if code is None:
+                raise
+            raise ua.UaStatusCodeError(code) from exc
+        finally:
+            del protocol._send_request  # the class's method again
+
+
+def _refusal(answers: Sequence[asyncio.Future[Any]]) -> int | None:
+    """The bad ServiceResult in an answer to OpenSecureChannel (a ServiceFault or a response), if any."""
+    for future in answers:
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            continue
+        body = future.result()
+        if not isinstance(body, Buffer):
+            continue
+        try:
+            data = body.copy()
+            nodeid_from_binary(data)  # the type id: ServiceFault or OpenSecureChannelResponse, same header next
+            code = struct_from_binary(ua.ResponseHeader, data).ServiceResult.value
+        except Exception:  # noqa: BLE001 - not a readable answer: asyncua's own error stands
+            continue
+        if code >> 30 >= 2:
+            return code
+    return None
+
+
 async def connect(security: Security, on_lost: Callable[[Exception], Awaitable[None]] | None = None) -> Client:
     """A new, activated session. Raises DeviceError with a sentence a technician can act on."""
-    client = Client(security.endpoint, timeout=security.timeout, watchdog_intervall=security.keepalive)
+    client = _Client(security.endpoint, timeout=security.timeout, watchdog_intervall=security.keepalive)
     client.name = client.description = "edge-agent"
     client.application_uri = application_uri()
     client.product_uri = "urn:edge-agent"
@@ -364,6 +429,8 @@ def browse_path(text: str, namespaces: dict[str, str], index_of: dict[str, int])
         elif prefix.isdigit():
             index = int(prefix)
         else:
+            if prefix not in namespaces:
+                raise LookupError(f"the namespace alias {prefix!r} is not defined in `namespaces`")
             uri = namespaces[prefix]
             if uri not in index_of:
                 raise LookupError(f"namespace {uri} ({prefix}) is not on the server")
