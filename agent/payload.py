@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
@@ -26,24 +25,6 @@ STATUS_SCHEMA = "edge-agent/status/v1"
 DATA_TOPIC = "{prefix}/{site}/{gateway}/data/{device}"
 STATUS_TOPIC = "{prefix}/{site}/{gateway}/status"
 META_TOPIC = "{prefix}/{site}/{gateway}/meta/{device}"
-_PLACEHOLDERS = {"prefix", "site", "gateway", "device"}
-
-
-def topic_template_problem(template: str, device_allowed: bool) -> str | None:
-    """What is wrong with a topic template, or None. Checked at config time, never at publish time."""
-    allowed = _PLACEHOLDERS if device_allowed else _PLACEHOLDERS - {"device"}
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        return f"not a valid template ({exc}); placeholders are written {{site}}"
-    unknown = sorted(fields - allowed)
-    if unknown:
-        return f"unknown placeholder {{{unknown[0]}}}; allowed: " + ", ".join(f"{{{n}}}" for n in sorted(allowed))
-    if any(char in template for char in "+#\0"):
-        return "an MQTT topic to publish to cannot contain '+', '#' or NUL"
-    if device_allowed and "device" not in fields:
-        return "must contain {device}: the platform tells devices apart by topic"
-    return None
 
 
 class Topics:

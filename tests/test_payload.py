@@ -9,8 +9,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.config import topic_template_problem
 from agent.model import Float32, PollResult, Quality, Reading
-from agent.payload import DATA_TOPIC, SCHEMA, STATUS_TOPIC, Encoder, Topics, iso_utc, topic_template_problem
+from agent.payload import DATA_TOPIC, SCHEMA, STATUS_TOPIC, Encoder, Topics, iso_utc
 
 
 def test_a_message_carries_each_reading_with_its_own_sequence_number() -> None:
