@@ -14,7 +14,7 @@ import re
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -33,6 +33,7 @@ from pydantic.fields import FieldInfo
 import drivers
 from agent.errors import ConfigError, Problem
 from agent.payload import DATA_TOPIC, META_TOPIC, STATUS_TOPIC, topic_template_problem
+from energy.config import EnergySection, PlantEnergy, device_problems, group_problems
 
 # --- value types a technician writes ---------------------------------------------------------------
 
@@ -234,6 +235,8 @@ class DeviceBase(StrictModel):
         1.0, description="Polls are aligned to the wall clock: 1s on whole seconds, 15m on :00/:15/:30/:45.")
     timeout: Duration = Field(1.0, description="How long one request may take before the device counts as "
                                                "not answering.")
+    energy: EnergySection | None = Field(None, description="Demand windows from this meter's energy counter "
+                                                           "(docs/energy.md).")
 
     @classmethod
     def expand(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -254,6 +257,7 @@ class _TopLevel(StrictModel):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     devices: list[Any] = Field(default_factory=list, description="[[devices]] tables; see each driver.")
+    energy: PlantEnergy = PlantEnergy()
 
 
 _SECTIONS: dict[str, type[StrictModel]] = {"gateway": GatewayConfig, "buffer": BufferConfig, "mqtt": MqttConfig}
@@ -267,6 +271,7 @@ class AgentConfig:
     mqtt: MqttConfig
     metrics: MetricsConfig
     devices: tuple[DeviceBase, ...]
+    energy: PlantEnergy = field(default_factory=PlantEnergy)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -339,10 +344,12 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfi
         devices = _validate_devices(raw_devices, problems)
         if not raw_devices:
             problems.append(Problem("devices", "no devices configured: add at least one [[devices]] table"))
+    if top is not None:
+        problems.extend(Problem(where, message) for where, message in group_problems(top.energy, devices))
     if problems:
         raise ConfigError(source, problems)
     assert top is not None
-    return AgentConfig(source, top.gateway, top.buffer, top.mqtt, top.metrics, tuple(devices))
+    return AgentConfig(source, top.gateway, top.buffer, top.mqtt, top.metrics, tuple(devices), top.energy)
 
 
 def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[DeviceBase]:
@@ -381,6 +388,7 @@ def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[D
             problems.extend(Problem(f"{_dotted(where)}.{sub}", message) for sub, message in model.salvage(raw))
             continue
         problems.extend(_cross_checks(device, where))
+        problems.extend(Problem(f"{_dotted(where)}.{sub}", message) for sub, message in device_problems(device))
         devices.append(device)
         indices.append(index)
     by_model: dict[type[DeviceBase], list[tuple[int, DeviceBase]]] = {}
