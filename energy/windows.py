@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -218,8 +219,10 @@ class MeterTracker:
         """Flags for the window open at the next reading (clock state, a restart)."""
         self._pending_flags.update(flags)
 
-    def observe(self, ts: float, counters: tuple[float | None, ...]) -> list[Event]:
-        """One good reading of the counters (import, and export when configured) at wall time `ts`."""
+    def observe(self, ts: float, counters: tuple[float | None, ...], elapsed: float | None = None) -> list[Event]:
+        """One good reading of the counters (import, and export when configured) at wall time `ts`.
+        `elapsed`: the time since the previous reading by a clock that is never stepped (monotonic), when
+        known; it bounds what the counter can plausibly have counted when the wall clock was stepped."""
         spec = self.spec
         last = self.last
         if last is None or self.window is None:
@@ -228,28 +231,29 @@ class MeterTracker:
         if ts <= last.ts:  # the clock went back (invariant 1): the energy joins the open window
             if ts < last.ts:
                 self._pending_flags.add(Flag.CLOCK_STEP)
+                elapsed = elapsed if elapsed is not None else math.inf  # unknown: no plausibility bound
             ts = last.ts
         dt = ts - last.ts
+        span = dt if elapsed is None else elapsed
         energy = []
-        estimated = False
         kinds: set[Flag] = set()
         for index, raw in enumerate(counters):
             previous = last.raw[index]
             if raw is None or previous is None:
                 energy.append(last.energy[index])
                 continue
-            delta, kind = self._delta(previous, raw, dt, index)
+            delta, kind = self._delta(previous, raw, span, index)
             if kind is not None:
                 kinds.add(kind)
-                estimated = estimated or kind in (Flag.REPLACEMENT,)
             energy.append(last.energy[index] + delta)
         sample = Sample(ts, tuple(counters), tuple(energy))
         events: list[Event] = []
         window = self.window
-        window.flags |= self._pending_flags
+        noted = set(self._pending_flags)  # a clock step or restart concerns every window this span crosses
         self._pending_flags.clear()
-        gap = dt > spec.max_gap_s or estimated
+        gap = dt > spec.max_gap_s or Flag.REPLACEMENT in kinds
         while True:
+            window.flags |= noted
             self._account(window, last.ts, ts, gap)
             if kinds:
                 window.flags |= kinds
@@ -263,13 +267,10 @@ class MeterTracker:
             record = self._close(window, at_edge)
             if record is not None:
                 events.append(record)
-            carried = {Flag.EDGE_GAP} if gap else set()
-            if Flag.CLOCK_STEP in window.flags and ts - edge <= spec.max_gap_s:
-                carried.add(Flag.CLOCK_STEP)  # the step happened around this edge: both windows hold it
             kinds_after = kinds if sample.ts > edge else set()
             window = self.window = OpenWindow(edge, window_end(edge, spec.window_s, spec.zone), at_edge,
                                               _counter_at(last, sample, edge) if not kinds_after else None,
-                                              flags=carried)
+                                              flags={Flag.EDGE_GAP} if gap else set())
             kinds = kinds_after
         self.last = sample
         events.extend(self._live(sample))
@@ -293,7 +294,7 @@ class MeterTracker:
         spec = self.spec
         k = spec.kwh_per_unit
         slack = spec.resolution + 1e-9 * max(abs(previous), abs(raw), 1.0)
-        limit = None if spec.max_kw is None else spec.max_kw * dt / 3600 / k + slack
+        limit = None if spec.max_kw is None or math.isinf(dt) else spec.max_kw * dt / 3600 / k + slack
 
         def plausible(units: float) -> bool:
             return units >= 0 and (limit is None or units <= limit)
