@@ -234,7 +234,9 @@ class MeterTracker:
                 elapsed = elapsed if elapsed is not None else math.inf  # unknown: no plausibility bound
             ts = last.ts
         dt = ts - last.ts
-        span = dt if elapsed is None else elapsed
+        # A wall clock stepped forward makes dt too long, one stepped back too short: the longer of the two
+        # is never shorter than the truth, so plausibility never calls counted energy a replacement.
+        span = dt if elapsed is None else max(dt, elapsed)
         energy = []
         kinds: set[Flag] = set()
         for index, raw in enumerate(counters):
