@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"drivers.{argv[0]}.cli").main(argv[1:]))
+    if argv[:1] == ["demand"]:
+        from energy.cli import main as demand
+
+        return demand(argv[1:])
     if argv[:1] == ["monitor"]:
         from agent import monitor
 
@@ -86,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("monitor", help="the platform's view: validate what gateways deliver, find gaps and "
                                         "duplicates: monitor --help")
+
+    commands.add_parser("demand", help="maximum demand per meter this month and the last 12, and the last windows "
+                                       "with their flags (docs/energy.md): demand --help")
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file, for editors")
     schema.set_defaults(handler=_cmd_schema)

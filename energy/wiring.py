@@ -1,0 +1,41 @@
+"""How the agent puts the energy stage between its pollers and its buffer writer (agent/daemon.py calls
+`start_stage`; with no `energy` table in the config there is no stage and polls go to the writer directly).
+
+The stage keeps two files beside the buffer: `energy-state.json` (what a restart needs, energy/stage.py)
+and `energy-history.db` (14 months of windows, energy/history.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from energy.config import plan
+from energy.history import History
+from energy.stage import EnergyStage
+
+STATE_FILE = "energy-state.json"
+HISTORY_FILE = "energy-history.db"
+DEMAND_TOPIC = "{prefix}/{site}/{gateway}/demand/{meter}"
+
+
+def state_dir(config: Any) -> Path:
+    return Path(config.buffer.path).parent
+
+
+async def start_stage(config: Any, writer: Any, uplink: Any) -> EnergyStage | None:
+    energy = plan(config.devices, config.energy)
+    if energy.empty:
+        return None
+    folder = state_dir(config)
+    fields = {"prefix": config.mqtt.topic_prefix, "site": config.gateway.site, "gateway": config.gateway.id}
+
+    def publish_live(meter: str, payload: bytes) -> None:
+        publish = getattr(uplink, "publish_state", None)
+        if publish is not None:
+            publish(DEMAND_TOPIC.format(meter=meter, **fields), payload)
+
+    stage = EnergyStage(energy, folder / STATE_FILE, History(folder / HISTORY_FILE), writer.submit, writer.flush,
+                        publish_live, config.gateway.id, config.gateway.site)
+    await stage.start()
+    return stage
