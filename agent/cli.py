@@ -203,6 +203,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for line in status.get("lines", []):
         print(f"line {line['line']}: {line['utilisation']:.0%} busy, {len(line['devices'])} device(s), "
               f"{line['requests']} requests, {line['timeouts']} timeouts, {line['queue']} waiting")
+    if "clock" in status:
+        from energy.cli import clock_line
+
+        print(clock_line(status["clock"], status.get("energy")))
     return 0
 
 

@@ -29,8 +29,9 @@ from agent.uplink import MqttUplink
 from agent.writer import BufferWriter
 from buffer.store import Buffer
 from drivers.base import PollingDriver, StreamingDriver
+from energy.clock import ClockWatch
 from energy.stage import EnergyStage
-from energy.wiring import start_stage
+from energy.wiring import start_stage, status_sections
 
 log = logging.getLogger("agent")
 
@@ -80,6 +81,7 @@ class Agent:
         self.writer: BufferWriter | None = None
         self.uplink: MqttUplink | None = None
         self.energy: EnergyStage | None = None  # between pollers and writer when a device has an energy table
+        self.clock = ClockWatch()  # the clock's health: in the status message, /metrics, and energy windows' flags
         self.started = asyncio.Event()
         self.notifier = Notifier()
         self.metrics: MetricsServer | None = None
@@ -169,13 +171,14 @@ class Agent:
             log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "
                      "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
                      config.mqtt.host, config.mqtt.effective_port)
-            reporter = StatusReporter(buffer, self.health, stats.dropped, self._line_figures)
+            reporter = StatusReporter(buffer, self.health, stats.dropped, self._line_figures,
+                                      lambda: status_sections(self.clock, self.energy))
             self.metrics = await self._start_metrics(reporter)
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 watchdog_task = group.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 writer_task = group.create_task(writer.run(), name="buffer-writer")
-                self.energy = await start_stage(config, writer, uplink)
+                self.energy = await start_stage(config, writer, uplink, self.clock)
                 uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
                 status_task = group.create_task(self._report_status(reporter), name="status")
                 reload_task = group.create_task(self._reload_on_request(), name="reload")

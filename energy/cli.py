@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from agent.errors import EX_CONFIG, ConfigError
@@ -39,3 +40,23 @@ def main(argv: Sequence[str]) -> int:
     finally:
         history.close()
     return 0
+
+
+def clock_line(clock: dict[str, Any], energy: dict[str, Any] | None) -> str:
+    """`edge-agent status`: the clock's health, and the energy stage's figures when it runs."""
+    if not clock["known"]:
+        text = "clock   synchronisation unknown (the kernel could not be asked)"
+    elif clock["synchronised"]:
+        text = f"clock   synchronised, estimated error {_ms(clock['esterror_s'])}, maximum {_ms(clock['maxerror_s'])}"
+    else:
+        text = "clock   NOT SYNCHRONISED (check chrony/timesyncd): timestamps and demand windows are flagged"
+    if clock["steps"]:
+        text += f"; stepped {clock['steps']} time(s) since the start, last {clock['last_step_s']:+.3f} s"
+    if energy is not None:
+        text += (f"\nenergy  {energy['meters']} meter(s), {energy['windows']} window(s) closed, "
+                 f"{energy['alarms_active']} alarm level(s) raised now")
+    return text
+
+
+def _ms(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds * 1000:g} ms"

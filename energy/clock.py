@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5  # adjtimex's return: the clock is not synchronised
 STEP_TOLERANCE_S = 1.0  # wall against monotonic drift that counts as a step (slewing is far below it)
+SLEW_RATE = 0.001  # twice the kernel's largest slew (500 ppm): between far-apart checks, drift up to this is no step
+READ_INTERVAL_S = 10.0  # adjtimex is read at most this often (status, /metrics, each meter poll ask)
 
 
 class _Timeval(ctypes.Structure):
@@ -105,10 +107,61 @@ class StepDetector:
         if last is None:
             return 0.0
         step = (now[0] - last[0]) - (now[1] - last[1])
-        if abs(step) <= self._tolerance:
+        # Checked a minute or an hour apart (the status message, with no meter polled every second), a clock
+        # slewed at the kernel's 500 ppm drifts further than the tolerance without ever being stepped.
+        if abs(step) <= max(self._tolerance, SLEW_RATE * abs(now[1] - last[1])):
             return 0.0
         self.steps += 1
         self.last_step_s = step
         log.warning("the wall clock was stepped %+.3f s (NTP correction or a manual change); demand windows "
                     "across it are flagged clock_step", step)
         return step
+
+
+class ClockWatch:
+    """The gateway's clock health, one per agent: what the status message, `/metrics`, `edge-agent status` and
+    the energy stage show and flag. It matters with or without energy tables: every reading's timestamp
+    comes from this clock.
+
+    `check()` is called wherever time is looked at anyway (each meter poll, each status message, each
+    scrape), so a step is found at the latest at the next of them; each consumer that must react to a step
+    (the energy stage flags its open windows) compares `steps` with the count it saw last."""
+
+    def __init__(self, read: Callable[[], ClockState] = read_clock_state, detector: StepDetector | None = None,
+                 monotonic: Callable[[], float] = time.monotonic, read_interval: float = READ_INTERVAL_S) -> None:
+        self._read, self._monotonic, self._interval = read, monotonic, read_interval
+        self.detector = detector or StepDetector(monotonic=monotonic)
+        self._state = ClockState(known=False)
+        self._read_at: float | None = None
+        self._unsynced_logged = False
+
+    @property
+    def steps(self) -> int:
+        return self.detector.steps
+
+    def check(self) -> int:
+        """Look for a step since the last check; the number of steps since the start."""
+        self.detector.check()
+        return self.detector.steps
+
+    def state(self) -> ClockState:
+        """The kernel's view, read again when the last reading is older than `read_interval`."""
+        now = self._monotonic()
+        if self._read_at is None or now - self._read_at >= self._interval:
+            self._read_at = now
+            self._state = self._read()
+            unsynced = self._state.known and not self._state.synchronised
+            if unsynced and not self._unsynced_logged:
+                log.warning("the kernel reports the clock unsynchronised (adjtimex STA_UNSYNC): timestamps and "
+                            "demand window edges are only as right as the clock; check chrony/timesyncd "
+                            "(docs/troubleshooting.md)")
+            elif not unsynced and self._unsynced_logged and self._state.known:
+                log.info("the clock is synchronised again")
+            self._unsynced_logged = unsynced
+        return self._state
+
+    def figures(self) -> dict[str, object]:
+        """For the status message, /status.json and /metrics (docs/payload.md, "The status topic")."""
+        self.check()
+        return {**self.state().as_dict(), "steps": self.detector.steps,
+                "last_step_s": round(self.detector.last_step_s, 3) if self.detector.steps else None}

@@ -36,7 +36,7 @@ from typing import Any
 
 from agent.health import FailureLog
 from agent.model import PollResult, Quality
-from energy.clock import ClockState, StepDetector, read_clock_state
+from energy.clock import ClockState, ClockWatch, StepDetector, read_clock_state
 from energy.config import EnergyPlan, GroupSpec
 from energy.history import History
 from energy.records import alarm_poll, live_payload, poll_from_json, poll_to_json, window_poll
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 SAVE_INTERVAL = 10.0
-CLOCK_READ_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +123,18 @@ class EnergyStage:
                  publish_live: Callable[[str, bytes], None] | None = None, gateway: str = "", site: str = "",
                  clock_state: Callable[[], ClockState] = read_clock_state,
                  detector: StepDetector | None = None, monotonic: Callable[[], float] = time.monotonic,
-                 save_interval: float = SAVE_INTERVAL) -> None:
+                 save_interval: float = SAVE_INTERVAL, clock: ClockWatch | None = None) -> None:
+        """`clock`: the agent's clock watch (shared with the status message); without one the stage builds its
+        own from `clock_state` and `detector`."""
         self.plan = plan
         self._state_path = state_path
         self._history = history
         self._submit, self._flush = submit, flush
         self._publish_live = publish_live
         self._gateway, self._site = gateway, site
-        self._clock_state, self._monotonic = clock_state, monotonic
-        self._detector = detector or StepDetector()
+        self._monotonic = monotonic
+        self.clock = clock or ClockWatch(clock_state, detector or StepDetector(monotonic=monotonic), monotonic)
+        self._steps_seen = self.clock.steps
         self._save_interval = save_interval
         self.trackers = {name: MeterTracker(spec) for name, spec in plan.meters.items()}
         self.groups = [GroupTracker(group) for group in plan.groups]
@@ -145,8 +147,6 @@ class EnergyStage:
         self._outbox: list[dict[str, Any]] = []
         self._seen_mono: dict[str, float] = {}
         self._saved_at = 0.0
-        self._clock = ClockState(known=False)
-        self._clock_read_at = -CLOCK_READ_INTERVAL
         self._latest: dict[str, WindowRecord] = {}
         self.windows_closed = 0
         self._failures = FailureLog("energy state file", log)
@@ -197,13 +197,12 @@ class EnergyStage:
         if counters is None:
             return
         now_mono = self._monotonic()
-        if self._detector.check():
+        if self.clock.check() != self._steps_seen:  # found here or by the status message: flagged all the same
+            self._steps_seen = self.clock.steps
             for each in self.trackers.values():
                 each.note(Flag.CLOCK_STEP)
-        if now_mono - self._clock_read_at >= CLOCK_READ_INTERVAL:
-            self._clock_read_at = now_mono
-            self._clock = self._clock_state()
-        if self._clock.known and not self._clock.synchronised:
+        clock = self.clock.state()
+        if clock.known and not clock.synchronised:
             tracker.note(Flag.CLOCK_UNSYNCED)
         previous = self._seen_mono.get(result.device)
         self._seen_mono[result.device] = now_mono
@@ -324,7 +323,7 @@ class EnergyStage:
     def figures(self) -> EnergyFigures:
         active = sum(len(t.alarm.active) for t in self.trackers.values()) + \
             sum(len(g.alarm.active) for g in self.groups)
-        return EnergyFigures(len(self.trackers), self.windows_closed, active, self._clock, self._detector.steps)
+        return EnergyFigures(len(self.trackers), self.windows_closed, active, self.clock.state(), self.clock.steps)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

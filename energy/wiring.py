@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from energy.clock import ClockWatch
 from energy.config import plan
 from energy.history import History
 from energy.stage import EnergyStage
@@ -23,7 +24,7 @@ def state_dir(config: Any) -> Path:
     return Path(config.buffer.path).parent
 
 
-async def start_stage(config: Any, writer: Any, uplink: Any) -> EnergyStage | None:
+async def start_stage(config: Any, writer: Any, uplink: Any, clock: ClockWatch | None = None) -> EnergyStage | None:
     energy = plan(config.devices, config.energy)
     if energy.empty:
         return None
@@ -36,6 +37,18 @@ async def start_stage(config: Any, writer: Any, uplink: Any) -> EnergyStage | No
             publish(DEMAND_TOPIC.format(meter=meter, **fields), payload)
 
     stage = EnergyStage(energy, folder / STATE_FILE, History(folder / HISTORY_FILE), writer.submit, writer.flush,
-                        publish_live, config.gateway.id, config.gateway.site)
+                        publish_live, config.gateway.id, config.gateway.site,
+                        clock=clock)
     await stage.start()
     return stage
+
+
+def status_sections(clock: ClockWatch, stage: EnergyStage | None) -> dict[str, Any]:
+    """What the status message, /status.json and /metrics carry of the clock (always: every timestamp comes
+    from it) and of the energy stage (when there is one): docs/payload.md, "The status topic"."""
+    sections: dict[str, Any] = {"clock": clock.figures()}
+    if stage is not None:
+        figures = stage.figures()
+        sections["energy"] = {"meters": figures.meters, "windows": figures.windows,
+                              "alarms_active": figures.alarms_active}
+    return sections
