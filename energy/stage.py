@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 SAVE_INTERVAL = 10.0
+LIVE_INTERVAL = 1.0  # the retained live state of a meter or group is published at most this often ...
+# ... and at once when its raised alarm levels change: a meter polled every 100 ms, or a group whose members
+# each report, must not put ten retained messages a second on the broker that nobody reads that fast.
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +106,19 @@ class GroupTracker:
                             min(p.coverage for p in parts), max(p.longest_gap_s for p in parts), flags)
 
     def observe(self, live: LiveDemand) -> list[Event]:
-        """A member's live demand: the group's is the sum of its members' in the same window (import only)."""
+        """A member's live demand: the group's is the sum of its members' in the same window, net of their
+        export with `minus_export`, as the group's windows are (a plant whose solar export offsets its
+        import is not over its target)."""
         self.live[live.meter] = live
-        current = [self.live.get(m) for m in self.group.meters]
-        if any(c is None or c.start != live.start for c in current):
+        current = [c for c in (self.live.get(m) for m in self.group.meters) if c is not None]
+        if len(current) < len(self.group.meters) or any(c.start != live.start for c in current):
             return []
-        total = sum(c.projected_kw for c in current if c is not None)
+        net = self.group.minus_export
+        total = sum(c.projected_kw - (c.export_projected_kw if net else 0.0) for c in current)
+        energy = sum(c.energy_kwh - (c.export_kwh if net else 0.0) for c in current)
         events: list[Event] = list(self.alarm.update(live.ts, total, live.start))
-        events.append(LiveDemand(self.spec.name, live.ts, live.start, live.end,
-                                 sum(c.energy_kwh for c in current if c is not None),
-                                 sum(c.power_kw for c in current if c is not None), total,
-                                 tuple(sorted(self.alarm.active))))
+        events.append(LiveDemand(self.spec.name, live.ts, live.start, live.end, energy,
+                                 sum(c.power_kw for c in current), total, tuple(sorted(self.alarm.active))))
         return events
 
 
@@ -148,6 +153,7 @@ class EnergyStage:
         self._seen_mono: dict[str, float] = {}
         self._saved_at = 0.0
         self._latest: dict[str, WindowRecord] = {}
+        self._live_sent: dict[str, tuple[float, tuple[float, ...]]] = {}  # (monotonic time, alarms) per name
         self.windows_closed = 0
         self._failures = FailureLog("energy state file", log)
 
@@ -246,6 +252,11 @@ class EnergyStage:
     def _live(self, live: LiveDemand) -> None:
         if self._publish_live is None:
             return
+        now = self._monotonic()
+        sent = self._live_sent.get(live.meter)
+        if sent is not None and sent[1] == live.alarms and 0 <= now - sent[0] < LIVE_INTERVAL:
+            return
+        self._live_sent[live.meter] = (now, live.alarms)
         spec = self._specs[live.meter]
         self._publish_live(live.meter, live_payload(live, self._gateway, self._site, spec.zone,
                                                     self._latest.get(live.meter), spec.target_kw))

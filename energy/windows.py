@@ -144,6 +144,8 @@ class LiveDemand:
     power_kw: float  # present power from the counter slope
     projected_kw: float
     alarms: tuple[float, ...]  # the alarm levels (kW) active now
+    export_kwh: float = 0.0  # the export counter's energy so far (meters with export; 0 otherwise)
+    export_projected_kw: float = 0.0  # the export demand projected to the end edge (a group's net import subtracts it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +212,7 @@ class MeterTracker:
         self.last: Sample | None = None
         self.window: OpenWindow | None = None
         self.alarm = Alarm(spec)
-        self._recent: deque[tuple[float, float]] = deque()  # (ts, import kWh) over the lookback
+        self._recent: deque[tuple[float, float, float]] = deque()  # (ts, import kWh, export kWh) over the lookback
         self._pending_flags: set[Flag] = set()
 
     # --- inputs ---
@@ -289,7 +291,7 @@ class MeterTracker:
                                  flags=set(self._pending_flags))
         self._pending_flags.clear()
         self._recent.clear()
-        self._recent.append((ts, energy[0]))
+        self._recent.append((ts, energy[0], energy[1] if len(energy) > 1 else 0.0))
 
     def _delta(self, previous: float, raw: float, dt: float, index: int) -> tuple[float, Flag | None]:
         """kWh between two readings of one counter and what happened to it (None: it just counted)."""
@@ -346,16 +348,19 @@ class MeterTracker:
                             round(window.longest_gap_s, 3), frozenset(window.flags),
                             window.counter_start if counter_end is not None else None, counter_end)
 
-    def _power_kw(self) -> float:
+    def _power_kw(self, index: int = 0) -> float:
+        """Present power of the import (0) or export (1) counter: its slope over the lookback."""
         recent = self._recent
         if len(recent) < 2:
             return 0.0
-        (t0, e0), (t1, e1) = recent[0], recent[-1]
-        return (e1 - e0) * 3600 / (t1 - t0) if t1 > t0 else 0.0
+        first, last = recent[0], recent[-1]
+        t0, t1 = first[0], last[0]
+        return (last[1 + index] - first[1 + index]) * 3600 / (t1 - t0) if t1 > t0 else 0.0
 
     def _live(self, sample: Sample) -> list[Event]:
         recent = self._recent
-        recent.append((sample.ts, sample.energy[0]))
+        exported = len(sample.energy) > 1
+        recent.append((sample.ts, sample.energy[0], sample.energy[1] if exported else 0.0))
         horizon = sample.ts - self.spec.lookback_s
         while len(recent) > 2 and recent[1][0] <= horizon:
             recent.popleft()
@@ -367,10 +372,15 @@ class MeterTracker:
         so_far = max(sample.energy[0] - window.start_energy[0], 0.0)
         power = max(self._power_kw(), 0.0)
         length = window.end - window.start
-        projected = (so_far + power * max(window.end - sample.ts, 0.0) / 3600) * 3600 / length
+        left_h = max(window.end - sample.ts, 0.0) / 3600
+        projected = (so_far + power * left_h) * 3600 / length
+        export_so_far = export_projected = 0.0
+        if exported:
+            export_so_far = max(sample.energy[1] - window.start_energy[1], 0.0)
+            export_projected = (export_so_far + max(self._power_kw(1), 0.0) * left_h) * 3600 / length
         events: list[Event] = list(self.alarm.update(sample.ts, projected, window.start))
         events.append(LiveDemand(spec.name, sample.ts, window.start, window.end, so_far, power, projected,
-                                 tuple(sorted(self.alarm.active))))
+                                 tuple(sorted(self.alarm.active)), export_so_far, export_projected))
         return events
 
     # --- state (energy/state.py) ---
@@ -402,7 +412,8 @@ class MeterTracker:
                 window["counter_start"], float(window["covered_s"]), float(window["longest_gap_s"]),
                 {Flag(f) for f in window["flags"]} | {Flag.RESTART}, bool(window["raw_ok"]))
             self._recent.clear()
-            self._recent.append((self.last.ts, self.last.energy[0]))
+            energy = self.last.energy
+            self._recent.append((self.last.ts, energy[0], energy[1] if len(energy) > 1 else 0.0))
         alarms = state.get("alarms")
         if isinstance(alarms, list):
             self.alarm = Alarm(self.spec, tuple(float(a) for a in alarms))

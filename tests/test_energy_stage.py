@@ -4,6 +4,7 @@ two values; groups add their meters; clock steps and an unsynchronised clock are
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -234,3 +235,65 @@ async def test_history_keeps_the_windows_and_reports_the_peak_of_each_month(tmp_
     assert "2024-05" in text and f"{value(last, 'demand'):10.1f} kW  window from {value(last, 'window_start')}" in text
     assert history.count() == 7
     await energy.close()
+
+
+def live_stage(tmp_path: Path, plan: EnergyPlan, sink: Sink) -> tuple[EnergyStage, list[tuple[float, dict]]]:
+    """A stage whose retained live state is captured: (monotonic time published, payload) per publication."""
+    clocks = Clocks(T0)
+    published: list[tuple[float, dict]] = []
+    energy = EnergyStage(plan, tmp_path / "energy-state.json", None, sink.submit, sink.flush,
+                         lambda meter, payload: published.append((clocks.mono, json.loads(payload))),
+                         "gw", "site", clock_state=lambda: ClockState(True, True, 0.001, 0.01),
+                         detector=StepDetector(lambda: clocks.wall, lambda: clocks.mono),
+                         monotonic=lambda: clocks.mono)
+    energy.clocks = clocks  # type: ignore[attr-defined]
+    return energy, published
+
+
+async def test_live_state_is_published_at_most_once_a_second_and_at_once_when_an_alarm_changes(
+        tmp_path: Path) -> None:
+    """A meter polled every 100 ms: ten retained messages a second before; now one a second, plus one at the
+    very poll where the alarm was raised."""
+    start = window_start(T0, 900, SEOUL) + 900
+    meter = SimMeter(Profile(T0, base=0.0, ramp=1.0), resolution=0.001)  # 450 kW at the edge, +1 kW/s
+    spec = meter_spec(resolution=0.001, target_kw=500.0, levels_kw=(500.0,), hysteresis_kw=25.0)
+    sink = Sink()
+    energy, published = live_stage(tmp_path, EnergyPlan({"incomer-1": spec}, ()), sink)
+    await energy.start()
+    await run(energy, list(polls("incomer-1", meter, poll_times(start - 5, start + 120, 0.1))))
+    raised = sink.stream("incomer-1/alarm")
+    assert [value(a, "alarm") for a in raised] == ["raised"]
+    times = [mono for mono, _ in published]
+    assert 115 <= len(published) <= 125  # 1,250 polls in the window's first 125 s
+    changes = [i for i in range(1, len(published)) if published[i][1]["alarms_kw"] != published[i - 1][1]["alarms_kw"]]
+    assert len(changes) == 1
+    change = changes[0]
+    assert published[change][1]["alarms_kw"] == [500.0] and published[change][1]["ts"] == raised[0].ts
+    assert all(b - a >= 1.0 - 1e-9 for i, (a, b) in enumerate(itertools.pairwise(times), 1)
+               if i != change)
+
+
+async def test_a_groups_live_demand_and_alarm_are_net_of_export_like_its_windows(tmp_path: Path) -> None:
+    """A plant importing 500 kW on one incomer while the other exports 200 kW of solar draws 300 kW net: its
+    projection must be 300, not 500, against a 400 kW target."""
+    start = window_start(T0, 900, SEOUL) + 900
+    grid = SimMeter(Profile(T0, base=500.0))
+    solar = SimMeter(Profile(T0, base=200.0))
+    plan = EnergyPlan(
+        {"incomer-1": meter_spec("incomer-1"),
+         "incomer-2": meter_spec("incomer-2", export_point="energy_active_export")},
+        (GroupSpec(MeterSpec("plant", "", target_kw=400.0, levels_kw=(400.0,), hysteresis_kw=20.0),
+                   ("incomer-1", "incomer-2"), True),))
+    sink = Sink()
+    energy, published = live_stage(tmp_path, plan, sink)
+    await energy.start()
+    for t in poll_times(T0, start + 905, 1.0):
+        energy.clocks.at(t)  # type: ignore[attr-defined]
+        await energy.submit(PollResult("incomer-1", t, (Reading("energy_active_import", grid.counter(t), "kWh"),)))
+        await energy.submit(PollResult("incomer-2", t + 0.2, (Reading("energy_active_import", 5000.0, "kWh"),
+                                                              Reading("energy_active_export",
+                                                                      solar.counter(t + 0.2), "kWh"))))
+    assert value(sink.stream("plant/demand")[0], "demand") == pytest.approx(300.0, abs=0.2)
+    assert sink.stream("plant/alarm") == []
+    plant = [payload for _, payload in published if payload["meter"] == "plant"]
+    assert plant and all(p["projected_kw"] == pytest.approx(300.0, abs=1.0) for p in plant[5:])
