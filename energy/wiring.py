@@ -7,17 +7,20 @@ and `energy-history.db` (14 months of windows, energy/history.py).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from energy.clock import ClockWatch
-from energy.config import plan
+from energy.config import TRIAL_WINDOW_S, plan
 from energy.history import History
 from energy.stage import EnergyStage
 
 STATE_FILE = "energy-state.json"
 HISTORY_FILE = "energy-history.db"
 DEMAND_TOPIC = "{prefix}/{site}/{gateway}/demand/{meter}"
+
+log = logging.getLogger("energy")
 
 
 def state_dir(config: Any) -> Path:
@@ -28,6 +31,10 @@ async def start_stage(config: Any, writer: Any, uplink: Any, clock: ClockWatch |
     energy = plan(config.devices, config.energy)
     if energy.empty:
         return None
+    trials = sorted(name for name, spec in energy.meters.items() if spec.window_s == TRIAL_WINDOW_S)
+    if trials:
+        log.warning("%s use(s) the 1-minute window, for commissioning trials and demos; no tariff bills "
+                    "on it (docs/energy.md)", ", ".join(trials))
     folder = state_dir(config)
     fields = {"prefix": config.mqtt.topic_prefix, "site": config.gateway.site, "gateway": config.gateway.id}
 
@@ -52,3 +59,13 @@ def status_sections(clock: ClockWatch, stage: EnergyStage | None) -> dict[str, A
         sections["energy"] = {"meters": figures.meters, "windows": figures.windows,
                               "alarms_active": figures.alarms_active}
     return sections
+
+
+def reload_note(old: Any, new: Any) -> str | None:
+    """What a reload does not apply: the energy stage keeps the meters, windows and targets it started with,
+    because an open window's edges, counter and state file are tied to them (docs/energy.md). None: nothing
+    changed there."""
+    if plan(old.devices, old.energy) == plan(new.devices, new.energy):
+        return None
+    return ("reload: energy tables or groups changed; they take effect at the next restart (demand windows go on "
+            "with the running ones until then; docs/energy.md)")

@@ -87,3 +87,16 @@ def test_a_bad_energy_table_exits_78_from_the_command_line(tmp_path: Path) -> No
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == EX_CONFIG, result
     assert f"{config}: devices[0].energy.window:" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("window", ['"1m"', '"60s"', "60"])
+def test_a_one_minute_window_is_accepted_for_commissioning_trials(window: str) -> None:
+    config = parse_config(GATEWAY + meter("incomer-1", f"window = {window}, target_kw = 50"))
+    assert plan(config.devices, config.energy).meters["incomer-1"].window_s == 60
+
+
+@pytest.mark.parametrize("window", ['"2m"', '"10s"', '"90s"'])
+def test_other_short_windows_are_refused(window: str) -> None:
+    ((where, message),) = problems(GATEWAY + meter("incomer-1", f"window = {window}"))
+    assert where == "devices[0].energy.window"
+    assert message.startswith('the window must be "5m", "15m", "30m" or "60m" ("1m" for commissioning trials)')
