@@ -31,7 +31,7 @@ from buffer.store import Buffer
 from drivers.base import PollingDriver, StreamingDriver
 from energy.clock import ClockWatch
 from energy.stage import EnergyStage
-from energy.wiring import start_stage, status_sections
+from energy.wiring import reload_note, start_stage, status_sections
 
 log = logging.getLogger("agent")
 
@@ -135,6 +135,8 @@ class Agent:
             log.error("reload rejected, the running configuration stays:\n%s", exc.render())
             self.notifier.notify("STATUS=reload rejected: the config file has errors (see the journal)")
             return
+        if (note := reload_note(self.config, new)) is not None:
+            log.warning(note)
         for section in ("gateway", "buffer", "mqtt", "metrics"):
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("reload: [%s] changed; that takes effect at the next restart (devices are reloaded "
