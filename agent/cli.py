@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"drivers.{argv[0]}.cli").main(argv[1:]))
+    if argv[:1] == ["demand"]:
+        from energy.cli import main as demand
+
+        return demand(argv[1:])
     if argv[:1] == ["monitor"]:
         from agent import monitor
 
@@ -88,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("monitor", help="the platform's view: validate what gateways deliver, find gaps and "
                                         "duplicates: monitor --help")
+
+    commands.add_parser("demand", help="maximum demand per meter this month and the last 12, and the last windows "
+                                       "with their flags (docs/energy.md): demand --help")
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file, for editors")
     schema.set_defaults(handler=_cmd_schema)
@@ -201,6 +208,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"line {line['line']}: {line['utilisation']:.0%} busy, {len(line['devices'])} device(s), "
               f"{line['requests']} requests, {line['timeouts']} timeouts, {line['queue']} waiting"
               f"{_line_errors(line)}")
+    if "clock" in status:
+        from energy.cli import clock_line
+
+        print(clock_line(status["clock"], status.get("energy")))
     return 0
 
 

@@ -19,7 +19,7 @@ import string
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -41,6 +41,7 @@ from pydantic.fields import FieldInfo
 import drivers
 from agent.errors import ConfigError, Problem
 from agent.payload import DATA_TOPIC, META_TOPIC, STATUS_TOPIC
+from energy.config import EnergySection, PlantEnergy, device_problems, group_problems
 
 # --- value types a technician writes ---------------------------------------------------------------
 #
@@ -355,15 +356,15 @@ def topic_template_problem(template: str, device_allowed: bool) -> str | None:
     except ValueError as exc:
         return f"not a valid template ({exc}); placeholders are written {{site}}"
     shape, fields = "", set()
-    for literal, field, spec, conversion in parts:
+    for literal, name, spec, conversion in parts:
         shape += literal
-        if field is None:
+        if name is None:
             continue
-        if field not in allowed:
-            return f"unknown placeholder {{{field}}}; allowed: {listed}"
+        if name not in allowed:
+            return f"unknown placeholder {{{name}}}; allowed: {listed}"
         if spec or conversion:
-            return f"a placeholder is written {{{field}}}, without a format or conversion; allowed: {listed}"
-        fields.add(field)
+            return f"a placeholder is written {{{name}}}, without a format or conversion; allowed: {listed}"
+        fields.add(name)
         shape += "x"  # a name: never empty, always allowed in a level
     problem = topic_levels_problem(shape)
     if problem:
@@ -591,6 +592,8 @@ class DeviceBase(StrictModel):
         1.0, description="Polls are aligned to the wall clock: 1s on whole seconds, 15m on :00/:15/:30/:45.")
     timeout: Duration = Field(1.0, description="How long one request may take before the device counts as "
                                                "not answering.")
+    energy: EnergySection | None = Field(None, description="Demand windows from this meter's energy counter "
+                                                           "(docs/energy.md).")
 
     @classmethod
     def expand(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -611,6 +614,7 @@ class _TopLevel(StrictModel):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     devices: list[Any] = Field(default_factory=list, description="[[devices]] tables; see each driver.")
+    energy: PlantEnergy = PlantEnergy()
 
 
 _SECTIONS: dict[str, type[StrictModel]] = {"gateway": GatewayConfig, "buffer": BufferConfig, "mqtt": MqttConfig}
@@ -624,6 +628,7 @@ class AgentConfig:
     mqtt: MqttConfig
     metrics: MetricsConfig
     devices: tuple[DeviceBase, ...]
+    energy: PlantEnergy = field(default_factory=PlantEnergy)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -765,10 +770,12 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfi
         devices = _validate_devices(raw_devices, problems)
         if not raw_devices:
             problems.append(Problem("devices", "no devices configured: add at least one [[devices]] table"))
+    if top is not None:
+        problems.extend(Problem(where, message) for where, message in group_problems(top.energy, devices))
     if problems:
         raise ConfigError(source, problems)
     assert top is not None
-    return AgentConfig(source, top.gateway, top.buffer, top.mqtt, top.metrics, tuple(devices))
+    return AgentConfig(source, top.gateway, top.buffer, top.mqtt, top.metrics, tuple(devices), top.energy)
 
 
 def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[DeviceBase]:
@@ -808,6 +815,7 @@ def _validate_devices(raw_devices: list[Any], problems: list[Problem]) -> list[D
             problems.extend(Problem(f"{_dotted(where)}.{sub}", message) for sub, message in model.salvage(raw))
             continue
         problems.extend(_cross_checks(device, where))
+        problems.extend(Problem(f"{_dotted(where)}.{sub}", message) for sub, message in device_problems(device))
         devices.append(device)
         indices.append(index)
     by_model: dict[type[DeviceBase], list[tuple[int, DeviceBase]]] = {}

@@ -29,6 +29,9 @@ from agent.uplink import MqttUplink
 from agent.writer import BufferWriter
 from buffer.store import Buffer
 from drivers.base import PollingDriver, StreamingDriver
+from energy.clock import ClockWatch
+from energy.stage import EnergyStage
+from energy.wiring import reload_note, start_stage, status_sections
 
 log = logging.getLogger("agent")
 
@@ -77,6 +80,8 @@ class Agent:
         self.buffer: Buffer | None = None
         self.writer: BufferWriter | None = None
         self.uplink: MqttUplink | None = None
+        self.energy: EnergyStage | None = None  # between pollers and writer when a device has an energy table
+        self.clock = ClockWatch()  # the clock's health: in the status message, /metrics, and energy windows' flags
         self.started = asyncio.Event()
         self.notifier = Notifier()
         self.metrics: MetricsServer | None = None
@@ -102,10 +107,11 @@ class Agent:
         # The compact encoding sends values in the order of the configured points (its point table).
         self.writer.declare(device.name, [(point.name, getattr(point, "unit", None))
                                           for point in getattr(device, "points", ())])
+        submit = self.energy.submit if self.energy is not None else self.writer.submit
         if isinstance(driver, StreamingDriver):
-            loop = stream_loop(device.name, driver, health, self.writer.submit)
+            loop = stream_loop(device.name, driver, health, submit)
         else:
-            loop = poll_loop(device.name, device.poll_interval, driver, health, self.writer.submit)
+            loop = poll_loop(device.name, device.poll_interval, driver, health, submit)
         self._pollers[device.name] = self._group.create_task(loop, name=f"poll:{device.name}")
 
     async def _stop_device(self, name: str) -> None:
@@ -129,6 +135,8 @@ class Agent:
             log.error("reload rejected, the running configuration stays:\n%s", exc.render())
             self.notifier.notify("STATUS=reload rejected: the config file has errors (see the journal)")
             return
+        if (note := reload_note(self.config, new)) is not None:
+            log.warning(note)
         for section in ("gateway", "buffer", "mqtt", "metrics"):
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("reload: [%s] changed; that takes effect at the next restart (devices are reloaded "
@@ -165,12 +173,14 @@ class Agent:
             log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "
                      "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
                      config.mqtt.host, config.mqtt.effective_port)
-            reporter = StatusReporter(buffer, self.health, stats.dropped, self._line_figures)
+            reporter = StatusReporter(buffer, self.health, stats.dropped, self._line_figures,
+                                      lambda: status_sections(self.clock, self.energy))
             self.metrics = await self._start_metrics(reporter)
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 watchdog_task = group.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 writer_task = group.create_task(writer.run(), name="buffer-writer")
+                self.energy = await start_stage(config, writer, uplink, self.clock)
                 uplink_task = group.create_task(uplink.run(), name="mqtt-uplink")
                 status_task = group.create_task(self._report_status(reporter), name="status")
                 reload_task = group.create_task(self._reload_on_request(), name="reload")
@@ -188,6 +198,8 @@ class Agent:
                 log.info("stopping: pollers first, then the buffer writer, then the uplink")
                 await stop_tasks([reload_task, *self._pollers.values(), status_task])
                 await writer.flush()
+                if self.energy is not None:
+                    await self.energy.close()
                 await uplink.drain(SHUTDOWN_GRACE)
                 writer_task.cancel()
                 uplink_task.cancel()

@@ -86,7 +86,31 @@ def prometheus_text(status: dict[str, Any]) -> str:
     metric("mqtt_inflight_messages", "gauge", "Messages awaiting the broker's PUBACK.", [("", uplink["inflight"])])
     metric("mqtt_delivered_readings_total", "counter", "Readings the broker acknowledged.",
            [("", uplink["delivered_readings"])])
+    _clock_and_energy(status, metric)
     return "\n".join(lines) + "\n"
+
+
+def _clock_and_energy(status: dict[str, Any],
+                      metric: Callable[[str, str, str, list[tuple[str, float]]], None]) -> None:
+    """The clock's health (always) and the energy stage's figures (with energy tables): energy/wiring.py."""
+    clock = status.get("clock")
+    if clock is not None:
+        known = clock["known"]
+        metric("clock_synchronised", "gauge", "1 while the kernel reports its clock synchronised (adjtimex; NTP via "
+               "chrony or timesyncd); absent when it cannot be asked.",
+               [("", float(clock["synchronised"]))] if known else [])
+        metric("clock_estimated_error_seconds", "gauge", "The kernel's estimated clock error.",
+               [("", clock["esterror_s"])] if known else [])
+        metric("clock_maximum_error_seconds", "gauge", "The kernel's maximum clock error.",
+               [("", clock["maxerror_s"])] if known else [])
+        metric("clock_steps_total", "counter", "Wall-clock steps seen since the start (NTP's first correction, a "
+               "manual date change): demand windows across one are flagged clock_step.", [("", clock["steps"])])
+    energy = status.get("energy")
+    if energy is not None:
+        metric("energy_windows_total", "counter", "Demand windows closed since the start (meters and groups).",
+               [("", energy["windows"])])
+        metric("energy_alarms_active", "gauge", "Demand alarm levels raised now, all meters and groups.",
+               [("", energy["alarms_active"])])
 
 
 class MetricsServer:

@@ -55,6 +55,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.compact import CBOR_SCHEMA, META_SCHEMA, SELF_DESCRIBED, decode_polls
 from agent.payload import SCHEMA, STATUS_SCHEMA, iso_utc
+from energy.watch import EnergyView, MeterReport, meter_lines
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,7 @@ class GatewayReport:
     streams: tuple[StreamReport, ...]
     devices: tuple[DeviceReport, ...]
     waiting_for_table: int = 0  # compact messages held until their point table arrives
+    meters: tuple[MeterReport, ...] = ()  # energy: demand windows, live demand, alarms (energy/watch.py)
 
 
 @dataclass(frozen=True)
@@ -388,8 +390,9 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """No gap persisted and nothing was invalid."""
-        return self.lost == 0 and self.invalid == 0
+        """No gap persisted, nothing was invalid, no demand window is missing or came with two values."""
+        return self.lost == 0 and self.invalid == 0 and \
+            not any(m.missing or m.conflicting for g in self.gateways for m in g.meters)
 
     def to_dict(self) -> dict[str, Any]:
         return {"report": "final" if self.final else "interval", "ok": self.ok, "lost": self.lost,
@@ -425,6 +428,7 @@ class Monitor:
         self._waiting: dict[tuple[str, str], list[tuple[tuple[Any, ...], str]]] = {}
         self._waiting_count = 0
         self._tables_arrived: set[tuple[str, str]] = set()
+        self.energy = EnergyView()  # demand windows, alarm events and live demand (energy/watch.py)
         self.invalid = 0
         self.ignored = 0
         self.started = time.monotonic()
@@ -546,6 +550,10 @@ class Monitor:
             self._handle_data(arrived, now, topic, levels[-4], levels[-3], levels[-1], payload)
         elif len(levels) >= 4 and levels[-2] == "meta":
             self._handle_meta(levels[-3], levels[-1], payload)
+        elif len(levels) >= 5 and levels[-3] == "data" and levels[-1] in ("demand", "alarm"):  # energy records
+            self._handle_data(arrived, now, topic, levels[-5], levels[-4], "/".join(levels[-2:]), payload)
+        elif len(levels) >= 4 and levels[-2] == "demand":  # a meter's retained live demand
+            self._handle_live(levels[-3], levels[-1], payload)
         else:
             with self._lock:
                 self.ignored += 1
@@ -582,6 +590,8 @@ class Monitor:
                 for reading in readings:
                     latest[reading["point"]] = Latest(reading["value"], reading.get("unit"), reading["quality"],
                                                       poll["ts"])
+        if "/" in device:
+            self.energy.records(gateway, device, body["polls"])
         if self._callback is not None:
             self._callback(topic, body)
 
@@ -694,6 +704,16 @@ class Monitor:
             state = self.gateways.setdefault(gateway, GatewayState())
             state.status, state.status_received = body, arrived
 
+    def _handle_live(self, gateway: str, meter: str, payload: bytes) -> None:
+        if not payload:  # a retained state being cleared
+            return
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict) or not self.energy.live(gateway, meter, body):
+            self._reject(gateway, [f"{meter} live demand: not a demand state message: {payload[:100]!r}"])
+
     def _reject(self, gateway: str, problems: list[str]) -> None:
         with self._lock:
             self.invalid += 1
@@ -757,7 +777,8 @@ class Monitor:
             latency=_latency(samples, highest), streams=reports, waiting_for_table=state.waiting,
             devices=tuple(DeviceReport(name, d.messages, d.readings, d.bad, iso_utc(d.last_seen),
                                        round(wall - d.last_seen, 1), d.last_ts)
-                          for name, d in sorted(state.devices.items())))
+                          for name, d in sorted(state.devices.items())),
+            meters=self.energy.report(gateway))
 
     def _stream_report(self, buffer_id: str, stream: StreamState, now: float) -> StreamReport:
         settled = stream.settled_upto(now, self.gap_grace)
@@ -938,8 +959,7 @@ def _report_lines(report: Report, verbose: bool, topic: str) -> list[str]:
     lines: list[str] = []
     for gateway in report.gateways:
         lines.append(f"{clock} {_gateway_line(gateway)}")
-        if verbose:
-            lines += _detail_lines(gateway)
+        lines += _detail_lines(gateway) if verbose else meter_lines(gateway.meters)
     return lines
 
 
@@ -973,6 +993,7 @@ def _detail_lines(g: GatewayReport) -> list[str]:
     for d in g.devices:
         lines.append(f"    {d.device:<{width}}  msgs {d.messages}  readings {d.readings}  bad {d.bad}  "
                      f"last seen {d.last_seen_ago_s:g} s ago (poll {d.last_ts})")
+    lines += meter_lines(g.meters)
     lines += [f"    invalid: {error}" for error in g.invalid_errors]
     return lines
 
@@ -989,7 +1010,11 @@ def _summary_lines(report: Report) -> list[str]:
         lines.append("OK: no gaps and no invalid messages" if messages else "OK, but no data message arrived")
     else:
         gaps = sum(g.gaps for g in report.gateways)
-        lines.append(f"FAILED: {report.lost} reading(s) lost in {gaps} gap(s), {report.invalid} invalid message(s)")
+        windows = [m for g in report.gateways for m in g.meters]
+        bad_windows = f", {sum(m.missing for m in windows)} demand window(s) missing, " \
+                      f"{sum(m.conflicting for m in windows)} with two values" if windows else ""
+        lines.append(f"FAILED: {report.lost} reading(s) lost in {gaps} gap(s), {report.invalid} invalid "
+                     f"message(s){bad_windows}")
     return lines
 
 

@@ -2,8 +2,8 @@
 
 Sent retained on the status topic right after every (re)connect and then every `status_interval`: buffer
 depth and age, bytes on disk, every reading lost to a buffer limit (in all, and since the previous status),
-each device's health, and the agent's version. Readings lost to limits also show as gaps in sequence
-numbers; the status says why.
+each device's health, the clock's health (energy/clock.py), and the agent's version. Readings lost to limits
+also show as gaps in sequence numbers; the status says why.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from buffer.store import Buffer
 
 class StatusReporter:
     def __init__(self, buffer: Buffer, health: dict[str, DeviceHealth], lost_at_start: int,
-                 lines: Callable[[], list[dict[str, Any]]] = list) -> None:
+                 lines: Callable[[], list[dict[str, Any]]] = list,
+                 extra: Callable[[], dict[str, Any]] = dict) -> None:
         """`lost_at_start`: the buffer's loss total when the agent started, so the first status reports
         what was lost since then. `lines`: the shared lines' own figures (a serial port or TCP gateway
-        with several devices: utilisation, requests, timeouts, queue)."""
+        with several devices: utilisation, requests, timeouts, queue). `extra`: sections owned elsewhere
+        (the clock's health, the energy stage's figures), added as they are."""
         self._buffer = buffer
         self._lines = lines
+        self._extra = extra
         self._health = health
         self._started = time.time()
         self._lost_reported = lost_at_start
@@ -55,6 +58,7 @@ class StatusReporter:
             "uplink": {"inflight": inflight, "delivered_readings": delivered},
             "devices": {name: _device(health) for name, health in sorted(self._health.items())},
             "lines": self._lines(),
+            **self._extra(),
         }
 
 

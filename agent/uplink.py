@@ -401,6 +401,14 @@ class MqttUplink:
         self._publish_status("online", details)
         return True
 
+    def publish_state(self, topic: str, payload: bytes) -> bool:
+        """A retained current-state message that is not buffered (live demand, out of date a second later;
+        energy/records.py), if connected; QoS 0: the next one replaces it anyway."""
+        if not self._connected or self._stopping or self._client is None:
+            return False
+        self._client.publish(topic, payload, qos=0, retain=True)
+        return True
+
     def _status_payload(self, state: str, stamped: bool = True, details: dict[str, Any] | None = None) -> bytes:
         status: dict[str, Any] = {"schema": STATUS_SCHEMA, "state": state, "gateway": self._gateway.id,
                                   "site": self._gateway.site, "version": __version__}

@@ -189,9 +189,9 @@ CASES: list[tuple[str, str, list[str]]] = [
       "(got 'opc.tcp://10.0.0.7:4840\\n')"]),
     ("a 1 MB unknown key is not echoed whole", GATEWAY + tcp(f'{"k" * 1_000_000} = 1\n'),
      [f"devices[0].{'k' * 59}…: unknown key; expected one of: " + ", ".join(
-         ["name", "driver", "poll_interval", "timeout", "transport", "host", "port", "serial_port", "baudrate",
-          "parity", "data_bits", "stop_bits", "turnaround", "unit_id", "max_registers", "max_bits", "max_gap",
-          "unreadable", "profile", "select", "overrides", "points"])]),
+         ["name", "driver", "poll_interval", "timeout", "energy", "transport", "host", "port", "serial_port",
+          "baudrate", "parity", "data_bits", "stop_bits", "turnaround", "unit_id", "max_registers", "max_bits",
+          "max_gap", "unreadable", "profile", "select", "overrides", "points"])]),
 ]
 
 

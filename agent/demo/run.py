@@ -19,9 +19,11 @@ import textwrap
 import time
 import tomllib
 from collections.abc import AsyncIterator
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from agent.config import AgentConfig, validate_config
 from agent.daemon import Agent
@@ -34,6 +36,7 @@ from drivers.modbus.simulator import EnvSensor, PowerMeter, SimServer
 log = logging.getLogger("agent.demo")
 
 DRAIN_TIMEOUT = 10.0
+DEMO_MACHINES_START = (60.0, 90.0)  # seconds after the start: the press line, the compressor
 
 
 def demo_config(modbus_port: int, mqtt_port: int, buffer_path: Path) -> AgentConfig:
@@ -79,7 +82,10 @@ async def _demo(duration: float | None, broker_kind: str, state_dir: Path | None
         work = Path(tmp)
         state = state_dir or work
         state.mkdir(parents=True, exist_ok=True)
-        async with SimServer({1: PowerMeter(), 2: EnvSensor()}) as simulator, \
+        # The press line starts a minute in and the compressor half a minute later: the load climbs over the
+        # demand target while the newcomer watches (demo.toml), then falls back as they stop.
+        meter = PowerMeter(machines_start_at=DEMO_MACHINES_START)
+        async with SimServer({1: meter, 2: EnvSensor()}) as simulator, \
                 _broker(broker_kind, work) as (broker_name, mqtt_port):
             config = demo_config(simulator.port, mqtt_port, state / "buffer.db")
             topic = f"{config.mqtt.topic_prefix}/{config.gateway.site}/{config.gateway.id}/#"
@@ -92,6 +98,7 @@ async def _demo(duration: float | None, broker_kind: str, state_dir: Path | None
                 _say(quiet, f"broker: {broker_name} on 127.0.0.1:{mqtt_port}; buffer: {config.buffer.path}")
                 _say(quiet, f"platform view, subscribed to {topic}"
                             f"{'' if duration else ' (Ctrl-C to stop)'}:")
+                _say(quiet, _demand_intro(config))
                 return await _run_agent(config, monitor, view, duration, quiet)
             finally:
                 await asyncio.to_thread(monitor.stop)
@@ -114,7 +121,7 @@ async def _run_agent(config: AgentConfig, monitor: Monitor, view: _LiveView, dur
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await stop.wait()
-            view.flush(agent, await agent.buffer.stats() if not task.done() else None)
+            view.flush(agent, await agent.buffer.stats() if not task.done() else None, monitor)
             if duration is not None and time.monotonic() - started >= duration:
                 stop.set()
         # Let the backlog drain before stopping the uplink, so the summary shows a settled state.
@@ -157,13 +164,30 @@ class _LiveView:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self._pending: dict[str, dict[str, Any]] = {}
+        self._energy: list[dict[str, Any]] = []
 
     def on_message(self, topic: str, body: dict[str, Any]) -> None:  # paho's thread
-        self._pending[body["device"]] = body
+        if body["device"].endswith(("/demand", "/alarm")):
+            self._energy.append(body)  # every window and alarm event is worth a line of its own
+        else:
+            self._pending[body["device"]] = body
 
-    def flush(self, agent: Agent, stats: Any) -> None:
+    def flush(self, agent: Agent, stats: Any, monitor: Monitor | None = None) -> None:
         if self.quiet:
             return
+        energy, self._energy = self._energy, []
+        for body in energy:
+            for poll in body["polls"]:
+                print(_energy_line(body["device"], {r["point"]: r["value"] for r in poll["readings"]}), flush=True)
+        if monitor is not None:
+            for gateway in monitor.report().gateways:
+                for meter in gateway.meters:
+                    if meter.projected_kw is not None:
+                        alarm = f"  ALARM at {', '.join(f'{a:g}' for a in meter.alarms_kw)} kW" if meter.alarms_kw \
+                            else ""
+                        print(f"{'':9} {meter.meter:<12} demand now: {meter.live_energy_kwh:.3f} kWh so far in the "
+                              f"window from {str(meter.live_window_start)[11:19]}, projected "
+                              f"{meter.projected_kw:.1f} kW{alarm}", flush=True)
         pending, self._pending = self._pending, {}
         width = max(60, shutil.get_terminal_size((120, 24)).columns)
         for device, body in sorted(pending.items()):
@@ -179,6 +203,33 @@ class _LiveView:
         link = "connected" if counters.mqtt_connected else "DISCONNECTED"
         print(f"{'':9} {'agent':<12} broker {link}, {depth}, {counters.inflight} messages in flight, "
               f"polled {counters.readings_polled}, delivered {counters.readings_delivered}\n", flush=True)
+
+
+def _demand_intro(config: AgentConfig) -> str:
+    """What the newcomer is about to see of demand, and when."""
+    meters = [d for d in config.devices if d.energy is not None]
+    if not meters:
+        return "demand: no device has an energy table"
+    energy = meters[0].energy
+    assert energy is not None
+    now = time.time()
+    first = now - now % energy.window + 2 * energy.window  # the first window is the first one read from its start
+    closes = datetime.fromtimestamp(first, ZoneInfo(energy.timezone)).strftime("%H:%M:%S")
+    return (f"demand: {meters[0].name}, {energy.window // 60}-minute windows (demo only: 15 minutes on a real "
+            f"plant) in {energy.timezone}, target {energy.target_kw:g} kW; the first full window closes at "
+            f"{closes}, in {first - now:.0f} s; the projection starts with the first edge, in "
+            f"{first - energy.window - now:.0f} s; the press line starts in {DEMO_MACHINES_START[0]:.0f} s and "
+            f"the compressor in {DEMO_MACHINES_START[1]:.0f} s: watch the alarm")
+
+
+def _energy_line(stream: str, values: dict[str, Any]) -> str:
+    meter, _, kind = stream.rpartition("/")
+    if kind == "demand":
+        flags = f", flags {values['flags']}" if values.get("flags") else ""
+        return (f"{'':9} {meter:<12} WINDOW from {str(values['window_start'])[11:19]} closed: {values['demand']:.1f} "
+                f"kW ({values['energy']:.3f} kWh, coverage {values['coverage']:.0%}{flags})")
+    return (f"{'':9} {meter:<12} ALARM {str(values['alarm']).upper()}: projected {values['projected_demand']:.1f} kW "
+            f"against the {values['level']:g} kW level")
 
 
 def _fmt(reading: dict[str, Any]) -> str:

@@ -320,7 +320,12 @@ class PowerMeter(SimulatedDevice):
         energy_wh: float = 1_234_567.0,
         base_load_kw: float = 45.0,
         nominal_voltage: float = 220.0,
+        machines_start_at: Sequence[float] | None = None,
     ) -> None:
+        """`machines_start_at`: seconds after the first update at which the press line and the compressor start
+        their cycles (default: somewhere in their cycle, at random). The demo uses it so that a newcomer sees
+        the load rise over the demand target within its first minutes. The energy counters integrate the
+        active power, whatever the load does."""
         super().__init__(POWER_METER_REGISTERS, holding_registers=128, input_registers=64, seed=seed)
         self.energy_wh = energy_wh
         self.base_load_kw = base_load_kw
@@ -328,6 +333,9 @@ class PowerMeter(SimulatedDevice):
         rng = self._rng
         self._phases = [rng.uniform(0, 2 * math.pi) for _ in range(4)]
         self._machine_offsets = [rng.uniform(0, period) for _, period, _, _ in self._MACHINES]
+        if machines_start_at is not None:
+            self._machine_offsets = [(-start) % period for start, (_, period, _, _)
+                                     in zip(machines_start_at, self._MACHINES, strict=True)]
         shares = [1 + rng.uniform(0.01, 0.04), 1 - rng.uniform(0.0, 0.03), 1 - rng.uniform(0.0, 0.02)]
         self._phase_shares = [share * 3 / sum(shares) for share in shares]
         self._voltage_offsets = [rng.uniform(-0.003, 0.003) for _ in range(3)]

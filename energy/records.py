@@ -1,0 +1,99 @@
+"""How windows and alarm events travel: as polls of their own streams, through the same buffer as readings.
+
+A window of meter `incomer-1` is a poll of the stream `incomer-1/demand`, time-stamped at its end edge,
+whose readings are the window's figures; an alarm event is a poll of `incomer-1/alarm`. So they get the
+same gapless sequence numbers, are deleted only after PUBACK, and are encoded in JSON or the compact
+encoding by the same encoders, with no change to the writer or the uplink. The stream name becomes the
+`{device}` of the data topic: `edge/<site>/<gateway>/data/incomer-1/demand`, one level below the meter's
+readings, so `data/+` subscribers see readings only and `data/+/demand` windows only (docs/payload.md).
+
+Live demand is not buffered: it is out of date a second later. It is published, retained, on the demand
+state topic by the uplink when connected (`live_payload`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent.model import PollResult, Quality, Reading
+from energy.windows import AlarmEvent, LiveDemand, WindowRecord, flag_text, local_iso
+
+WINDOW_STREAM = "demand"
+ALARM_STREAM = "alarm"
+LIVE_SCHEMA = "edge-agent/demand-state/v1"
+
+
+def window_stream(meter: str) -> str:
+    return f"{meter}/{WINDOW_STREAM}"
+
+
+def alarm_stream(meter: str) -> str:
+    return f"{meter}/{ALARM_STREAM}"
+
+
+def window_poll(record: WindowRecord) -> PollResult:
+    """The window as a poll at its end edge. Energy and demand are "good" for a complete window, else
+    "uncertain" with the reason (its flags and coverage), as a reading from a doubtful source would be."""
+    flags = flag_text(record.flags)
+    if record.complete:
+        quality, reason = Quality.GOOD, None
+    else:
+        quality = Quality.UNCERTAIN
+        reason = ", ".join(part for part in (flags, f"coverage {record.coverage:.3f}"
+                                             if record.coverage < 0.999 else "") if part)
+    readings = [
+        Reading("window_start", record.start_local),
+        Reading("window_s", record.window_s, "s"),
+        Reading("energy", round(record.energy_kwh, 6), "kWh", quality, reason),
+        Reading("demand", round(record.demand_kw, 4), "kW", quality, reason),
+    ]
+    if record.export_kwh is not None:
+        readings.append(Reading("export_energy", round(record.export_kwh, 6), "kWh", quality, reason))
+    readings += [Reading("coverage", record.coverage), Reading("longest_gap", record.longest_gap_s, "s"),
+                 Reading("flags", flags)]
+    if record.counter_start is not None and record.counter_end is not None:
+        readings += [Reading("counter_start", round(record.counter_start, 6)),
+                     Reading("counter_end", round(record.counter_end, 6))]
+    return PollResult(window_stream(record.meter), record.end, tuple(readings))
+
+
+def alarm_poll(event: AlarmEvent, zone_of: dict[str, Any]) -> PollResult:
+    readings = [
+        Reading("alarm", "raised" if event.raised else "cleared"),
+        Reading("level", round(event.level_kw, 3), "kW"),
+        Reading("projected_demand", round(event.projected_kw, 3), "kW"),
+        Reading("window_start", local_iso(event.window_start, zone_of[event.meter])),
+    ]
+    if event.target_kw is not None:
+        readings.append(Reading("target", event.target_kw, "kW"))
+    return PollResult(alarm_stream(event.meter), event.ts, tuple(readings))
+
+
+def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: WindowRecord | None,
+                 target_kw: float | None) -> bytes:
+    """The retained current state of a meter or group: the open window so far, its projection, the alarm
+    levels active, and the latest closed window."""
+    state: dict[str, Any] = {
+        "schema": LIVE_SCHEMA, "gateway": gateway, "site": site, "meter": live.meter,
+        "ts": live.ts, "window_start": local_iso(live.start, zone), "window_end": local_iso(live.end, zone),
+        "energy_kwh": round(live.energy_kwh, 6), "power_kw": round(live.power_kw, 3),
+        "projected_kw": round(live.projected_kw, 3), "target_kw": target_kw,
+        "alarms_kw": list(live.alarms),
+    }
+    if latest is not None:
+        state["latest_window"] = {"start": latest.start_local, "demand_kw": round(latest.demand_kw, 4),
+                                  "energy_kwh": round(latest.energy_kwh, 6), "coverage": latest.coverage,
+                                  "flags": flag_text(latest.flags)}
+    return json.dumps(state, separators=(",", ":")).encode()
+
+
+def poll_to_json(result: PollResult) -> dict[str, Any]:
+    """A derived poll as JSON values, to keep it in the state file's outbox (energy/state.py)."""
+    return {"device": result.device, "ts": result.ts,
+            "readings": [[r.point, r.value, r.unit, r.quality.value, r.reason] for r in result.readings]}
+
+
+def poll_from_json(data: dict[str, Any]) -> PollResult:
+    return PollResult(str(data["device"]), float(data["ts"]),
+                      tuple(Reading(p, v, u, Quality(q), why) for p, v, u, q, why in data["readings"]))

@@ -1,0 +1,102 @@
+"""The energy tables are checked with the rest of the file: every problem with its dotted path, exit 78."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import parse_config
+from agent.errors import EX_CONFIG, ConfigError
+from energy.config import plan
+
+GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'
+POINTS = ('{ name = "active_power", function = "input", address = 0, type = "float32", unit = "kW" }, '
+          '{ name = "energy_active_import", function = "input", address = 2, type = "uint32", scale = 0.01, '
+          'unit = "kWh" }')
+
+
+def meter(name: str, energy: str, points: str = POINTS, interval: str = "1s") -> str:
+    return (f'[[devices]]\nname = "{name}"\ndriver = "modbus"\nhost = "10.0.0.5"\npoll_interval = "{interval}"\n'
+            f'points = [{points}]\nenergy = {{ {energy} }}\n')
+
+
+def problems(text: str) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    return [(p.where, p.message) for p in caught.value.problems]
+
+
+def test_a_meter_gets_its_wrap_unit_and_alarm_levels_from_its_point_and_target() -> None:
+    config = parse_config(GATEWAY + meter("incomer-1", 'target_kw = 500, alarm_levels = [90, 100]'))
+    spec = plan(config.devices, config.energy).meters["incomer-1"]
+    assert spec.wrap == pytest.approx((1 << 32) * 0.01) and spec.resolution == 0.01 and spec.kwh_per_unit == 1.0
+    assert spec.window_s == 900 and str(spec.zone) == "Asia/Seoul"
+    assert spec.levels_kw == (450.0, 500.0) and spec.hysteresis_kw == 25.0 and spec.max_kw == 5000.0
+    assert spec.max_gap_s == 10.0 and spec.export_point is None
+
+
+def test_a_profile_meter_uses_its_energy_points_by_default() -> None:
+    text = GATEWAY + ('[[devices]]\nname = "incomer-1"\ndriver = "modbus"\nhost = "10.0.0.5"\nprofile = "abb_m4m30"\n'
+                      '[devices.energy]\nwindow = "30m"\ntimezone = "Europe/Berlin"\n'
+                      '[[energy.groups]]\nname = "plant"\nmeters = ["incomer-1"]\nminus_export = true\n'
+                      'window = "30m"\ntimezone = "Europe/Berlin"\ntarget_kw = 100\n')
+    config = parse_config(text)
+    energy = plan(config.devices, config.energy)
+    spec = energy.meters["incomer-1"]
+    assert spec.export_point == "energy_active_export" and spec.window_s == 1800
+    assert spec.wrap == pytest.approx((1 << 64) * 0.01)  # uint64
+    assert energy.groups[0].meters == ("incomer-1",) and energy.groups[0].spec.levels_kw == (100.0,)
+
+
+@pytest.mark.parametrize(("energy", "points", "expected"), [
+    ('import_point = "energy_total"', POINTS, [("devices[0].energy.import_point", "no point 'energy_total'")]),
+    ('window = "10m"', POINTS, [("devices[0].energy.window", '"5m", "15m", "30m" or "60m"')]),
+    ('timezone = "Seoul"', POINTS, [("devices[0].energy.timezone", "unknown time zone 'Seoul'")]),
+    ("alarm_levels = [90]", POINTS, [("devices[0].energy.alarm_levels", "set target_kw")]),
+    ("target_kw = -5", POINTS, [("devices[0].energy.target_kw", "greater than 0")]),
+    ("windw = 15", POINTS, [("devices[0].energy.windw", "did you mean 'window'")]),
+    ("", '{ name = "energy_active_import", function = "input", address = 2, type = "uint32" }',
+     [("devices[0].energy.counter_unit", "Wh")]),
+    ('window = "60m", timezone = "Asia/Kathmandu"', POINTS,
+     [("devices[0].energy.timezone", "not a multiple of the 60-minute window")]),
+], ids=["unknown-point", "window", "zone", "levels-without-target", "negative-target", "typo", "no-unit",
+        "zone-offset"])
+def test_a_bad_energy_table_names_its_path(energy: str, points: str, expected: list[tuple[str, str]]) -> None:
+    found = problems(GATEWAY + meter("incomer-1", energy, points))
+    assert [where for where, _ in found] == [where for where, _ in expected], found
+    for (_, message), (_, fragment) in zip(found, expected, strict=True):
+        assert fragment in message, found
+
+
+def test_groups_must_name_meters_that_agree_and_not_clash_with_devices() -> None:
+    text = GATEWAY + meter("incomer-1", "") + meter("incomer-2", 'window = "5m"') + \
+        '[[energy.groups]]\nname = "incomer-1"\nmeters = ["incomer-1", "incomer-2", "boiler"]\n'
+    found = dict(problems(text))
+    assert "already a device" in found["energy.groups[0].name"]
+    assert "must agree" in found["energy.groups[0].meters[1]"]
+    assert "not a device with an energy table" in found["energy.groups[0].meters[2]"]
+
+
+def test_a_bad_energy_table_exits_78_from_the_command_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(GATEWAY + meter("incomer-1", 'window = "7m"'))
+    result = subprocess.run([sys.executable, "-m", "agent", "check", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EX_CONFIG, result
+    assert f"{config}: devices[0].energy.window:" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("window", ['"1m"', '"60s"', "60"])
+def test_a_one_minute_window_is_accepted_for_commissioning_trials(window: str) -> None:
+    config = parse_config(GATEWAY + meter("incomer-1", f"window = {window}, target_kw = 50"))
+    assert plan(config.devices, config.energy).meters["incomer-1"].window_s == 60
+
+
+@pytest.mark.parametrize("window", ['"2m"', '"10s"', '"90s"'])
+def test_other_short_windows_are_refused(window: str) -> None:
+    ((where, message),) = problems(GATEWAY + meter("incomer-1", f"window = {window}"))
+    assert where == "devices[0].energy.window"
+    assert message.startswith('the window must be "5m", "15m", "30m" or "60m" ("1m" for commissioning trials)')

@@ -1,0 +1,270 @@
+"""Demand windows against a simulated meter whose power profile is known exactly (tests/energy_sim.py):
+every window's energy equals the integral of the profile between its edges, to the counter's resolution,
+whatever happens to polls, the counter or the clock."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from energy_sim import Profile, SimMeter, poll_times
+
+from energy.windows import (
+    AlarmEvent,
+    Event,
+    Flag,
+    LiveDemand,
+    MeterSpec,
+    MeterTracker,
+    WindowRecord,
+    window_end,
+    window_start,
+)
+
+SEOUL = ZoneInfo("Asia/Seoul")
+BERLIN = ZoneInfo("Europe/Berlin")
+T0 = datetime(2024, 5, 14, 9, 7, 30, tzinfo=SEOUL).timestamp()  # mid-window on purpose
+RES = 0.01  # kWh: a uint32 register with scale 0.01
+
+
+def spec(**changes: object) -> MeterSpec:
+    base: dict[str, object] = {"name": "incomer-1", "import_point": "energy_active_import", "resolution": RES,
+                               "wrap": (1 << 32) * RES, "max_kw": 5000.0, "max_gap_s": 10.0}
+    base.update(changes)
+    return MeterSpec(**base)  # type: ignore[arg-type]
+
+
+def feed(tracker: MeterTracker, meter: SimMeter, times: Iterable[float],
+         stamp: Callable[[float], float] = lambda t: t) -> list[Event]:
+    """The readings at true times `times`, stamped by a wall clock `stamp` that may be stepped; a step is
+    noted as the stage's step detector would (energy/clock.py), with the true elapsed time."""
+    events: list[Event] = []
+    previous: float | None = None
+    for t in times:
+        if previous is not None and abs((stamp(t) - stamp(previous)) - (t - previous)) > 1.0:
+            tracker.note(Flag.CLOCK_STEP)
+        events.extend(tracker.observe(stamp(t), (meter.counter(t),),
+                                      None if previous is None else t - previous))
+        previous = t
+    return events
+
+
+def windows(events: list[Event]) -> list[WindowRecord]:
+    return [e for e in events if isinstance(e, WindowRecord)]
+
+
+def assert_analytic(meter: SimMeter, records: list[WindowRecord], tolerance: float = 2 * RES) -> None:
+    for record in records:
+        expected = meter.analytic_kwh(record.start, record.end)
+        assert record.energy_kwh == pytest.approx(expected, abs=tolerance), record
+        assert record.demand_kw == pytest.approx(record.energy_kwh * 3600 / record.window_s)
+
+
+def assert_contiguous(records: list[WindowRecord]) -> None:
+    for before, after in itertools.pairwise(records):
+        assert after.start == before.end, (before, after)
+        assert after.end > after.start
+
+
+def test_window_energy_and_demand_equal_the_integral_of_the_profile() -> None:
+    meter = SimMeter(Profile(T0, base=420.0, swing=180.0, period=2000.0))
+    tracker = MeterTracker(spec())
+    records = windows(feed(tracker, meter, poll_times(T0, T0 + 3 * 3600, 2.0)))
+    # 09:15 to 12:00; the first, entered mid-way, has no reading before its start edge and is not sent
+    assert len(records) == 11
+    assert_contiguous(records)
+    assert_analytic(meter, records)
+    for record in records:
+        assert record.window_s == 900
+        assert datetime.fromtimestamp(record.start, SEOUL).minute in (0, 15, 30, 45)
+        assert record.flags == frozenset() and record.coverage == 1.0 and record.complete
+        assert record.start_local.endswith("+09:00")
+
+
+def test_missed_polls_inside_a_window_change_nothing() -> None:
+    meter = SimMeter(Profile(T0, base=250.0, ramp=0.02))
+    full = windows(feed(MeterTracker(spec()), meter, poll_times(T0, T0 + 3600, 1.0)))
+    target = full[1]
+    # Four minutes of polls lost in the middle of one window, and every other poll of another.
+    lost = windows(feed(MeterTracker(spec()), meter, poll_times(
+        T0, T0 + 3600, 1.0, skip=lambda t: (target.start + 300 < t < target.start + 540)
+        or (full[2].start + 5 < t < full[2].end - 5 and int(t) % 2 == 0))))
+    assert [r.energy_kwh for r in lost] == [r.energy_kwh for r in full]
+    gapped = lost[1]
+    assert gapped.flags == frozenset()  # edges had readings on both sides: nothing was interpolated across a gap
+    assert gapped.coverage == pytest.approx(1 - 240 / 900, abs=0.01)
+    assert gapped.longest_gap_s == pytest.approx(241, abs=1.5)
+    assert lost[2].coverage == 1.0  # 2-second spacing is below max_gap
+
+
+def test_a_gap_across_an_edge_is_interpolated_and_flagged() -> None:
+    meter = SimMeter(Profile(T0, base=600.0))  # constant power: interpolation is exact
+    edge = window_start(T0, 900, SEOUL) + 2 * 900
+    records = windows(feed(MeterTracker(spec()), meter, poll_times(T0, T0 + 3600, 1.0,
+                                                                   skip=lambda t: edge - 200 < t < edge + 100)))
+    assert_contiguous(records)
+    assert_analytic(meter, records)
+    before, after = (r for r in records if edge in (r.end, r.start))
+    assert Flag.EDGE_GAP in before.flags and Flag.EDGE_GAP in after.flags
+    assert before.coverage == pytest.approx(700 / 900, abs=0.01)
+    assert after.coverage == pytest.approx(800 / 900, abs=0.01)
+    assert all(Flag.EDGE_GAP not in r.flags for r in records if edge not in (r.end, r.start))
+
+
+def test_a_uint32_wrap_gives_the_right_energy_and_is_flagged() -> None:
+    wrap = (1 << 32) * RES  # 42,949,672.96 kWh
+    meter = SimMeter(Profile(T0, base=800.0), start_kwh=wrap - 150.0, wrap=wrap)
+    records = windows(feed(MeterTracker(spec()), meter, poll_times(T0, T0 + 3600, 1.0)))
+    assert_analytic(meter, records)
+    wrapped = [r for r in records if Flag.WRAP in r.flags]
+    assert len(wrapped) == 1 and wrapped[0].energy_kwh == pytest.approx(200.0, abs=2 * RES)
+    assert wrapped[0].counter_start is None  # raw edges across a wrap mean nothing; energy is still right
+
+
+def test_a_wrap_without_a_power_limit_is_still_recognised() -> None:
+    wrap = 65536 * 1.0  # a uint16 kWh counter
+    meter = SimMeter(Profile(T0, base=800.0), start_kwh=wrap - 150.0, wrap=wrap, resolution=1.0)
+    records = windows(feed(MeterTracker(spec(max_kw=None, wrap=wrap, resolution=1.0)), meter,
+                           poll_times(T0, T0 + 3600, 1.0)))
+    assert_analytic(meter, records, tolerance=2.0)
+    assert sum(Flag.WRAP in r.flags for r in records) == 1
+
+
+def test_a_counter_reset_counts_from_zero_and_is_flagged() -> None:
+    profile = Profile(T0, base=500.0)
+    reset_at = window_start(T0, 900, SEOUL) + 900 + 400
+    meter = SimMeter(profile, jump_at=reset_at, jump_to=0.0)
+    records = windows(feed(MeterTracker(spec()), meter, poll_times(T0, T0 + 3600, 1.0)))
+    assert_contiguous(records)
+    reset = [r for r in records if Flag.RESET in r.flags]
+    assert len(reset) == 1
+    # The energy between the last reading before the reset and the reset itself is unknown: one poll.
+    assert reset[0].energy_kwh == pytest.approx(meter.analytic_kwh(reset[0].start, reset[0].end),
+                                                abs=500 * 1.0 / 3600 + 2 * RES)
+    assert_analytic(meter, [r for r in records if r is not reset[0]])
+
+
+@pytest.mark.parametrize("jump_to", [12_345.0, 999_999.0], ids=["lower-not-zero", "impossible-jump-up"])
+def test_a_meter_replacement_is_estimated_and_flagged(jump_to: float) -> None:
+    profile = Profile(T0, base=500.0)
+    replaced_at = window_start(T0, 900, SEOUL) + 900 + 400
+    meter = SimMeter(profile, start_kwh=500_000.0, jump_at=replaced_at, jump_to=jump_to)
+    records = windows(feed(MeterTracker(spec()), meter, poll_times(T0, T0 + 3600, 1.0)))
+    assert_contiguous(records)
+    replaced = [r for r in records if Flag.REPLACEMENT in r.flags]
+    assert len(replaced) == 1
+    # Estimated from the power before the replacement over the one poll interval it cost.
+    assert replaced[0].energy_kwh == pytest.approx(meter.analytic_kwh(replaced[0].start, replaced[0].end),
+                                                   abs=0.5)
+    assert replaced[0].coverage < 1.0
+    assert_analytic(meter, [r for r in records if r is not replaced[0]])
+
+
+def test_clock_stepped_forward_gives_every_window_once_flagged() -> None:
+    meter = SimMeter(Profile(T0, base=300.0))
+    step_at, step = T0 + 1800, 3600.0
+    records = windows(feed(MeterTracker(spec()), meter, poll_times(T0, T0 + 3 * 3600, 1.0),
+                           stamp=lambda t: t + (step if t >= step_at else 0.0)))
+    assert_contiguous(records)  # nothing skipped: the hour the clock jumped over has its windows
+    assert all(r.energy_kwh >= 0 for r in records)
+    stepped = [r for r in records if r.start < step_at + step and r.end > step_at]
+    assert all(Flag.EDGE_GAP in r.flags and Flag.CLOCK_STEP in r.flags for r in stepped[:-1])
+    # Energy is conserved: the windows add up to what the counter counted over their span.
+    total = sum(r.energy_kwh for r in records)
+    assert total == pytest.approx(meter.analytic_kwh(records[0].start, records[-1].end - step), abs=2 * RES)
+
+
+def test_clock_stepped_back_gives_no_negative_or_doubled_window() -> None:
+    meter = SimMeter(Profile(T0, base=300.0))
+    step_at, step = T0 + 2400, -1200.0
+    records = windows(feed(MeterTracker(spec()), meter, poll_times(T0, T0 + 3 * 3600, 1.0),
+                           stamp=lambda t: t + (step if t >= step_at else 0.0)))
+    assert_contiguous(records)
+    starts = [r.start for r in records]
+    assert len(set(starts)) == len(starts)  # no window twice
+    assert all(r.energy_kwh >= 0 for r in records)
+    assert sum(Flag.CLOCK_STEP in r.flags for r in records) >= 1
+    # The repeated 20 minutes land in the window open at the step (flagged): nothing is lost or counted twice.
+    total = sum(r.energy_kwh for r in records)
+    assert total == pytest.approx(meter.analytic_kwh(records[0].start, records[-1].end - step), abs=2 * RES)
+
+
+@pytest.mark.parametrize(("day", "hours"), [((2024, 3, 31), 23), ((2024, 10, 27), 25)], ids=["spring", "autumn"])
+def test_a_zone_with_daylight_saving_gets_23_and_25_hour_days(day: tuple[int, int, int], hours: int) -> None:
+    midnight = datetime(*day, tzinfo=BERLIN).timestamp()
+    meter = SimMeter(Profile(midnight, base=240.0))
+    tracker = MeterTracker(spec(zone=BERLIN))
+    records = windows(feed(tracker, meter, poll_times(midnight - 1800, midnight + 26 * 3600, 5.0)))
+    that_day = [r for r in records if r.start_local.startswith("{:04d}-{:02d}-{:02d}".format(*day))]
+    assert len(that_day) == hours * 4
+    assert_contiguous(that_day)
+    assert all(r.demand_kw == pytest.approx(240.0, abs=0.1) for r in that_day)
+    locals_ = [r.start_local for r in that_day]
+    assert len(set(locals_)) == len(locals_)  # the repeated hour's windows are told apart by their offset
+    assert all(datetime.fromtimestamp(r.start, BERLIN).minute % 15 == 0 for r in that_day)
+
+
+def test_window_edges_follow_the_local_clock_for_hour_windows_in_a_45_minute_zone() -> None:
+    nepal = ZoneInfo("Asia/Kathmandu")  # UTC+5:45: hour windows are not UTC hours there
+    ts = datetime(2024, 5, 14, 10, 20, tzinfo=nepal).timestamp()
+    start = window_start(ts, 900, nepal)
+    assert datetime.fromtimestamp(start, nepal).strftime("%H:%M") == "10:15"
+    assert window_end(start, 900, nepal) == start + 900
+
+
+def test_the_alarm_fires_before_the_window_ends_on_a_ramp_exactly_once_and_clears_once() -> None:
+    target = 1000.0
+    start = window_start(T0, 900, SEOUL) + 900
+    # 700 kW rising 1 kW every 2 s from the window's start: the window would average 925 kW; the projection
+    # crosses the 90 % level (900 kW) minutes before the end, and never reaches 100 %.
+    ramp = Profile(start, base=700.0, ramp=0.5)
+    meter = SimMeter(ramp, resolution=0.001)
+    tracker = MeterTracker(spec(target_kw=target, levels_kw=(900.0, 1000.0), hysteresis_kw=50.0,
+                                resolution=0.001, lookback_s=30.0))
+    shed_at = start + 840  # the plant acts on the alarm: a minute before the edge it sheds load
+    events = feed(tracker, meter, poll_times(T0, shed_at, 1.0))
+    alarms = [e for e in events if isinstance(e, AlarmEvent)]
+    raised_900 = [a for a in alarms if a.level_kw == 900.0 and a.raised]
+    assert len(raised_900) == 1 and raised_900[0].ts < start + 900 - 120  # minutes before the edge
+    assert raised_900[0].window_start == start
+    assert not any(a.level_kw == 1000.0 for a in alarms)  # the window never heads over 1000 kW
+    live = [e for e in events if isinstance(e, LiveDemand) and e.start == start]
+    assert live[-1].energy_kwh == pytest.approx(meter.analytic_kwh(start, live[-1].ts), abs=0.01)
+    # The load is shed: 200 kW from now on. Clears once, never raised again.
+    after = SimMeter(Profile(shed_at, base=200.0), start_kwh=meter.counter(shed_at), resolution=0.001)
+    later = feed(tracker, after, poll_times(shed_at, shed_at + 1800, 1.0))
+    alarms += [e for e in later if isinstance(e, AlarmEvent)]
+    window = next(r for r in windows(later) if r.start == start)
+    # Without shedding the window would have averaged 925 kW; with it, under the 900 kW level.
+    expected = (meter.analytic_kwh(start, shed_at) + after.analytic_kwh(shed_at, start + 900)) * 4
+    assert window.demand_kw == pytest.approx(expected, abs=0.1)
+    assert 850 < window.demand_kw < 900
+    assert [(a.level_kw, a.raised) for a in alarms] == [(900.0, True), (900.0, False)]
+
+
+def test_the_alarm_does_not_flap_around_its_level() -> None:
+    start = window_start(T0, 900, SEOUL) + 900
+    # Power oscillating +-20 kW around the 1000 kW level every 40 s: hysteresis 50 kW keeps one alarm.
+    meter = SimMeter(Profile(start, base=1000.0, swing=20.0, period=40.0), resolution=0.001)
+    tracker = MeterTracker(spec(target_kw=1000.0, levels_kw=(1000.0,), hysteresis_kw=50.0, resolution=0.001,
+                                lookback_s=10.0))
+    events = feed(tracker, meter, poll_times(T0, start + 1800, 1.0))
+    assert [a.raised for a in events if isinstance(a, AlarmEvent)] == [True]
+
+
+def test_a_week_of_windows_in_accelerated_time_equals_the_analytic_values() -> None:
+    monday = datetime(2024, 6, 3, tzinfo=SEOUL).timestamp()
+    # A daily load curve: 600 kW +- 400 kW over the day, plus a slow drift.
+    meter = SimMeter(Profile(monday, base=600.0, ramp=0.0001, swing=400.0, period=86400.0))
+    tracker = MeterTracker(spec())
+    records = windows(feed(tracker, meter, poll_times(monday - 60, monday + 7 * 86400 + 60, 10.0)))
+    assert len(records) == 7 * 96
+    assert_contiguous(records)
+    assert_analytic(meter, records)
+    peak = max(records, key=lambda r: r.demand_kw)
+    assert math.isclose(peak.demand_kw, max(meter.analytic_kwh(r.start, r.end) * 4 for r in records),
+                        abs_tol=8 * RES)
