@@ -248,6 +248,24 @@ GENERIC_ENV_SENSOR = MeterMap("generic_env_sensor", "RS485 TVOC multi-parameter 
     _r("pm10", "0x0009", FC03, 9, "uint16", 58, 1, "µg/m³", source=_ENV),
 ))
 
+# E+E Elektronik "User Manual EE072 Humidity and Temperature Probe with Modbus RTU", 5.2, INTEGER (read
+# register) table p.9: register number, register address (hex), scale 100; function 03 / 04.
+EPLUSE_EE072 = MeterMap("epluse_ee072", "E+E User Manual EE072, 5.2 INTEGER read registers, p.9", (
+    _r("temperature", "4002 (0xFA1)", FC03, 0xFA1, "int16", -1234, 0.01, "°C"),
+    _r("humidity", "4011 (0xFAA)", FC03, 0xFAA, "int16", 4567, 0.01, "%RH"),
+    _r("dew_point", "4053 (0xFD4)", FC03, 0xFD4, "int16", -2890, 0.01, "°C"),
+))
+
+# E+E Elektronik "User Manual EE872 Modular Probe for CO2, RH, T and p", 5.2.2, Tab. 3 Integer values (read
+# register) p.10: CO2 scale 1, pressure (mbar) scale 10, RH/T/Td scale 100; function 03 / 04.
+EPLUSE_EE872 = MeterMap("epluse_ee872", "E+E User Manual EE872, 5.2.2 Tab. 3, p.10", (
+    _r("co2", "4031 (0xFBE)", FC03, 0xFBE, "int16", 1288, 1, "ppm"),
+    _r("pressure", "4101 (0x1004)", FC03, 0x1004, "int16", 10132, 0.1, "hPa"),
+    _r("humidity", "4011 (0xFAA)", FC03, 0xFAA, "int16", 5123, 0.01, "%RH"),
+    _r("temperature", "4002 (0xFA1)", FC03, 0xFA1, "int16", 2195, 0.01, "°C"),
+    _r("dew_point", "4053 (0xFD4)", FC03, 0xFD4, "int16", 1142, 0.01, "°C"),
+))
+
 MAPS: dict[str, MeterMap] = {m.profile: m for m in (
     EASTRON_SDM630, LS_GIMAC1000, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
-    CARLO_GAVAZZI_EM24, GENERIC_ENV_SENSOR)}
+    CARLO_GAVAZZI_EM24, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872)}
