@@ -1,0 +1,271 @@
+"""The vendors' register maps, transcribed by hand into a table the profile tests serve a meter from.
+
+This table is deliberately NOT generated from drivers/modbus/profiles/*.toml: each row was copied from the
+document named in its `MeterMap.document` (register as printed there, function code, type, word order, the
+meter's own unit and what converts it to the unit docs/profiles.md asks for). tests/test_profile_maps.py
+fills a real pymodbus server's registers from these rows, polls it through the shipped profile with the real
+driver, and compares every value and unit. A profile whose address, word order, type or scale disagrees
+with the vendor's map therefore fails a test, whatever the profile file says about itself.
+
+`source` per row says where the row was checked: "vendor" (the manufacturer's own document, as cited),
+"third-party" (public integrations or a data-logger vendor's list, not the manufacturer) or "assumed"
+(the vendor's map leaves it open; the assumption is the profile's and is marked unconfirmed there).
+A profile marked verified must have only "vendor" rows: the test checks that too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FC03, FC04 = 3, 4
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str              # point name, vocabulary of docs/profiles.md
+    register: str          # as printed in the source document
+    function: int          # 3 = read holding registers, 4 = read input registers
+    address: int           # 0-based address on the wire
+    type: str              # float32, int16, uint16, int32, uint32, int64, uint64
+    word_order: str        # ABCD (high word first) or CDAB (low word first)
+    raw: float             # the value as the meter sends it, in the meter's unit (before any scale)
+    factor: float          # meter unit -> normalised unit (W -> kW: 0.001; 0.1 V steps -> V: 0.1)
+    unit: str | None       # normalised unit the reading must carry
+    source: str = "vendor"  # vendor, third-party or assumed (see the module docstring)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterMap:
+    profile: str
+    document: str
+    rows: tuple[Row, ...]
+
+
+def _r(name: str, register: str, function: int, address: int, type_: str, raw: float, factor: float,
+       unit: str | None, word_order: str = "ABCD", source: str = "vendor") -> Row:
+    return Row(name, register, function, address, type_, word_order, raw, factor, unit, source)
+
+
+# Eastron SDM630-Modbus MID V2 user manual, 1.2.1 "Input Registers" (function 04, every value an IEEE 754
+# float, high word first), 1.3.1 holding registers; copy read: manualshive "eastron/sdm630-modbus-mid-v2"
+# pages 24-28. Power in W, energy in kWh/kvarh.
+EASTRON_SDM630 = MeterMap("eastron_sdm630", "Eastron SDM630-Modbus MID V2 user manual, 1.2.1 Input Registers", (
+    _r("voltage_l1_n", "30001", FC04, 0, "float32", 230.1, 1, "V"),
+    _r("voltage_l2_n", "30003", FC04, 2, "float32", 231.2, 1, "V"),
+    _r("voltage_l3_n", "30005", FC04, 4, "float32", 229.3, 1, "V"),
+    _r("current_l1", "30007", FC04, 6, "float32", 10.25, 1, "A"),
+    _r("current_l2", "30009", FC04, 8, "float32", 11.5, 1, "A"),
+    _r("current_l3", "30011", FC04, 10, "float32", 9.75, 1, "A"),
+    _r("active_power_l1", "30013", FC04, 12, "float32", 2310.5, 0.001, "kW"),
+    _r("active_power_l2", "30015", FC04, 14, "float32", 2645.25, 0.001, "kW"),
+    _r("active_power_l3", "30017", FC04, 16, "float32", 2187.75, 0.001, "kW"),
+    _r("power_factor_l1", "30031", FC04, 30, "float32", 0.98, 1, None),
+    _r("power_factor_l2", "30033", FC04, 32, "float32", -0.97, 1, None),
+    _r("power_factor_l3", "30035", FC04, 34, "float32", 0.96, 1, None),
+    _r("voltage_ln_avg", "30043", FC04, 42, "float32", 230.2, 1, "V"),
+    _r("current_avg", "30047", FC04, 46, "float32", 10.5, 1, "A"),
+    _r("active_power_total", "30053", FC04, 52, "float32", 7143.5, 0.001, "kW"),
+    _r("apparent_power_total", "30057", FC04, 56, "float32", 7400.25, 0.001, "kVA"),
+    _r("reactive_power_total", "30061", FC04, 60, "float32", -1520.5, 0.001, "kvar"),
+    _r("power_factor_total", "30063", FC04, 62, "float32", 0.965, 1, None),
+    _r("frequency", "30071", FC04, 70, "float32", 59.98, 1, "Hz"),
+    _r("energy_active_import", "30073", FC04, 72, "float32", 12345.6, 1, "kWh"),
+    _r("energy_active_export", "30075", FC04, 74, "float32", 234.5, 1, "kWh"),
+    _r("energy_reactive_import", "30077", FC04, 76, "float32", 3456.7, 1, "kvarh"),
+    _r("energy_reactive_export", "30079", FC04, 78, "float32", 45.6, 1, "kvarh"),
+    _r("demand_active_power", "30085", FC04, 84, "float32", 6800.0, 0.001, "kW"),
+    _r("demand_active_power_max", "30087", FC04, 86, "float32", 9100.0, 0.001, "kW"),
+    _r("voltage_l1_l2", "30201", FC04, 200, "float32", 398.6, 1, "V"),
+    _r("voltage_l2_l3", "30203", FC04, 202, "float32", 399.1, 1, "V"),
+    _r("voltage_l3_l1", "30205", FC04, 204, "float32", 397.9, 1, "V"),
+    _r("voltage_ll_avg", "30207", FC04, 206, "float32", 398.5, 1, "V"),
+    _r("current_n", "30225", FC04, 224, "float32", 0.85, 1, "A"),
+))
+
+# LS ELECTRIC "Modbus Map - GIMAC1000 (Eng.) - V4.0 - 20210308", page 1, input registers 30001-30035
+# (format F004, SWAP column "O" on every value); same rows in "(GIMAC1000) Modbus Map Tech Data en 202402".
+# Neither copy defines F004 or SWAP: the word order below is the profile's assumption, not the map's.
+_GIMAC = "assumed"
+LS_GIMAC1000 = MeterMap("ls_gimac1000", "LS ELECTRIC Modbus Map GIMAC1000 (Eng.) V4.0 20210308, p.1", (
+    _r("voltage_ln_avg", "30001", FC04, 0, "float32", 220.4, 1, "V"),
+    _r("current_avg", "30003", FC04, 2, "float32", 41.5, 1, "A"),
+    _r("current_l1", "30005", FC04, 4, "float32", 40.25, 1, "A"),
+    _r("current_l2", "30007", FC04, 6, "float32", 42.75, 1, "A"),
+    _r("current_l3", "30009", FC04, 8, "float32", 41.5, 1, "A"),
+    _r("voltage_l1_n", "30011", FC04, 10, "float32", 220.1, 1, "V"),
+    _r("voltage_l2_n", "30013", FC04, 12, "float32", 221.3, 1, "V"),
+    _r("voltage_l3_n", "30015", FC04, 14, "float32", 219.8, 1, "V"),
+    _r("voltage_l1_l2", "30017", FC04, 16, "float32", 381.2, 1, "V"),
+    _r("voltage_l2_l3", "30019", FC04, 18, "float32", 382.6, 1, "V"),
+    _r("voltage_l3_l1", "30021", FC04, 20, "float32", 380.9, 1, "V"),
+    _r("power_factor_total", "30023", FC04, 22, "float32", -0.93, 1, None),  # minus = lead
+    _r("active_power_total", "30025", FC04, 24, "float32", 25430.5, 0.001, "kW"),
+    _r("reactive_power_total", "30027", FC04, 26, "float32", -4120.25, 0.001, "kvar"),
+    _r("apparent_power_total", "30029", FC04, 28, "float32", 27390.75, 0.001, "kVA"),
+    _r("frequency", "30031", FC04, 30, "float32", 60.02, 1, "Hz"),
+    _r("energy_active_import", "30033", FC04, 32, "float32", 9876543.0, 0.001, "kWh"),
+    # Unit printed "Var" (cut off in the copy): varh assumed, hence "assumed".
+    _r("energy_reactive_import", "30035", FC04, 34, "float32", 1234567.0, 0.001, "kvarh", source=_GIMAC),
+))
+# Every GIMAC1000 row rests on the assumed word order as well.
+LS_GIMAC1000 = MeterMap(LS_GIMAC1000.profile, LS_GIMAC1000.document, tuple(
+    Row(r.name, r.register, r.function, r.address, r.type, r.word_order, r.raw, r.factor, r.unit, _GIMAC)
+    for r in LS_GIMAC1000.rows))
+
+# Rootech Accura 2300S/2350 Communication User Guide rev 1.41 (2015-07-20), chapter 2 p.29: register number
+# minus one, function 03. The module 0 block (11201...) comes from two public integrations (an OpenEMS
+# Accura2300 component and a C++ client), not from Rootech's measurement pages: every row is third-party.
+_ACCURA = "third-party"
+ROOTECH_ACCURA2350 = MeterMap("rootech_accura2350", "Accura 2300S/2350 Communication User Guide rev 1.41 p.29 "
+                              "(addressing); block layout third-party", (
+    _r("current_l1", "11201", FC03, 11200, "float32", 12.5, 1, "A", source=_ACCURA),
+    _r("current_l2", "11203", FC03, 11202, "float32", 13.25, 1, "A", source=_ACCURA),
+    _r("current_l3", "11205", FC03, 11204, "float32", 11.75, 1, "A", source=_ACCURA),
+    _r("current_avg", "11207", FC03, 11206, "float32", 12.5, 1, "A", source=_ACCURA),
+    _r("active_power_l1", "11261", FC03, 11260, "float32", 2.75, 1, "kW", source=_ACCURA),
+    _r("active_power_l2", "11263", FC03, 11262, "float32", 2.875, 1, "kW", source=_ACCURA),
+    _r("active_power_l3", "11265", FC03, 11264, "float32", 2.5, 1, "kW", source=_ACCURA),
+    _r("active_power_total", "11267", FC03, 11266, "float32", 8.125, 1, "kW", source=_ACCURA),
+    _r("reactive_power_total", "11275", FC03, 11274, "float32", -1.375, 1, "kvar", source=_ACCURA),
+))
+
+# Schneider PM5000-series register list (register numbers, address = number - 1, function 03), as read by
+# SolarNetwork's PM5100Register and Arup's PM5100 reader; Schneider's own list was not available.
+_PM = "third-party"
+SCHNEIDER_PM5500 = MeterMap("schneider_pm5500", "Schneider PM5000 register list via SolarNetwork / Arup", (
+    _r("current_l1", "3000", FC03, 2999, "float32", 101.5, 1, "A", source=_PM),
+    _r("current_l2", "3002", FC03, 3001, "float32", 98.25, 1, "A", source=_PM),
+    _r("current_l3", "3004", FC03, 3003, "float32", 102.75, 1, "A", source=_PM),
+    _r("current_n", "3006", FC03, 3005, "float32", 3.5, 1, "A", source=_PM),
+    _r("current_avg", "3010", FC03, 3009, "float32", 100.8, 1, "A", source=_PM),
+    _r("voltage_l1_l2", "3020", FC03, 3019, "float32", 400.5, 1, "V", source=_PM),
+    _r("voltage_l2_l3", "3022", FC03, 3021, "float32", 401.25, 1, "V", source=_PM),
+    _r("voltage_l3_l1", "3024", FC03, 3023, "float32", 399.75, 1, "V", source=_PM),
+    _r("voltage_ll_avg", "3026", FC03, 3025, "float32", 400.5, 1, "V", source=_PM),
+    _r("voltage_l1_n", "3028", FC03, 3027, "float32", 231.1, 1, "V", source=_PM),
+    _r("voltage_l2_n", "3030", FC03, 3029, "float32", 231.6, 1, "V", source=_PM),
+    _r("voltage_l3_n", "3032", FC03, 3031, "float32", 230.7, 1, "V", source=_PM),
+    _r("voltage_ln_avg", "3036", FC03, 3035, "float32", 231.1, 1, "V", source=_PM),
+    _r("active_power_l1", "3054", FC03, 3053, "float32", 22.5, 1, "kW", source=_PM),
+    _r("active_power_l2", "3056", FC03, 3055, "float32", 21.75, 1, "kW", source=_PM),
+    _r("active_power_l3", "3058", FC03, 3057, "float32", 23.25, 1, "kW", source=_PM),
+    _r("active_power_total", "3060", FC03, 3059, "float32", 67.5, 1, "kW", source=_PM),
+    _r("reactive_power_total", "3068", FC03, 3067, "float32", 12.125, 1, "kvar", source=_PM),
+    _r("apparent_power_total", "3076", FC03, 3075, "float32", 68.625, 1, "kVA", source=_PM),
+    _r("power_factor_total_4q", "3084", FC03, 3083, "float32", 0.985, 1, None, source=_PM),
+    _r("frequency", "3110", FC03, 3109, "float32", 50.01, 1, "Hz", source=_PM),
+    _r("energy_active_import", "3204", FC03, 3203, "int64", 9_876_543_210, 0.001, "kWh", source=_PM),
+    _r("energy_active_export", "3208", FC03, 3207, "int64", 12_345_678, 0.001, "kWh", source=_PM),
+    _r("energy_reactive_import", "3220", FC03, 3219, "int64", 1_234_567_890, 0.001, "kvarh", source=_PM),
+    _r("energy_reactive_export", "3224", FC03, 3223, "int64", 7_654_321, 0.001, "kvarh", source=_PM),
+    _r("energy_apparent", "3236", FC03, 3235, "int64", 10_203_040_506, 0.001, "kVAh", source=_PM),
+))
+
+# ABB "EQ meter" register layout (A/B series) as read by volkszaehler/mbmd and openWB; ABB's M4M Modbus
+# manual 2CSG445050D0201 exists (v1.05) but its mapping tables could not be read: every row third-party.
+_ABB = "third-party"
+ABB_M4M30 = MeterMap("abb_m4m30", "ABB EQ meter layout via mbmd / openWB (M4M manual not read)", (
+    _r("voltage_l1_n", "5B00h", FC03, 0x5B00, "uint32", 2301, 0.1, "V", source=_ABB),
+    _r("voltage_l2_n", "5B02h", FC03, 0x5B02, "uint32", 2312, 0.1, "V", source=_ABB),
+    _r("voltage_l3_n", "5B04h", FC03, 0x5B04, "uint32", 2295, 0.1, "V", source=_ABB),
+    _r("current_l1", "5B0Ch", FC03, 0x5B0C, "uint32", 1025, 0.01, "A", source=_ABB),
+    _r("current_l2", "5B0Eh", FC03, 0x5B0E, "uint32", 1150, 0.01, "A", source=_ABB),
+    _r("current_l3", "5B10h", FC03, 0x5B10, "uint32", 975, 0.01, "A", source=_ABB),
+    _r("active_power_total", "5B14h", FC03, 0x5B14, "int32", 714350, 0.00001, "kW", source=_ABB),
+    _r("active_power_l1", "5B16h", FC03, 0x5B16, "int32", 231050, 0.00001, "kW", source=_ABB),
+    _r("active_power_l2", "5B18h", FC03, 0x5B18, "int32", -264525, 0.00001, "kW", source=_ABB),
+    _r("active_power_l3", "5B1Ah", FC03, 0x5B1A, "int32", 218775, 0.00001, "kW", source=_ABB),
+    _r("frequency", "5B2Ch", FC03, 0x5B2C, "uint16", 5002, 0.01, "Hz", source=_ABB),
+    _r("power_factor_total", "5B3Ah", FC03, 0x5B3A, "int16", -965, 0.001, None, source=_ABB),
+    _r("energy_active_import", "5000h", FC03, 0x5000, "uint64", 123_456_789, 0.01, "kWh", source=_ABB),
+    _r("energy_active_export", "5004h", FC03, 0x5004, "uint64", 2_345_678, 0.01, "kWh", source=_ABB),
+))
+
+# Janitza "frequently required readings" 19000-19120 (function 03, float IEEE 754, high byte/word first).
+# Rows 19000-19076 as listed for the UMG 604 by a data-logger vendor (AGG Software, "Janitza (UMG604)"),
+# the same positions in Janitza's UMG 96RM address list; 19100/19108 from Janitza's UMG 96-S2 manual p.64.
+# None of it from a UMG 604 document of Janitza's own: third-party.
+_JZ = "third-party"
+JANITZA_UMG604 = MeterMap("janitza_umg604", "Janitza 19000 block (UMG 604 list by AGG Software; UMG 96-S2 p.64)", (
+    _r("voltage_l1_n", "19000", FC03, 19000, "float32", 230.4, 1, "V", source=_JZ),
+    _r("voltage_l2_n", "19002", FC03, 19002, "float32", 231.5, 1, "V", source=_JZ),
+    _r("voltage_l3_n", "19004", FC03, 19004, "float32", 229.6, 1, "V", source=_JZ),
+    _r("current_l1", "19012", FC03, 19012, "float32", 15.25, 1, "A", source=_JZ),
+    _r("current_l2", "19014", FC03, 19014, "float32", 16.5, 1, "A", source=_JZ),
+    _r("current_l3", "19016", FC03, 19016, "float32", 14.75, 1, "A", source=_JZ),
+    _r("active_power_l1", "19020", FC03, 19020, "float32", 3450.5, 0.001, "kW", source=_JZ),
+    _r("active_power_l2", "19022", FC03, 19022, "float32", 3710.25, 0.001, "kW", source=_JZ),
+    _r("active_power_l3", "19024", FC03, 19024, "float32", 3300.75, 0.001, "kW", source=_JZ),
+    _r("active_power_total", "19026", FC03, 19026, "float32", 10461.5, 0.001, "kW", source=_JZ),
+    _r("apparent_power_total", "19034", FC03, 19034, "float32", 10890.25, 0.001, "kVA", source=_JZ),
+    _r("reactive_power_total", "19042", FC03, 19042, "float32", -2100.5, 0.001, "kvar", source=_JZ),
+    _r("frequency", "19050", FC03, 19050, "float32", 49.99, 1, "Hz", source=_JZ),
+    _r("energy_active_import", "19068", FC03, 19068, "float32", 4567890.0, 0.001, "kWh", source=_JZ),
+    _r("energy_active_export", "19076", FC03, 19076, "float32", 123456.0, 0.001, "kWh", source=_JZ),
+    _r("energy_reactive_inductive", "19100", FC03, 19100, "float32", 345678.0, 0.001, "kvarh", source=_JZ),
+    _r("energy_reactive_capacitive", "19108", FC03, 19108, "float32", 23456.0, 0.001, "kvarh", source=_JZ),
+))
+
+# Carlo Gavazzi "EM24-DIN Communication Protocol" table 2.3-1 (instantaneous variables and meters, read with
+# function 03 or 04; INT32 low word first per 2.1, "In INT32, UINT32 and UINT64 formats, the word order is
+# LSW -> MSW"). The copy read carries EM24-DIN page headers over EM21 content (easymanua.ls
+# "em21-communication-protocol-v1-rev0", pages 7-8), so the 0000h-0036h rows are vendor-documented for
+# Carlo Gavazzi's common layout; the per-phase and exported energies (0040h-004Eh) come from the EM24 E1
+# layout as read by mbmd and an EM24 emulator: third-party.
+_CG = "third-party"
+CARLO_GAVAZZI_EM24 = MeterMap("carlo_gavazzi_em24", "Carlo Gavazzi EM24-DIN/EM21 protocol table 2.3-1; E1 via mbmd", (
+    _r("voltage_l1_n", "0000h", FC04, 0x00, "int32", 2301, 0.1, "V", "CDAB"),
+    _r("voltage_l2_n", "0002h", FC04, 0x02, "int32", 2312, 0.1, "V", "CDAB"),
+    _r("voltage_l3_n", "0004h", FC04, 0x04, "int32", 2295, 0.1, "V", "CDAB"),
+    _r("current_l1", "000Ch", FC04, 0x0C, "int32", 10250, 0.001, "A", "CDAB"),
+    _r("current_l2", "000Eh", FC04, 0x0E, "int32", 11500, 0.001, "A", "CDAB"),
+    _r("current_l3", "0010h", FC04, 0x10, "int32", 97500, 0.001, "A", "CDAB"),
+    _r("active_power_l1", "0012h", FC04, 0x12, "int32", 23105, 0.0001, "kW", "CDAB"),
+    _r("active_power_l2", "0014h", FC04, 0x14, "int32", -26452, 0.0001, "kW", "CDAB"),
+    _r("active_power_l3", "0016h", FC04, 0x16, "int32", 218770, 0.0001, "kW", "CDAB"),
+    _r("active_power_total", "0028h", FC04, 0x28, "int32", 215423, 0.0001, "kW", "CDAB"),
+    _r("power_factor_l1", "002Eh", FC04, 0x2E, "int16", 981, 0.001, None),
+    _r("power_factor_l2", "002Fh", FC04, 0x2F, "int16", -972, 0.001, None),
+    _r("power_factor_l3", "0030h", FC04, 0x30, "int16", 963, 0.001, None),
+    _r("power_factor_total", "0031h", FC04, 0x31, "int16", 958, 0.001, None),
+    _r("frequency", "0033h", FC04, 0x33, "int16", 500, 0.1, "Hz"),
+    _r("energy_active_import", "0034h", FC04, 0x34, "int32", 1234567, 0.1, "kWh", "CDAB"),
+    _r("energy_active_import_l1", "0040h", FC04, 0x40, "int32", 411522, 0.1, "kWh", "CDAB", _CG),
+    _r("energy_active_import_l2", "0042h", FC04, 0x42, "int32", 411523, 0.1, "kWh", "CDAB", _CG),
+    _r("energy_active_import_l3", "0044h", FC04, 0x44, "int32", 411524, 0.1, "kWh", "CDAB", _CG),
+    _r("energy_active_export", "004Eh", FC04, 0x4E, "int32", 98765, 0.1, "kWh", "CDAB", _CG),
+))
+
+# "RS485 TVOC Sensor (multi-parameter air quality board)" datasheet layout as transcribed in
+# Isuromu/Telemetry-Weather-station-system docs/protocols: holding registers, one scaled integer each.
+_ENV = "third-party"
+GENERIC_ENV_SENSOR = MeterMap("generic_env_sensor", "RS485 TVOC multi-parameter board datasheet (transcription)", (
+    _r("humidity", "0x0000", FC03, 0, "uint16", 553, 0.1, "%RH", source=_ENV),
+    _r("temperature", "0x0001", FC03, 1, "int16", -125, 0.1, "°C", source=_ENV),
+    _r("pm2_5", "0x0004", FC03, 4, "uint16", 37, 1, "µg/m³", source=_ENV),
+    _r("co2", "0x0005", FC03, 5, "uint16", 812, 1, "ppm", source=_ENV),
+    _r("tvoc", "0x0006", FC03, 6, "uint16", 245, 0.001, "ppm", source=_ENV),
+    _r("pm10", "0x0009", FC03, 9, "uint16", 58, 1, "µg/m³", source=_ENV),
+))
+
+# E+E Elektronik "User Manual EE072 Humidity and Temperature Probe with Modbus RTU", 5.2, INTEGER (read
+# register) table p.9: register number, register address (hex), scale 100; function 03 / 04.
+EPLUSE_EE072 = MeterMap("epluse_ee072", "E+E User Manual EE072, 5.2 INTEGER read registers, p.9", (
+    _r("temperature", "4002 (0xFA1)", FC03, 0xFA1, "int16", -1234, 0.01, "°C"),
+    _r("humidity", "4011 (0xFAA)", FC03, 0xFAA, "int16", 4567, 0.01, "%RH"),
+    _r("dew_point", "4053 (0xFD4)", FC03, 0xFD4, "int16", -2890, 0.01, "°C"),
+))
+
+# E+E Elektronik "User Manual EE872 Modular Probe for CO2, RH, T and p", 5.2.2, Tab. 3 Integer values (read
+# register) p.10: CO2 scale 1, pressure (mbar) scale 10, RH/T/Td scale 100; function 03 / 04.
+EPLUSE_EE872 = MeterMap("epluse_ee872", "E+E User Manual EE872, 5.2.2 Tab. 3, p.10", (
+    _r("co2", "4031 (0xFBE)", FC03, 0xFBE, "int16", 1288, 1, "ppm"),
+    _r("pressure", "4101 (0x1004)", FC03, 0x1004, "int16", 10132, 0.1, "hPa"),
+    _r("humidity", "4011 (0xFAA)", FC03, 0xFAA, "int16", 5123, 0.01, "%RH"),
+    _r("temperature", "4002 (0xFA1)", FC03, 0xFA1, "int16", 2195, 0.01, "°C"),
+    _r("dew_point", "4053 (0xFD4)", FC03, 0xFD4, "int16", 1142, 0.01, "°C"),
+))
+
+MAPS: dict[str, MeterMap] = {m.profile: m for m in (
+    EASTRON_SDM630, LS_GIMAC1000, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
+    CARLO_GAVAZZI_EM24, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872)}
