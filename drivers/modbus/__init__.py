@@ -21,11 +21,11 @@ def create(config: DeviceConfig) -> ModbusDriver:
 def describe(config: DeviceConfig) -> list[str]:
     """What `edge-agent check` prints for this device: the line, the read plan, both address numberings."""
     from drivers.modbus.config import vendor_address
-    from drivers.modbus.decode import device_plan, gaps, plan
+    from drivers.modbus.decode import device_plan, gaps, plan, planned_points
 
     chosen = gaps(config)
     requests = device_plan(config)
-    minimum = len(plan(config.points, config.max_registers, 65535, config.unreadable, config.max_bits))
+    minimum = len(plan(planned_points(config), config.max_registers, 65535, config.unreadable, config.max_bits))
     profile = f", profile {config.profile}" if config.profile else ""
     gap = f"max_gap {chosen.registers}" + (" derived from the line" if chosen.derived and chosen.cost else
                                            " by default over TCP" if chosen.derived else "")
@@ -55,6 +55,8 @@ def describe(config: DeviceConfig) -> list[str]:
                      f"{_count(request.count, unit)}{unused}")
         for point in request.points:
             scale = f" x{point.scale:g}" if point.scale != 1 else ""
+            if point.scaled_by_register:  # the exponent read in the same poll
+                scale = f" x10^{point.scale_from or point.scale_register}{scale}"
             offset = f" {point.offset:+g}" if point.offset else ""
             kind = point.type + (f"[{point.count}]" if point.type == "string" else "") + \
                 (f" bit {point.bit}" if point.bit is not None else "")

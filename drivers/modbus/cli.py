@@ -5,6 +5,8 @@
   interpretation is visible at a glance.
 - `scan`: which unit ids answer on a serial line or behind a TCP gateway, with a progress bar.
 - `poll`: one device polled once through its config entry or a profile, as a table.
+- `sunspec-scan`: finds the SunSpec marker, lists the models of an inverter, meter or battery and writes
+  their `[[devices]]` entries (drivers/modbus/sunspec.py).
 
 They use the agent's own line and driver code, read only, and say what to do about the usual faults:
 a busy port, permission denied on the serial device, connection refused, timeout.
@@ -54,6 +56,17 @@ def main(argv: list[str]) -> int:
     _line_options(poll, required=False)
     poll.add_argument("--unit", type=int, default=1, help="with --profile: unit id (default 1)")
     poll.set_defaults(handler=_cmd_poll)
+
+    sunspec = commands.add_parser("sunspec-scan", help="find a SunSpec device's models and write its config")
+    _line_options(sunspec)
+    sunspec.add_argument("--unit", type=int, default=1, help="unit id (default 1)")
+    sunspec.add_argument("--base", type=int, action="append",
+                         help="holding register of the \"SunS\" marker (default: try 40000, 0, 50000)")
+    sunspec.add_argument("--device-name", default="sunspec",
+                         help="device name prefix in the config written (default sunspec: sunspec-inverter, ...)")
+    sunspec.add_argument("--write-config", type=Path, metavar="FILE",
+                         help="write [[devices]] entries for the polled models to FILE ('-' for standard output)")
+    sunspec.set_defaults(handler=_cmd_sunspec)
 
     args = parser.parse_args(argv)
     try:
@@ -361,6 +374,115 @@ async def _poll(device: Any) -> int:
     print(f"{len(readings)} points from {device.endpoint} in {sent} request(s){planned}, "
           f"{elapsed * 1000:.0f} ms; {bad} bad")
     return EXIT_OK if bad == 0 else EXIT_FAILED
+
+
+# --- sunspec-scan ----------------------------------------------------------------------------------------
+
+def _cmd_sunspec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from agent.config import _name_problem  # the rule device names follow
+
+    line = _line(args, parser)
+    bases = args.base or None
+    if bases and not all(0 <= b <= 65533 for b in bases):
+        parser.error("--base must be 0..65533")
+    problem = _name_problem(f"{args.device_name}-inverter-1")
+    if problem:
+        parser.error(f"--device-name: {problem}")
+    code, text, devices = asyncio.run(_sunspec(line, args.unit, bases, args.device_name))
+    if text is not None and args.write_config is not None:
+        if str(args.write_config) == "-":
+            print(text, end="")
+        else:
+            args.write_config.write_text(text, encoding="utf-8")
+            print(f"wrote {devices} device(s) to {args.write_config}", file=sys.stderr)
+    return code
+
+
+async def _sunspec(line: dict[str, Any], unit: int, bases: list[int] | None,
+                   device_name: str) -> tuple[int, str | None, int]:
+    """Walks the model chain and prints it: (exit code, the config snippet, devices in it)."""
+    from agent.errors import DeviceError
+    from drivers.modbus import line as lines
+    from drivers.modbus import sunspec
+
+    device = _device(line, unit, [{"name": "probe", "function": "holding", "address": 0, "type": "uint16"}])
+    link = _tool_line(device)
+
+    async def read(address: int, count: int) -> list[int] | None:
+        """Holding registers, or None for an exception answer (nothing there)."""
+        out: list[int] = []
+        while count > 0:
+            size = min(count, 125)
+
+            async def call(client: Any, address: int = address, size: int = size) -> Any:
+                return await client.read_holding_registers(address, count=size, device_id=unit)
+
+            response = await link.request(call, device.timeout)
+            if response.isError():
+                return None
+            out += response.registers[:size]
+            address, count = address + size, count - size
+        return out
+
+    try:
+        base = None
+        for candidate in bases or sunspec.BASES:
+            marker = await read(candidate, 2)
+            if marker is not None and tuple(marker) == sunspec.MARKER:
+                base = candidate
+                break
+        if base is None:
+            tried = ", ".join(str(b) for b in bases or sunspec.BASES)
+            return _fail(f"no SunSpec marker (\"SunS\", 0x53756E53) in holding register {tried} of "
+                         f"{device.endpoint}; not a SunSpec device, or another unit id (try `modbus scan`)"), None, 0
+        chain: list[sunspec.Found] = []
+        address = base + 2
+        ident: dict[str, str] = {}
+        problem = ""
+        while len(chain) < sunspec.MAX_MODELS:
+            header = await read(address, 2) if address <= 65534 else None
+            if header is None:
+                problem = f"the chain breaks at holding register {address} (no model header, no end marker)"
+                break
+            model_id, length = header
+            if model_id == sunspec.END:
+                break
+            if address + 2 + length > 65536:
+                problem = f"model {model_id} at {address} claims {length} registers, past the last address"
+                break
+            found = sunspec.Found(model_id, address, length)
+            chain.append(found)
+            if model_id == 1:
+                registers = await read(found.start, length)
+                ident = sunspec.identity(registers or [])
+            address = found.start + length
+        else:
+            problem = f"more than {sunspec.MAX_MODELS} models: the chain does not end"
+    except DeviceError as exc:
+        return _fail(str(exc)), None, 0
+    except Exception as exc:  # noqa: BLE001 - pymodbus' exceptions: a timeout, a reset connection
+        return _fail(f"no answer from {device.endpoint} within {device.timeout:g} s ({exc}); check the host or "
+                     "serial settings and the unit id"), None, 0
+    finally:
+        lines.release(link, device.name)
+    print(f"SunSpec marker at holding register {base} of {device.endpoint}")
+    if ident:
+        print(f"  manufacturer {ident.get('Mn', '')!r}, model {ident.get('Md', '')!r}, serial {ident.get('SN', '')!r}, "
+              f"version {ident.get('Vr', '')!r}")
+    for found in chain:
+        kind = sunspec.KIND.get(found.id)
+        what = f"polled as {kind}: {len(sunspec.points(found)[0])} points" if kind else \
+            "identity" if found.id == 1 else "not polled"
+        last = found.start + found.length - 1
+        print(f"  model {found.id:>5}  {sunspec.label(found.id):<40} holding {found.start}..{last}  {what}")
+    if problem:
+        print(f"  {problem}")
+    else:
+        print(f"  end of the chain at holding register {address}")
+    text = sunspec.snippet(device_name, {k: v for k, v in line.items() if k != "timeout"}, unit, base, chain,
+                           ident, device.line_label)
+    polled = sum(1 for f in chain if f.id in sunspec.KIND)
+    return (EXIT_FAILED if problem and not chain else EXIT_OK), text, polled
 
 
 def _fail(message: str) -> int:

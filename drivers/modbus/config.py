@@ -30,6 +30,10 @@ REGISTER_COUNT: dict[str, int] = {
     "int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "int64": 4, "uint64": 4, "float64": 4,
     "bool": 1,
 }
+# Values a register-read exponent may scale: SunSpec applies its `*_SF` registers to integers only.
+SCALED_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
+# SunSpec's scale factors lie in -10..10; anything else is a misread register, never a real exponent.
+SCALE_EXPONENT_RANGE = (-10, 10)
 FUNCTION_CODE: dict[str, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
 BIT_FUNCTIONS = frozenset({"coil", "discrete"})
 # Modbus application protocol v1.1b3, 6.1-6.4: the most one read may ask for.
@@ -85,6 +89,12 @@ class ModbusPoint:
         "CDAB word-swapped (low word first), BADC byte-swapped, DCBA little-endian. Strings: ABCD or BADC.")
     scale: _Number = Field(1.0, description="value = raw * scale + offset")
     offset: _Number = 0.0
+    scale_from: PointName | None = Field(
+        None, description="Name of another point of the device, an int16 holding a power-of-ten exponent (a SunSpec "
+        "`*_SF` register): value = raw * 10^exponent * scale + offset, with the exponent read in the same poll.")
+    scale_register: _Int | None = Field(
+        None, ge=0, le=65535, description="As `scale_from`, but the exponent's 0-based address in the point's own "
+        "register space, read without being sent as a point.")
     not_available: Annotated[tuple[_RawValue, ...], BeforeValidator(_as_tuple)] = Field(
         (), description="Raw values the meter sends for 'no value' (0xFFFF = 65535, 0x8000 = "
         "32768, 0x7FFFFFFF ...), compared before scaling: such a reading is sent with quality bad.")
@@ -138,7 +148,21 @@ class ModbusPoint:
                              "contradicts it (leave count out)")
         if self.type in ("bool", "string") and (self.scale != 1.0 or self.offset != 0.0):
             raise ValueError(f"scale and offset apply to numbers, not to a {self.type}")
+        if self.scale_from is not None or self.scale_register is not None:
+            key = "scale_from" if self.scale_from is not None else "scale_register"
+            if self.scale_from is not None and self.scale_register is not None:
+                raise ValueError("scale_from and scale_register both name the exponent: give one of them")
+            if self.type not in SCALED_TYPES:
+                # SunSpec scales integers only; a float carries its own exponent.
+                raise ValueError(f"{key} applies to integer values, not to a {self.type}")
+            if self.scale_from == self.name:
+                raise ValueError("scale_from names the point itself; it must name the exponent's point")
         return self
+
+    @property
+    def scaled_by_register(self) -> bool:
+        """Whether the scale's exponent is read from a register (`scale_from` or `scale_register`) each poll."""
+        return self.scale_from is not None or self.scale_register is not None
 
     @property
     def register_count(self) -> int:
@@ -260,6 +284,7 @@ class ModbusDevice(DeviceBase):
 
     def problems(self) -> list[tuple[str, str]]:
         out = _point_problems(list(enumerate(self.points)), self.unreadable)
+        out += _scale_problems(self.points, self.unreadable)
         # Modbus over serial line v1.02, 2.2: 0 is broadcast (no meter answers it), 248-255 are reserved. On
         # TCP (Modbus messaging on TCP/IP v1.0b, 4.4.2) 0 and 255 address the device itself.
         if self.transport != "tcp" and not 1 <= self.unit_id <= 247:
@@ -350,4 +375,57 @@ def _point_problems(points: list[tuple[int, ModbusPoint]],
                 whom = "bit points" if other < 0 else f"points[{other}] ({by_index[other].name!r})"
                 out.append((f"points[{index}].address", f"overlaps {whom} at {point.function} register {register}"))
                 break
+    return out
+
+
+def scale_point(function: str, address: int) -> ModbusPoint:
+    """The exponent register a `scale_register` names, as the planner reads it: an int16 point of its own,
+    read in the same poll as its dependants and never sent."""
+    return ModbusPoint(name=f"sf.{function}.{address}", function=function, address=address,  # type: ignore[arg-type]
+                       type="int16")
+
+
+def _is_exponent(point: ModbusPoint) -> bool:
+    return point.type == "int16" and point.function not in BIT_FUNCTIONS and point.scale == 1.0 \
+        and point.offset == 0.0 and not point.scaled_by_register
+
+
+def _scale_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]) -> list[tuple[str, str]]:
+    """`scale_from` must name an int16 point that is itself unscaled; `scale_register` must be a register that
+    is free or is such a point, and readable."""
+    out: list[tuple[str, str]] = []
+    by_name = {p.name: p for p in points}
+    starts = {(p.function, p.address): p for p in points}
+    covered: dict[tuple[str, int], int] = {}
+    for index, point in enumerate(points):
+        for register in range(point.address, point.address + point.register_count):
+            covered.setdefault((point.function, register), index)
+    hidden: set[str] = set()
+    for index, point in enumerate(points):
+        if point.scale_from is not None:
+            source = by_name.get(point.scale_from)
+            if source is None:
+                out.append((f"points[{index}].scale_from", f"names no point of this device ({point.scale_from!r}); "
+                            "add the exponent register as an int16 point, or use scale_register"))
+            elif not _is_exponent(source):
+                out.append((f"points[{index}].scale_from", f"{point.scale_from!r} must be an int16 holding or input "
+                            "point without scale, offset or a scale of its own (a power-of-ten exponent)"))
+        elif point.scale_register is not None:
+            key = (point.function, point.scale_register)
+            path = f"points[{index}].scale_register"
+            if key in covered:
+                owner = points[covered[key]]
+                if starts.get(key) is not owner or not _is_exponent(owner):
+                    out.append((path, f"{point.function} register {point.scale_register} belongs to points"
+                                f"[{covered[key]}] ({owner.name!r}), which is not an unscaled int16 starting there"))
+                continue
+            if any(r.function == point.function and r.first <= point.scale_register <= r.last for r in unreadable):
+                out.append((path, f"{point.function} register {point.scale_register} lies in a range declared "
+                            "unreadable"))
+                continue
+            hidden.add(scale_point(point.function, point.scale_register).name)
+    for index, point in enumerate(points):
+        if point.name in hidden:
+            out.append((f"points[{index}].name", f"{point.name!r} is the name the agent gives a scale_register it "
+                        "reads; choose another name"))
     return out

@@ -32,8 +32,10 @@ from drivers.modbus.config import (
     FUNCTION_CODE,
     MAX_BITS_PER_READ,
     MAX_REGISTERS_PER_READ,
+    SCALE_EXPONENT_RANGE,
     ModbusDevice,
     ModbusPoint,
+    scale_point,
 )
 
 _STRUCT_CODE = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q",
@@ -274,9 +276,90 @@ def device_plan(device: ModbusDevice, unreadable: Iterable[Span] = (), breaks: I
     """The device's requests: its points (less `leave_out`, by name) with its limits and gaps, never
     reading its `unreadable` ranges nor the extra ones given."""
     chosen = gaps(device)
-    points = [p for p in device.points if p.name not in leave_out] if leave_out else device.points
+    points = planned_points(device)
+    if leave_out:
+        points = [p for p in points if p.name not in leave_out]
     return plan(points, device.max_registers, chosen.registers, (*device.unreadable, *unreadable),
                 device.max_bits, max_bit_gap=chosen.bits, breaks=breaks, cost=chosen.cost)
+
+
+def planned_points(device: ModbusDevice) -> list[ModbusPoint]:
+    """The device's points and the exponent registers its `scale_register`s name (those no point reads
+    already), so that the planner joins each exponent to its neighbours in the same poll."""
+    points = list(device.points)
+    taken = {(p.function, p.address) for p in points}
+    for point in device.points:
+        if point.scale_register is not None and (point.function, point.scale_register) not in taken:
+            taken.add((point.function, point.scale_register))
+            points.append(scale_point(point.function, point.scale_register))
+    return points
+
+
+class Scaling:
+    """Applies exponents read from registers (`scale_from`, `scale_register`) to the poll's raw readings, after
+    every request of the poll is decoded: value = raw * 10^exponent * scale + offset, in decimal. An exponent
+    that is bad, missing, 0x8000 (SunSpec's "not implemented") or outside -10..10 makes its dependants bad
+    with the reason: a reading is sent bad, never with a guessed scale. The exponent registers that no point
+    reads (`scale_register`) are dropped from the readings."""
+
+    def __init__(self, device: ModbusDevice) -> None:
+        by_start = {(p.function, p.address): p.name for p in device.points}
+        self._source: dict[str, str] = {}  # dependant -> exponent's point name
+        self._scale: dict[str, tuple[Decimal, Decimal, bool]] = {}
+        for point in device.points:
+            if point.scale_from is not None:
+                source = point.scale_from
+            elif point.scale_register is not None:
+                key = (point.function, point.scale_register)
+                source = by_start.get(key) or scale_point(*key).name
+            else:
+                continue
+            self._source[point.name] = source
+            self._scale[point.name] = (Decimal(repr(point.scale)), Decimal(repr(point.offset)),
+                                       point.scale == 1.0 and point.offset == 0.0)
+        self._hidden = frozenset(p.name for p in planned_points(device)[len(device.points):])
+
+    def __bool__(self) -> bool:
+        return bool(self._source)
+
+    def apply(self, readings: list[Reading]) -> list[Reading]:
+        exponents = {r.point: r for r in readings if r.point in self._hidden}
+        sources = set(self._source.values())
+        exponents.update((r.point, r) for r in readings if r.point in sources)
+        out: list[Reading] = []
+        for reading in readings:
+            if reading.point in self._hidden:
+                continue
+            source = self._source.get(reading.point)
+            if source is None or reading.quality is not Quality.GOOD:
+                out.append(reading)
+                continue
+            problem, exponent = _exponent(source, exponents.get(source))
+            if problem is not None:
+                out.append(Reading(reading.point, None, reading.unit, Quality.BAD, problem))
+                continue
+            scale, offset, plain = self._scale[reading.point]
+            value = Decimal(reading.value).scaleb(exponent) * scale + offset  # type: ignore[arg-type]
+            out.append(Reading(reading.point, int(value) if plain and exponent >= 0 else float(value), reading.unit))
+        return out
+
+
+def _exponent(source: str, reading: Reading | None) -> tuple[str | None, int]:
+    """The exponent in `reading`, or why there is none."""
+    what = f"scale factor {source}"
+    if source.startswith("sf."):  # an exponent read for `scale_register`: say where it is
+        _, function, address = source.split(".")
+        what = f"scale factor ({function} register {address})"
+    if reading is None:
+        return f"{what} was not read in this poll", 0
+    if reading.quality is not Quality.GOOD or not isinstance(reading.value, int):
+        return f"{what} unavailable: {reading.reason}", 0
+    if reading.value == -0x8000:
+        return f"{what} not implemented (the meter sent 0x8000)", 0
+    low, high = SCALE_EXPONENT_RANGE
+    if not low <= reading.value <= high:
+        return f"{what} = {reading.value} is outside {low}..{high}: not a power-of-ten exponent", 0
+    return None, reading.value
 
 
 class BitDecoder:
@@ -366,7 +449,9 @@ _PLAIN_KIND = {"float32": 0, "float64": 1, "int16": 2, "uint16": 2, "int32": 2, 
 
 
 def _is_plain(point: ModbusPoint) -> bool:
-    return point.type in _PLAIN_KIND and point.scale == 1.0 and point.offset == 0.0 and not point.not_available
+    # A point scaled by a register is decoded raw here and scaled by `Scaling` once its exponent is known.
+    return point.type in _PLAIN_KIND and (point.scaled_by_register or (point.scale == 1.0 and point.offset == 0.0)) \
+        and not point.not_available
 
 
 def _plain_readings(plain: tuple[tuple[str, str | None, int], ...], values: Sequence[Any]) -> list[Reading]:
@@ -439,7 +524,7 @@ def _converter(point: ModbusPoint) -> Callable[[int | float | bytes], Reading]:
 
 def _number_converter(point: ModbusPoint) -> Callable[[int | float], Reading]:
     name, unit, scale, offset = point.name, point.unit, point.scale, point.offset
-    scaled = scale != 1.0 or offset != 0.0
+    scaled = (scale != 1.0 or offset != 0.0) and not point.scaled_by_register  # those are scaled by `Scaling`
     if point.type in ("float32", "float64"):
         shorten = point.type == "float32"
         exact_scale, exact_offset = (Decimal(repr(scale)), Decimal(repr(offset))) if scaled else (None, None)

@@ -34,7 +34,7 @@ from agent.errors import DeviceError
 from agent.model import Reading
 from drivers.modbus import line as lines
 from drivers.modbus.config import ModbusDevice, vendor_address
-from drivers.modbus.decode import ReadRequest, device_plan, halves
+from drivers.modbus.decode import ReadRequest, Scaling, device_plan, halves, planned_points
 
 log = logging.getLogger("drivers.modbus")
 # pymodbus logs every failed connect and timeout at ERROR; the agent logs the first failure itself.
@@ -119,6 +119,8 @@ class ModbusDriver:
     def __init__(self, config: ModbusDevice, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.base: tuple[ReadRequest, ...] = device_plan(config)  # the plan without what the meter refused
+        self.scaling = Scaling(config)  # exponents read from registers, applied once the whole poll is read
+        self._planned = planned_points(config)
         self.requests: tuple[ReadRequest, ...] = self.base
         self.refusals = Refusals()
         self.sent_last_poll = 0  # requests that went on the wire in the last poll (bisection included)
@@ -174,9 +176,9 @@ class ModbusDriver:
         finally:
             self._learn(learned, reprobe, complete)
         if left_out:
-            readings.extend(Reading.bad(p.name, left_out[p.name], p.unit) for p in self.config.points
+            readings.extend(Reading.bad(p.name, left_out[p.name], p.unit) for p in self._planned
                             if p.name in left_out)
-        return readings
+        return self.scaling.apply(readings) if self.scaling else readings
 
     async def close(self) -> None:
         if self.line is not None:
