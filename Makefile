@@ -1,6 +1,6 @@
 # The two commands of the README, on a fresh clone:
 #   make demo   sets up a virtual environment in .venv and runs the demo (Ctrl-C stops it)
-#   make test   sets up the same environment, installs mosquitto if missing, and runs the whole suite
+#   make test   sets up the same environment, installs mosquitto and chromium if missing, and runs the whole suite
 # Options: make demo DEMO_ARGS="--duration 30"   make test PYTEST_ARGS="-k buffer -x"
 
 PYTHON ?= python3
@@ -21,6 +21,7 @@ demo: $(VENV)/.ready
 
 test: $(VENV)/.ready
 	@sh deploy/ensure-mosquitto.sh
+	@sh deploy/ensure-chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

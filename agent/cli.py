@@ -181,8 +181,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     url = f"http://{config.metrics.host}:{config.metrics.port}/status.json"
+    request = urllib.request.Request(url)
+    if config.metrics.password_file is not None:
+        import base64
+
+        from agent.config import read_first_line
+
+        token = base64.b64encode(b"edge-agent:" + read_first_line(config.metrics.password_file).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             status = json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)

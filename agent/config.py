@@ -576,8 +576,47 @@ class MqttConfig(StrictModel):
 class MetricsConfig(StrictModel):
     enabled: bool = True
     host: Host = Field("127.0.0.1", description="Address to listen on. Keep it on localhost unless the network "
-                                               "is trusted: the figures name every device.")
-    port: int = Field(9108, ge=0, le=65535, description="TCP port of /metrics (Prometheus) and /status.json.")
+                                               "is trusted: the figures name every device. Any other address "
+                                               "needs password_file.")
+    port: int = Field(9108, ge=0, le=65535, description="TCP port of the status page (/), /metrics "
+                                                        "(Prometheus) and /status.json.")
+    password_file: FilePath | None = Field(
+        None, description="File holding the password (first line) that the status page, /metrics and "
+        "/status.json ask for (HTTP Basic, any user name). Required when host is not a loopback address.")
+
+    def problems(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if self.password_file is not None:
+            problem = file_problem(self.password_file)
+            if problem is None and not read_first_line(self.password_file):
+                problem = f"the first line of {self.password_file} is empty: it must hold the password"
+            if problem:
+                out.append(("password_file", problem))
+        elif not is_loopback(self.host):
+            out.append(("host", f"listening on {self.host} makes the status page reachable from the network: set "
+                                "metrics.password_file to a file holding a password, or keep host = "
+                                "\"127.0.0.1\" and use an SSH tunnel"))
+        return out
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect: 127.0.0.0/8, ::1 or "localhost". A host name is taken as reachable from
+    the network (it may resolve to any address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_first_line(path: Path) -> str:
+    """A password file's password: its first line, without the line end ("" for an empty or unreadable file)."""
+    try:
+        with path.open(encoding="utf-8") as file:
+            return file.readline(65536).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 class DeviceBase(StrictModel):
@@ -617,7 +656,8 @@ class _TopLevel(StrictModel):
     energy: PlantEnergy = PlantEnergy()
 
 
-_SECTIONS: dict[str, type[StrictModel]] = {"gateway": GatewayConfig, "buffer": BufferConfig, "mqtt": MqttConfig}
+_SECTIONS: dict[str, type[StrictModel]] = {"gateway": GatewayConfig, "buffer": BufferConfig, "mqtt": MqttConfig,
+                                            "metrics": MetricsConfig}
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,7 +764,7 @@ def _shape_problem(raw: dict[str, Any]) -> tuple[tuple[str | int, ...], str] | N
 # Keys that name files: relative values are taken from the config file's folder, not from the working
 # directory (which is / under systemd).
 _PATH_KEYS = (("buffer", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
-              ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"))
+              ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"), ("metrics", "password_file"))
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import drivers
 from agent.compact import CborEncoder
-from agent.config import AgentConfig, DeviceBase, load_config
+from agent.config import AgentConfig, DeviceBase, load_config, read_first_line
 from agent.errors import ConfigError
 from agent.health import DeviceHealth, FailureLog
 from agent.metrics import MetricsServer
@@ -26,6 +27,7 @@ from agent.scheduler import poll_loop, stream_loop
 from agent.status import StatusReporter
 from agent.systemd import Notifier
 from agent.uplink import MqttUplink
+from agent.webpage import LatestReadings, page_snapshot
 from agent.writer import BufferWriter
 from buffer.store import Buffer
 from drivers.base import PollingDriver, StreamingDriver
@@ -85,6 +87,7 @@ class Agent:
         self.started = asyncio.Event()
         self.notifier = Notifier()
         self.metrics: MetricsServer | None = None
+        self.latest = LatestReadings()  # each device's last poll, for the status page
         self._group: asyncio.TaskGroup | None = None
         self._drivers: dict[str, PollingDriver | StreamingDriver] = {}
         self._pollers: dict[str, asyncio.Task[None]] = {}
@@ -118,6 +121,7 @@ class Agent:
         await stop_tasks([self._pollers.pop(name)])
         await self._drivers.pop(name).close()
         del self.health[name]
+        self.latest.forget(name)
 
     async def _reload_on_request(self) -> None:
         while True:
@@ -168,7 +172,7 @@ class Agent:
             self.uplink = uplink = MqttUplink(config.mqtt, config.gateway, buffer)
             compact = config.mqtt.encoding == "cbor"
             encoder = (CborEncoder if compact else Encoder)(config.gateway.id, config.gateway.site, buffer.buffer_id)
-            self.writer = writer = BufferWriter(buffer, encoder, uplink.notify)
+            self.writer = writer = BufferWriter(buffer, encoder, uplink.notify, observe=self.latest.record)
             stats = await buffer.stats()
             log.info("agent started: %d device(s), buffer %s holds %d readings (next sequence number %d), "
                      "broker %s:%d", len(config.devices), buffer.path, stats.readings, stats.next_seq,
@@ -237,7 +241,16 @@ class Agent:
             return {**status, "gateway": self.config.gateway.id, "site": self.config.gateway.site,
                     "mqtt_connected": uplink.connected}
 
-        server = MetricsServer(settings.host, settings.port, snapshot)
+        async def page() -> dict[str, Any]:
+            return page_snapshot(await snapshot(), self.config, uplink, self.latest, time.time())
+
+        # Checked by the config validation; read once here, never logged or shown.
+        password = read_first_line(settings.password_file) if settings.password_file is not None else None
+        if password == "":
+            log.error("metrics: %s has no password on its first line; running without the status page and "
+                      "metrics endpoint", settings.password_file)
+            return None
+        server = MetricsServer(settings.host, settings.port, snapshot, page, password)
         try:
             await server.start()
         except OSError as exc:

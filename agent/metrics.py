@@ -1,23 +1,46 @@
-"""The local metrics endpoint: Prometheus text at /metrics, the status snapshot as JSON at /status.json.
+"""The local metrics endpoint: Prometheus text at /metrics, the status snapshot as JSON at /status.json, and
+the technician's status page at / (agent/webpage.py) with its data at /page.json.
 
 Bound to 127.0.0.1 by default: operations staff scrape it on the gateway or over an SSH tunnel, and
-`edge-agent status` reads /status.json. A tiny asyncio HTTP server (GET only, one request per connection),
-so it shares the agent's event loop and no thread; every figure comes from the same snapshot as the
-status message the platform receives.
+`edge-agent status` reads /status.json. A tiny asyncio HTTP server (GET and HEAD, one request per
+connection), so it shares the agent's event loop and no thread; every figure comes from the same snapshot
+as the status message the platform receives.
+
+A client can never stop or slow the agent: headers are read for at most 5 s and 8 KiB (431 past that), at
+most 32 connections are served at once (more are closed unanswered), every error is a short plain-text
+reply. With a password (required off loopback, config.py), every path asks for it (HTTP Basic); it is
+compared as a digest in constant time, and a wrong one is answered only after a pause taken one at a time,
+so guessing runs at two tries a second however many connections try.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent.webpage import load_assets
+
 log = logging.getLogger(__name__)
 
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+MAX_HEADER_BYTES = 8192
+MAX_CONNECTIONS = 32
+HEADER_TIMEOUT = 5.0
+WRONG_PASSWORD_PAUSE = 0.5
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large"}
+# The page's own files only, no inline script, no framing by another site, nothing cached by a proxy.
+_PAGE_HEADERS = ("Content-Security-Policy: default-src 'self'; frame-ancestors 'none'\r\n"
+                 "X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\n"
+                 "Cache-Control: no-store\r\n")
 _STATES = ("ok", "failing", "starting")
 
 
@@ -114,15 +137,26 @@ def _clock_and_energy(status: dict[str, Any],
 
 
 class MetricsServer:
-    def __init__(self, host: str, port: int, snapshot: Snapshot) -> None:
+    def __init__(self, host: str, port: int, snapshot: Snapshot, page: Snapshot | None = None,
+                 password: str | None = None) -> None:
+        """`page`: the status page's snapshot (/page.json); without it, no page. `password`: asked of every
+        request (HTTP Basic, any user name)."""
         self.host, self.port = host, port
         self._snapshot = snapshot
+        self._page = page
+        self._assets = load_assets() if page is not None else {}
+        self._password = hashlib.sha256(password.encode()).digest() if password is not None else None
+        self._wrong_password = asyncio.Lock()
         self._server: asyncio.Server | None = None
+        self.connections = 0
+        self.refused = 0  # connections closed unanswered because MAX_CONNECTIONS were open
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_HEADER_BYTES)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics on http://%s:%d/metrics and /status.json", self.host, self.port)
+        where = f"http://{self.host}:{self.port}"
+        log.info("%s on %s/ (/metrics, /status.json)%s", "status page" if self._page else "metrics", where,
+                 "; password required" if self._password else "")
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -130,29 +164,92 @@ class MetricsServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            self.refused += 1
+            writer.close()
+            return
+        self.connections += 1
         try:
-            async with asyncio.timeout(5):
-                request = await reader.readuntil(b"\r\n\r\n")
-            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            if method != "GET":
-                await self._reply(writer, 405, "text/plain", "only GET\n")
-            elif path == "/metrics":
-                await self._reply(writer, 200, "text/plain; version=0.0.4", prometheus_text(await self._snapshot()))
-            elif path == "/status.json":
-                await self._reply(writer, 200, "application/json", json.dumps(await self._snapshot()))
-            else:
-                await self._reply(writer, 404, "text/plain", "try /metrics or /status.json\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError):
-            pass  # a bad or slow client: drop it, the agent goes on
+            await self._serve(reader, writer)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # a slow client or one that went away: drop it, the agent goes on
         finally:
+            self.connections -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(HEADER_TIMEOUT):
+                request = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            await self._reply(writer, 431, "text/plain", f"request headers over {MAX_HEADER_BYTES} bytes\n")
+            await _discard_rest(reader)
+            return
+        request_line, *header_lines = request[:-4].split(b"\r\n")
+        parts = request_line.decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            await self._reply(writer, 400, "text/plain", "not an HTTP request\n")
+            return
+        method, target, _ = parts
+        headers = dict(_header(line) for line in header_lines)
+        head = method == "HEAD"
+        if self._password is not None and not self._authorised(headers.get("authorization", "")):
+            if "authorization" in headers:
+                async with self._wrong_password:  # one pause at a time: guesses cannot run in parallel
+                    await asyncio.sleep(WRONG_PASSWORD_PAUSE)
+            await self._reply(writer, 401, "text/plain", "password required\n", head,
+                              'WWW-Authenticate: Basic realm="edge-agent", charset="UTF-8"\r\n')
+            return
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            await self._reply(writer, 405, "text/plain", "only GET\n", extra="Allow: GET, HEAD\r\n")
+        elif path == "/metrics":
+            await self._reply(writer, 200, "text/plain; version=0.0.4", prometheus_text(await self._snapshot()),
+                              head)
+        elif path == "/status.json":
+            await self._reply(writer, 200, "application/json", json.dumps(await self._snapshot()), head)
+        elif path == "/page.json" and self._page is not None:
+            await self._reply(writer, 200, "application/json", json.dumps(await self._page()), head, _PAGE_HEADERS)
+        elif path in self._assets:
+            asset = self._assets[path]
+            await self._reply(writer, 200, asset.content_type, asset.body, head, _PAGE_HEADERS)
+        else:
+            await self._reply(writer, 404, "text/plain", "not found; try / (the status page), /metrics or "
+                                                          "/status.json\n", head)
+
+    def _authorised(self, authorization: str) -> bool:
+        assert self._password is not None
+        scheme, _, encoded = authorization.partition(" ")
+        try:
+            credentials = base64.b64decode(encoded.strip(), validate=True) if scheme.lower() == "basic" else b""
+        except (binascii.Error, ValueError):
+            credentials = b""
+        _, _, password = credentials.partition(b":")
+        # Digests of equal length, compared in constant time: neither the password nor its length leaks.
+        return hmac.compare_digest(hashlib.sha256(password).digest(), self._password)
+
     @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, code: int, content_type: str, body: str) -> None:
-        data = body.encode()
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[code]
-        writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
-                     f"Connection: close\r\n\r\n".encode() + data)
+    async def _reply(writer: asyncio.StreamWriter, code: int, content_type: str, body: str | bytes,
+                     head: bool = False, extra: str = "") -> None:
+        data = body.encode() if isinstance(body, str) else body
+        writer.write(f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Length: {len(data)}\r\n{extra}Connection: close\r\n\r\n".encode()
+                     + (b"" if head else data))
         await writer.drain()
+
+
+def _header(line: bytes) -> tuple[str, str]:
+    name, _, value = line.decode("latin-1").partition(":")
+    return name.strip().lower(), value.strip()
+
+
+async def _discard_rest(reader: asyncio.StreamReader) -> None:
+    """Read what the client still sends (briefly, boundedly) before closing: closing a socket with unread
+    data resets the connection, and the client may then never see the reply."""
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(1.0):
+            for _ in range(64):
+                if not await reader.read(65536):
+                    return

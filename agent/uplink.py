@@ -94,6 +94,9 @@ class MqttUplink:
         self._socket_error: str | None = None
         self._client: mqtt.Client | None = None
         self.readings_delivered = 0
+        # For the status page: since when the session is up, and the last reason it was not (never a secret).
+        self.connected_since: float | None = None
+        self.last_error: tuple[float, str] | None = None
         self.messages_delivered = 0
         self.topics = Topics(config.data_topic, config.status_topic, config.topic_prefix, gateway.site, gateway.id,
                              config.meta_topic)
@@ -325,6 +328,7 @@ class MqttUplink:
         if connected:
             self._link.succeeded()
             if not was:
+                self.connected_since = time.time()
                 log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
                 self._announced.clear()  # a new session: announce point tables again before their data
                 self._cbor.new_connection()  # and carry them in band again
@@ -334,7 +338,10 @@ class MqttUplink:
                     self._backlog.append((self._cursor, live_from))
                     self._cursor = live_from - 1
                 self.status_due.set()
-        elif not self._stopping:
+        else:
+            self.connected_since = None
+            self.last_error = (time.time(), reason)
+        if not connected and not self._stopping:
             self._link.failed(reason, f"{len(self._inflight)} messages in flight stay in the buffer; "
                                       "reconnecting with backoff")
             self._jitter_reconnect()

@@ -24,19 +24,24 @@ MAX_ROWS_PER_TRANSACTION = 2000
 
 class BufferWriter:
     def __init__(self, buffer: Buffer, encoder: Encoder | CborEncoder, on_commit: Callable[[], None],
-                 max_queue: int = 1000) -> None:
+                 max_queue: int = 1000, observe: Callable[[PollResult], None] | None = None) -> None:
+        """`observe`: sees every result submitted (polls, and what a stage derives from them), for the status
+        page's last values; it must be cheap, it runs on every poll."""
         self._buffer = buffer
         self._encoder = encoder
         self._on_commit = on_commit
         self._queue: asyncio.Queue[PollResult] = asyncio.Queue(max_queue)
         self._failures = FailureLog("buffer write", log)
         self.readings_committed = 0
+        self._observe = observe
 
     def declare(self, device: str, points: list[tuple[str, str | None]]) -> None:
         """A device's configured points, in order (the compact encoding's point table)."""
         self._encoder.declare(device, points)
 
     async def submit(self, result: PollResult) -> None:
+        if self._observe is not None:
+            self._observe(result)
         await self._queue.put(result)
 
     async def run(self) -> None:

@@ -1,0 +1,330 @@
+"""The technician's status page, in a real headless Chromium (Debian's, driven by Playwright), against a
+running agent polling simulated Modbus devices and a real mosquitto: every device and value shows, a
+device that stops answering and a broker that goes away show within seconds without a reload, Korean
+labels for a Korean browser. Bad requests (unknown path, huge headers, wrong password) get plain errors and
+the agent goes on. `make test` installs Chromium (deploy/ensure-chromium.sh) where the machine allows."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import parse_config
+from agent.demo.mosquitto import MosquittoProcess, free_port
+from agent.errors import ConfigError
+from agent.model import PollResult, Quality, Reading
+from agent.webpage import LatestReadings
+from drivers.modbus.simulator import PowerMeter, SimServer
+from tests.conftest import REPO, agent_config
+from tests.test_end_to_end import eventually, start_agent, stop_agent
+
+CHROMIUM = os.environ.get("EDGE_AGENT_CHROMIUM", "/usr/bin/chromium")
+# Never a browser of Playwright's own: the system's, quiet (no update checks, no network of its own).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 "--disable-component-update"]
+
+
+def points(extra: str = "") -> str:
+    return f"""points = [
+          {{ name = "voltage_avg",  function = "input", address = 0,  type = "float32", unit = "V" }},
+          {{ name = "current_l1",   function = "input", address = 2,  type = "float32", unit = "A" }},
+          {{ name = "active_power", function = "input", address = 24, type = "float32", unit = "kW" }},{extra}
+        ]"""
+
+
+def device(name: str, port: int, extra_points: str = "") -> str:
+    return f"""
+        [[devices]]
+        name = "{name}"
+        driver = "modbus"
+        host = "127.0.0.1"
+        port = {port}
+        unit_id = 1
+        poll_interval = "200ms"
+        timeout = "300ms"
+        {points(extra_points)}
+        """
+
+
+def with_metrics(config: Path, metrics: str) -> None:
+    text = config.read_text()
+    config.write_text(text.replace("port = 0  # a free port: tests must not fight over 9108",
+                                   textwrap.dedent(metrics).strip()))
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (make test installs Debian's 'chromium' where the machine allows; "
+                    "EDGE_AGENT_CHROMIUM names another)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def test_the_page_shows_every_device_and_follows_failures_without_a_reload(
+        tmp_path: Path, mosquitto: MosquittoProcess, browser: Any) -> None:
+    async with SimServer({1: PowerMeter(seed=1)}, update_interval=0.2) as meter, \
+            SimServer({1: PowerMeter(seed=2)}, update_interval=0.2) as feeder:
+        # A point the meter refuses (exception 2, illegal address): bad, with the reason on the page.
+        refused = '\n          { name = "missing", function = "holding", address = 60000, type = "uint16" },'
+        config = agent_config(tmp_path, mosquitto.port, device("main-incomer", meter.port, refused)
+                              + device("feeder-2", feeder.port))
+        agent, stop, task = await start_agent(config)
+        try:
+            assert agent.metrics is not None
+            url = f"http://127.0.0.1:{agent.metrics.port}/"
+            page = await browser.new_page(locale="en-US", viewport={"width": 1200, "height": 1000})
+            page_json: list[float] = []
+            page.on("request", lambda r: page_json.append(time.monotonic()) if r.url.endswith("/page.json") else None)
+            await page.goto(url)
+            for name in ("main-incomer", "feeder-2"):
+                card = f'[data-device="{name}"]'
+                await page.wait_for_selector(f'{card}[data-state="ok"] tr[data-point="voltage_avg"]', timeout=10_000)
+                for point in ("voltage_avg", "current_l1", "active_power"):
+                    value = await page.inner_text(f'{card} tr[data-point="{point}"] td.value')
+                    assert float(value.replace(",", "")) > 0, (name, point, value)
+                assert await page.inner_text(f'{card} .state') == "OK"
+            bad = await page.inner_text('[data-device="main-incomer"] tr[data-point="missing"]')
+            assert "bad" in bad and "illegal" in bad.lower(), bad
+            assert await page.inner_text("#uplink-state") == "connected"
+            assert "Gateway" in await page.inner_text("#gateway") and "gw-test" in await page.inner_text("h1")
+            shot = tmp_path / "status-page.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            print(f"status page screenshot: {shot}")
+            # The page must follow by itself: a marker set now would be gone after a reload.
+            await page.evaluate("window.__notReloaded = true")
+
+            await feeder.stop()
+            stopped = time.monotonic()
+            await page.wait_for_selector('[data-device="feeder-2"][data-state="failing"]', timeout=5_000)
+            print(f"feeder-2 shown failing {time.monotonic() - stopped:.1f} s after its server stopped")
+            assert await page.inner_text('[data-device="feeder-2"] .state') == "NOT ANSWERING"
+            assert await page.inner_text('[data-device="feeder-2"] .last-error')
+            assert await page.get_attribute('[data-device="main-incomer"]', "data-state") == "ok"
+
+            mosquitto.stop()
+            stopped = time.monotonic()
+            await page.wait_for_selector('#uplink-state[data-state="disconnected"]', timeout=8_000)
+            print(f"broker shown disconnected {time.monotonic() - stopped:.1f} s after it stopped")
+            assert await page.inner_text("#uplink-error")
+            assert await page.inner_text("#overall") == "attention"
+            assert await page.evaluate("window.__notReloaded === true")
+            await page.screenshot(path=str(tmp_path / "status-page-failing.png"), full_page=True)
+
+            # A hidden tab asks nothing.
+            await page.evaluate("""() => {
+                Object.defineProperty(document, 'hidden', {value: true, configurable: true});
+                document.dispatchEvent(new Event('visibilitychange'));
+            }""")
+            await asyncio.sleep(0.5)  # a request already on its way may still land
+            hidden_from = len(page_json)
+            await asyncio.sleep(3.5)
+            assert len(page_json) == hidden_from, "the page kept asking while hidden"
+            await page.close()
+
+            korean = await browser.new_page(locale="ko-KR", viewport={"width": 390, "height": 844})  # a phone
+            await korean.goto(url)
+            await korean.wait_for_selector('[data-device="feeder-2"][data-state="failing"]', timeout=10_000)
+            text = await korean.inner_text("body")
+            for label in ("게이트웨이", "버퍼", "장치", "응답 없음", "정상", "연결 끊김", "포인트", "품질"):
+                assert label in text, label
+            await korean.screenshot(path=str(tmp_path / "status-page-ko.png"), full_page=True)
+            await korean.click("#lang")  # the switch: English without a reload
+            await korean.wait_for_function("document.querySelector('#devices-section h2').textContent === 'Devices'")
+            await korean.close()
+        finally:
+            await stop_agent(stop, task)
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send bytes as they are (no client would send them) and return the whole reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        return reply
+
+
+def get(port: int, path: str, password: str | None = None, extra: str = "") -> bytes:
+    auth = ""
+    if password is not None:
+        auth = f"Authorization: Basic {base64.b64encode(f'technician:{password}'.encode()).decode()}\r\n"
+    return raw_request(port, f"GET {path} HTTP/1.1\r\nHost: gw\r\n{auth}{extra}\r\n".encode())
+
+
+async def test_bad_requests_get_plain_errors_and_the_agent_goes_on(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    password_file = tmp_path / "page-password"
+    password_file.write_text("s3cret plant pass\n")
+    async with SimServer({1: PowerMeter(seed=1)}, update_interval=0.2) as meter:
+        config = agent_config(tmp_path, mosquitto.port, device("main-incomer", meter.port))
+        # A relative password_file is taken from the config file's folder.
+        with_metrics(config, f'port = {free_port()}\npassword_file = "{password_file.name}"')
+        agent, stop, task = await start_agent(config)
+        try:
+            assert agent.metrics is not None
+            port = agent.metrics.port
+            await eventually(lambda: agent.health["main-incomer"].polls_ok >= 1, 10, "a first poll")
+
+            def check() -> None:
+                reply = get(port, "/")
+                assert reply.startswith(b"HTTP/1.1 401 ") and b'WWW-Authenticate: Basic realm="edge-agent"' in reply
+                started = time.monotonic()
+                for wrong in ("s3cret plant pas", "s3cret plant pass2", ""):
+                    reply = get(port, "/page.json", wrong)
+                    assert reply.startswith(b"HTTP/1.1 401 ") and reply.endswith(b"password required\n"), reply
+                assert time.monotonic() - started >= 1.4  # each wrong password waits its turn
+                assert get(port, "/", "s3cret plant pass", ).startswith(b"HTTP/1.1 200 ")
+                for path in ("/page.json", "/status.json", "/metrics", "/page.js", "/page.css"):
+                    assert get(port, path, "s3cret plant pass").startswith(b"HTTP/1.1 200 "), path
+                body = get(port, "/page.json", "s3cret plant pass")
+                assert b"s3cret" not in body and b"password" not in body  # never a secret
+                reply = get(port, "/etc/passwd", "s3cret plant pass")
+                assert reply.startswith(b"HTTP/1.1 404 ") and b"Content-Type: text/plain" in reply
+                reply = get(port, "/", "s3cret plant pass", "X-Filler: " + "a" * 20_000 + "\r\n")
+                assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+                assert raw_request(port, b"\x16\x03\x01garbage\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+                assert raw_request(port, b"DELETE / HTTP/1.1\r\n" + _auth("s3cret plant pass") + b"\r\n") \
+                    .startswith(b"HTTP/1.1 405 ")
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as half:
+                    half.sendall(b"GET / HTTP/1.1\r\nHost:")  # and then nothing; the others are served meanwhile
+                    assert get(port, "/", "s3cret plant pass").startswith(b"HTTP/1.1 200 ")
+
+            await asyncio.to_thread(check)
+            polls = agent.health["main-incomer"].polls_ok
+            await eventually(lambda: agent.health["main-incomer"].polls_ok >= polls + 3, 10, "polling goes on")
+            assert not task.done()
+            # `edge-agent status` brings the password along.
+            human = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agent", "status", "--config",
+                                                            str(config)], cwd=REPO, capture_output=True,
+                                            text=True, timeout=30)
+            assert human.returncode == 0 and "main-incomer" in human.stdout, human.stderr
+        finally:
+            await stop_agent(stop, task)
+
+
+def _auth(password: str) -> bytes:
+    return b"Authorization: Basic " + base64.b64encode(f"x:{password}".encode()) + b"\r\n"
+
+
+GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'
+DEVICE = ('[[devices]]\nname = "m"\ndriver = "modbus"\nhost = "10.0.0.5"\n'
+          'points = [{ name = "v", function = "input", address = 0, type = "float32" }]\n')
+
+
+@pytest.mark.parametrize(("metrics", "where", "fragment"), [
+    ('host = "0.0.0.0"', "metrics.host", "set metrics.password_file"),
+    ('host = "192.168.10.5"', "metrics.host", "reachable from the network"),
+    ('host = "gateway.local"', "metrics.host", "reachable from the network"),
+    ('host = "0.0.0.0"\npassword_file = "{tmp}/none"', "metrics.password_file", "file not found"),
+    ('host = "0.0.0.0"\npassword_file = "{tmp}/empty"', "metrics.password_file", "is empty"),
+])
+def test_listening_off_loopback_needs_a_password(tmp_path: Path, metrics: str, where: str, fragment: str) -> None:
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(GATEWAY + "[metrics]\n" + metrics.format(tmp=tmp_path) + "\n" + DEVICE, source="c.toml")
+    assert [(p.where, fragment in p.message) for p in caught.value.problems] == [(where, True)], \
+        caught.value.problems
+
+
+def test_loopback_needs_no_password_and_a_password_file_is_accepted_anywhere(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("x\n")
+    for metrics in ('host = "127.0.0.1"', 'host = "::1"', 'host = "localhost"',
+                    f'host = "0.0.0.0"\npassword_file = "{tmp_path}/pw"'):
+        parse_config(GATEWAY + "[metrics]\n" + metrics + "\n" + DEVICE, source="c.toml")
+
+
+def test_last_readings_keep_one_poll_per_device_and_merge_what_a_stream_changed() -> None:
+    latest = LatestReadings()
+    latest.record(PollResult("opc", 10.0, (Reading("a", 1.0), Reading("b", 2.0))))
+    latest.record(PollResult("opc", 11.0, (Reading.bad("b", "BadCommunicationError"),)))  # only b changed
+    shown = {p["point"]: p for p in latest.points("opc")}
+    assert shown["a"]["value"] == 1.0 and shown["a"]["ts"].endswith("00:10.000Z")
+    assert shown["b"]["quality"] == Quality.BAD and shown["b"]["reason"] == "BadCommunicationError"
+    latest.record(PollResult("opc", 12.0, (Reading("a", 3.0), Reading("b", 4.0))))  # a full emit replaces all
+    assert [p["value"] for p in latest.points("opc")] == [3.0, 4.0]
+    for second in range(1000):
+        latest.record(PollResult("meter", float(second), (Reading("v", float(second)),)))
+        latest.record(PollResult("meter/demand", float(second), (Reading("demand", 1.0),)))
+    assert latest.streams() == ["meter", "meter/demand", "opc"]
+    latest.forget("meter")
+    assert latest.streams() == ["opc"] and latest.points("meter") == []
+
+
+def test_values_are_shown_as_the_device_meant_them() -> None:
+    from agent.model import Float32
+
+    latest = LatestReadings()
+    latest.record(PollResult("m", 0.0, (Reading("v", Float32(229.8000030517578)), Reading("nan", float("nan")),
+                                        Reading("s", "x" * 1000))))
+    values = [p["value"] for p in latest.points("m")]
+    assert values[0] == 229.8 and values[1] == "nan" and len(values[2]) < 210
+
+
+
+async def test_clock_and_energy_sections_show_whatever_the_status_carries(browser: Any) -> None:
+    """The clock's health and the energy stage come from other stages (docs/energy.md): the page draws the
+    keys they add to the status. The page's own files are served as shipped; page.json is a snapshot as the
+    agent builds it with those stages present."""
+    import json
+
+    from agent.webpage import load_assets
+
+    assets = load_assets()
+    snapshot = {
+        "now": "2026-12-04T08:00:01.000Z",
+        "gateway": {"id": "gw-1", "site": "changwon", "version": "0.1.0", "uptime_s": 7300,
+                    "clock": {"known": True, "synchronised": False, "esterror_s": 0.0004, "maxerror_s": 0.0155,
+                              "steps": 1, "last_step_s": -2.5}},
+        "uplink": {"broker": "platform:8883", "tls": True, "connected": True, "connected_since": "2026-12-04T06:00:00Z",
+                   "inflight": 2, "delivered_readings": 123456, "last_error": None, "last_error_at": None},
+        "buffer": {"buffer_id": "b", "readings": 0, "rows": 0, "bytes": 4096, "oldest_ts": None, "oldest_age_s": 0,
+                   "next_seq": 1, "dropped_oldest": 0, "rejected": 0, "expired": 0, "lost_since_last_status": 0,
+                   "max_bytes": 1 << 30, "on_full": "drop_oldest", "max_age_s": None, "disk_full": False},
+        "lines": [],
+        "devices": [{"name": "incomer-1", "driver": "modbus", "poll_interval_s": 1.0, "state": "ok", "polls_ok": 9,
+                     "polls_failed": 0, "points": []}],
+        "energy": {"figures": {"meters": 1, "windows": 4, "alarms_active": 1},
+                   "streams": [{"stream": "incomer-1/demand", "points": [
+                       {"point": "demand", "value": 512.4, "unit": "kW", "quality": "uncertain",
+                        "reason": "edge_gap", "ts": "2026-12-04T08:00:00.000Z"}]}]},
+    }
+
+    async def serve(route: Any) -> None:
+        path = "/" + route.request.url.split("/", 3)[3].split("?")[0]
+        if path == "/page.json":
+            await route.fulfill(status=200, content_type="application/json", body=json.dumps(snapshot))
+        elif path in assets:
+            await route.fulfill(status=200, content_type=assets[path].content_type, body=assets[path].body)
+        else:
+            await route.fulfill(status=404, body="not found")
+
+    page = await browser.new_page(locale="en-GB")
+    await page.route("http://gateway.test/**", serve)
+    await page.goto("http://gateway.test/")
+    await page.wait_for_selector('[data-stream="incomer-1/demand"] tr[data-point="demand"]', timeout=10_000)
+    gateway = await page.inner_text("#gateway")
+    assert "NOT synchronised" in gateway and "steps 1" in gateway and "last_step_s" in gateway, gateway
+    energy = await page.inner_text("#energy")
+    assert "alarms_active" in energy and "512.4" in energy and "edge_gap" in energy, energy
+    assert "disk_full" in await page.inner_text("#buffer")  # a key another stage adds, shown as it is
+    await page.close()
