@@ -281,6 +281,8 @@ class MqttUplink:
             now = time.monotonic()
             if session.ended_by_us is not None:
                 continue
+            if session.connected_at is not None and now - session.connected_at >= self._config.reconnect_max:
+                self._link.succeeded()  # up for a while with nothing to send: recovered all the same
             if session.connected_at is None:
                 if session.socket_open is not None and now - session.socket_open > connack_timeout:
                     self._end(session, f"the broker accepted the connection but did not answer the MQTT CONNECT "
@@ -474,6 +476,8 @@ class MqttUplink:
         and send up to `room` of them: live first up to half the room, then the backlog, then more live.
         Only whole prefixes of each stream go, so a device's rows stay in order. While a suspect is
         probed (invariant 7), only its first poll goes."""
+        if not self._connected or client is not self._client:
+            return 0  # the connection ended while rows were read: they go on the next one
         chunks: dict[int, list[list[StoredBatch]]] = {LIVE: [], BACKLOG: []}
         open_chunks: dict[tuple[int, str, bool], tuple[list[StoredBatch], int]] = {}
         for stream, row in self._pending:
@@ -606,11 +610,14 @@ class MqttUplink:
         at ERROR, the next ones of a quarantined topic at debug."""
         if not self._give_up:
             return
-        batch = self._give_up[:]
+        batch, self._give_up = self._give_up, []
         given = {row.seq for row, _, _ in batch}
         self._pending = [(stream, row) for stream, row in self._pending if row.seq not in given]
-        await self._buffer.give_up([(row.seq, row.count) for row, _, _ in batch])
-        del self._give_up[:len(batch)]
+        try:
+            await self._buffer.give_up([(row.seq, row.count) for row, _, _ in batch])
+        except BaseException:
+            self._give_up[:0] = batch  # tried again at the next wake; until then the rows stay in the buffer
+            raise
         for (device, topic, why), rows in _grouped(batch).items():
             readings = sum(row.count for row in rows)
             last = rows[-1].seq + rows[-1].count - 1
@@ -664,7 +671,6 @@ class MqttUplink:
         session.connected_at = self._last_ack = time.monotonic()
         self._connected = True
         self._packet_limit = packet_limit
-        self._link.succeeded()
         log.info("connected to MQTT broker %s:%d%s", self._config.host, self._config.effective_port,
                  f" (MQTT 5, packets up to {packet_limit} bytes)" if packet_limit else "")
         self._announced.clear()  # a new session: announce point tables again before their data
@@ -695,6 +701,9 @@ class MqttUplink:
                 suspect.probing = False
             self._pending[:0] = [(entry.stream, row) for row in entry.rows]
         else:
+            # The link is back once it carries data: a broker that accepts the agent and then drops it at
+            # its first message is still failing (logged quietly), not recovered again and again.
+            self._link.succeeded()
             self._acked.append(entry)
             if suspect is not None and suspect.probing and entry.first_seq == suspect.seq:
                 self._probe_passed(suspect)
@@ -837,6 +846,9 @@ def describe_disconnect(reason: str, socket_error: str | None, *, from_broker: b
         else:
             hint = ""
         return f"connection lost ({socket_error}){'; ' + hint if hint else ''}"
+    if not connected and reason == "Keep alive timeout":  # paho's own CONNACK wait, as long as the keepalive
+        return "the broker accepted the connection but did not answer the MQTT CONNECT within mqtt.keepalive" + \
+            (f"; {protocol_hint}" if protocol_hint else "")
     if reason == "Keep alive timeout":
         return "no answer from the broker to the keepalive ping (mqtt.keepalive): the network path to it is broken"
     if reason == "Protocol error":
