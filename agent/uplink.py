@@ -33,8 +33,9 @@ Invariants:
    `reconnect_max`: a broker that accepts the agent and drops it at once is not hammered either.
 7. A message the broker will not take does not stop the others. The suspect is the oldest unacknowledged
    message when the link drops within BLAME_WINDOW of its send, or a message an MQTT 5 broker refuses in
-   its PUBACK. On the next try its first poll goes alone, before anything else: if that poll is
-   acknowledged, the message was too large (messages are at most half its size from then on, logged);
+   its PUBACK. It is sent again as it was (a broker restart under load looks the same once); failing a
+   second time, its first poll goes alone, before anything else: if that poll is acknowledged, the
+   message was too large (messages are at most half its size from then on, logged);
    a poll that fails MAX_TRIES times is given up: deleted and counted as lost (`refused` in the buffer,
    so the platform sees the gap and the status message counts it), logged at ERROR with the device, the
    topic and what the broker said, and the topic's next messages are given up unsent for QUARANTINE
@@ -374,8 +375,9 @@ class MqttUplink:
 
     def _room(self) -> int:
         """Free places in the window (invariant 2); one message only while a suspect is probed."""
-        if self._suspect is not None:
-            return 0 if self._inflight or self._suspect.probing else 1
+        suspect = self._probing()
+        if suspect is not None:
+            return 0 if self._inflight or suspect.probing else 1
         return self._config.max_inflight - len(self._inflight) - len(self._acked)
 
     async def _fill_window(self, client: mqtt.Client) -> None:
@@ -491,8 +493,9 @@ class MqttUplink:
                 chunks[stream].append(chunk)
             chunk.append(row)
             open_chunks[key] = (chunk, size + len(row.payload))
-        if self._suspect is not None:
-            return self._send_probe(client, chunks, self._suspect)
+        suspect = self._probing()
+        if suspect is not None:
+            return self._send_probe(client, chunks, suspect)
         live_first = min(len(chunks[LIVE]), max(1, room // 2) if chunks[BACKLOG] else room)
         backlog = min(len(chunks[BACKLOG]), room - live_first)
         live = min(len(chunks[LIVE]), room - backlog)
@@ -558,18 +561,26 @@ class MqttUplink:
 
     # --- messages the broker refuses (invariant 7) -----------------------------------------------------
 
+    def _probing(self) -> _Suspect | None:
+        """The suspect, once it failed twice: from then on its first poll goes alone. (Once is not enough:
+        a broker restarting under load would otherwise make the oldest message in flight look refused.)"""
+        suspect = self._suspect
+        return suspect if suspect is not None and suspect.tries >= 2 else None
+
     def _blame(self, entry: _InFlight, why: str) -> None:
         """`entry` failed: the link dropped right after it, or the broker refused it in its PUBACK."""
         suspect = self._suspect
         device = entry.rows[0].device
         if suspect is None or suspect.seq != entry.first_seq:
             self._suspect = _Suspect(entry.first_seq, device, entry.topic, entry.size, len(entry.rows), reason=why)
-            log.warning("device %s: %s, right after a message to %s (%d bytes, %d polls, readings from seq %d); "
-                        "sending its first poll alone next, to find out whether the broker refuses the topic or "
-                        "the size", device, why, entry.topic, entry.size, len(entry.rows), entry.first_seq)
+            log.debug("device %s: %s, right after a message to %s; it is sent again", device, why, entry.topic)
             return
         suspect.tries += 1
         suspect.reason = why
+        if suspect.tries == 2:
+            log.warning("device %s: %s, twice right after a message to %s (%d bytes, %d polls, readings from seq "
+                        "%d); sending its first poll alone next, to find out whether the broker refuses the topic "
+                        "or the size", device, why, entry.topic, suspect.size, suspect.polls, entry.first_seq)
         if suspect.tries >= MAX_TRIES and len(entry.rows) == 1:
             self._give_up.append((entry.rows[0], entry.topic, f"the broker refused it {suspect.tries} times: {why}"))
             self._quarantine[entry.topic] = (time.monotonic() + QUARANTINE, why)
@@ -705,8 +716,11 @@ class MqttUplink:
             # its first message is still failing (logged quietly), not recovered again and again.
             self._link.succeeded()
             self._acked.append(entry)
-            if suspect is not None and suspect.probing and entry.first_seq == suspect.seq:
-                self._probe_passed(suspect)
+            if suspect is not None and entry.first_seq == suspect.seq:
+                if suspect.probing:
+                    self._probe_passed(suspect)
+                else:
+                    self._suspect = None  # it went through when sent again: the link, not the message
         self._wake.set()
 
     # --- client setup and teardown --------------------------------------------------------------------
@@ -789,8 +803,8 @@ def describe_connect_error(exc: BaseException | None) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed ({exc.reason or exc}); check the TLS settings of the broker and of [mqtt.tls]"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused: nothing listens on that host and port (mqtt.host, mqtt.port); is the broker " \
-               "running?"
+        return "connection refused: nothing listens on that host and port (check mqtt.host, mqtt.port and that " \
+               "the broker runs)"
     if isinstance(exc, TimeoutError | socket.timeout):
         return "connection timed out: the broker does not answer (network, firewall)"
     if isinstance(exc, socket.gaierror):
