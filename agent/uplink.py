@@ -47,9 +47,9 @@ Invariants:
    min(keepalive, CONNACK_TIMEOUT) ends the attempt with words about `mqtt.protocol`; a network thread that
    fails is logged at ERROR and replaced by the next connection: the uplink never stops silently.
 
-paho-mqtt's network loop runs in the connection's thread; its callbacks only note facts on the
-connection (`_Session`) and hand events to the event loop with `call_soon_threadsafe`. Nothing here
-blocks the event loop.
+paho-mqtt's network loop runs in the connection's thread, the only one that writes to the socket; its
+callbacks only note facts on the connection (`_Session`) and hand events to the event loop with
+`call_soon_threadsafe`. Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -259,7 +259,10 @@ class MqttUplink:
         try:
             client.connect(config.host, config.effective_port, keepalive=round(config.keepalive))
             session.socket_open = time.monotonic()
-            client.loop_forever()
+            # One step through `loop()` makes paho's socket pair, through which a publish from the event loop
+            # wakes this thread to write it (loop_forever alone has none: it would write only once a second).
+            if client.loop(timeout=0) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                client.loop_forever()
         except OSError as exc:
             session.error = describe_connect_error(exc)
         except BaseException as exc:  # noqa: BLE001 - reported in words, then the next connection is made
@@ -739,6 +742,11 @@ class MqttUplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_log = self._on_log
+        # Only the connection's thread writes to the socket. paho writes a publish at once from the caller's
+        # thread unless it runs its own thread (loop_start, which would also reconnect by itself) or this
+        # callback is set; without it the event loop and paho's thread could interleave two packets' bytes.
+        # paho's loop is woken through its socket pair and writes what is queued.
+        client.on_socket_register_write = _write_in_network_thread
         client.max_inflight_messages_set(0)  # the window is ours (max_inflight); paho must not queue
         # The broker publishes the will long after this moment: it carries no timestamp.
         client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
@@ -786,6 +794,10 @@ class MqttUplink:
             except TimeoutError:
                 pass  # still connecting: its thread ends on its own (a daemon thread never holds up the exit)
         self._connected = False
+
+
+def _write_in_network_thread(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nothing to do: the connection's thread writes (see `_make_client`)."""
 
 
 def _grouped(batch: list[tuple[StoredBatch, str, str]]) -> dict[tuple[str, str, str], list[StoredBatch]]:

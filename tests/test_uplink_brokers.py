@@ -312,7 +312,7 @@ async def test_a_sigkill_re_sends_at_most_the_in_flight_window(
                 break
             await asyncio.sleep(random.Random(run).uniform(0.15, 0.3))  # while it drains the backlog
             agent.kill()
-        await eventually(lambda: monitor.stream(GATEWAY).seqs.count >= polls_in_buffer * points, 30, "everything")
+        await eventually(lambda: monitor.stream(GATEWAY).seqs.count >= polls_in_buffer * points, 60, "everything")
         assert agent.terminate() == 0
     # A run sends the backlog oldest first, so each restart shows as a step back in the numbers; the
     # messages from there that the broker had forwarded before are what that kill re-sent.
