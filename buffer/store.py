@@ -13,7 +13,8 @@ Invariants (what is written when, what a crash can leave, what recovery does):
    - the size cap with policy "drop_oldest" deletes the oldest rows (`meta.dropped_oldest`);
    - the size cap with policy "reject_new" stores no new rows while the data is over the cap, but still
      advances the counter past them (`meta.rejected`), so the platform sees the loss as a gap;
-   - `max_age` deletes rows older than that (`meta.expired`); it is off unless configured.
+   - `max_age` deletes rows older than that (`meta.expired`); it is off unless configured;
+   - the uplink gives up a message the broker refused again and again (`give_up()`, `meta.refused`).
    The counters are persisted in the same transaction as the deletion.
 4. Durability: the file is in WAL mode. With durability "power-loss" (synchronous=FULL) a returned
    `append()` survives a power cut. With "process-crash" (synchronous=NORMAL) it survives a crash or
@@ -88,15 +89,16 @@ class BufferStats:
     expired: int
     next_seq: int
     buffer_id: str
+    refused: int = 0  # given up by the uplink: the broker refused their message (`give_up()`)
 
     @property
     def dropped(self) -> int:
         """Every reading the buffer gave up, for any reason."""
-        return self.dropped_oldest + self.rejected + self.expired
+        return self.dropped_oldest + self.rejected + self.expired + self.refused
 
 
 OnFull = Literal["drop_oldest", "reject_new"]
-_LOSS_KEYS = ("dropped_oldest", "rejected", "expired")
+_LOSS_KEYS = ("dropped_oldest", "rejected", "expired", "refused")
 _DELETE_CHUNK = 500  # sequence numbers per DELETE statement (SQLite allows 32,766 parameters)
 _ROW_OVERHEAD = 64  # bytes a row takes besides its payload, at most (its columns, the b-tree cell)
 
@@ -271,13 +273,20 @@ class Buffer:
                 chunk = list(seqs[start:start + _DELETE_CHUNK])
                 await self._db.execute(f"DELETE FROM batches WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
 
+    async def give_up(self, rows: Sequence[tuple[int, int]]) -> None:
+        """Delete rows (seq, count) the uplink cannot deliver (the broker refused their message again and
+        again), counted as lost (`refused`) in the same transaction: the platform sees the gap, the status
+        message counts it."""
+        async with self._lock:
+            await self._delete_counted(list(rows), "refused")
+
     async def stats(self) -> BufferStats:
         async with self._lock:
             (rows, readings, oldest), = await self._db.execute_fetchall(
                 "SELECT count(*), coalesce(sum(count), 0), min(ts) FROM batches")
         on_disk = sum(p.stat().st_size for p in _files(self.path) if p.exists())
         return BufferStats(rows, readings, oldest, on_disk, self._losses["dropped_oldest"], self._losses["rejected"],
-                           self._losses["expired"], self._next_seq, self.buffer_id)
+                           self._losses["expired"], self._next_seq, self.buffer_id, self._losses["refused"])
 
     async def note_uplink(self, inflight: int) -> None:
         """Record the uplink's in-flight count, so `edge-agent buffer stats` can show it from outside."""
