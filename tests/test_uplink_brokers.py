@@ -123,9 +123,10 @@ async def test_a_broker_that_drops_every_connection_is_tried_less_and_less_often
     finally:
         await peer.stop()
     gaps = [b - a for a, b in zip(peer.accepted, peer.accepted[1:], strict=False)]
-    # Waits 0.15-0.3, 0.3-0.6, 0.6-1.2, then 0.6-1.2 s: at most 6 tries in 4 s (a fixed 0.15-0.3 s: 14-26).
+    # Waits 0.15-0.3, 0.3-0.6, 0.6-1.2, then 0.6-1.2 s: tries at 0, 0.15, 0.45, 1.05, 1.65 ... at the soonest,
+    # so at most 8 in 4 s (a fixed 0.15-0.3 s: 14-26).
     in_four_seconds = [at for at in peer.accepted if at - peer.accepted[0] <= 4.0]
-    assert len(in_four_seconds) <= 6, gaps
+    assert len(in_four_seconds) <= 8, gaps
     assert gaps[1] >= 0.28 and gaps[2] >= 0.58, gaps
 
 
