@@ -31,9 +31,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from agent.names import Name, PointName
 from energy.windows import MeterSpec, offsets_fit
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 _UNITS = {"wh": 0.001, "kwh": 1.0, "mwh": 1000.0}
 # A register type's modulus: a counter held in it wraps to 0 (or to its minimum) past it.
 _MODULUS = {"uint16": 1 << 16, "int16": 1 << 16, "uint32": 1 << 32, "int32": 1 << 32,
@@ -45,6 +45,8 @@ TRIAL_WINDOW_S = 60
 
 
 def _window(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError('expected "15m", "5m", "30m", "60m" or "1m"')
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+)\s*(m|min|h|s)?\s*", value)
         if not match:
@@ -67,7 +69,7 @@ Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0, le=86400)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Demand(_Strict):
@@ -116,9 +118,9 @@ class _Demand(_Strict):
 class EnergySection(_Demand):
     """A device's `energy` table: present, the device is a meter whose windows are computed."""
 
-    import_point: Annotated[str, Field(pattern=_NAME)] = Field(
+    import_point: PointName = Field(
         "energy_active_import", description="The point holding the active energy import counter.")
-    export_point: Annotated[str, Field(pattern=_NAME)] | Literal[False] | None = Field(
+    export_point: PointName | Literal[False] | None = Field(
         None, description="The export counter; default energy_active_export when the device has it; false: none.")
     counter_unit: Literal["Wh", "kWh", "MWh"] | None = Field(
         None, description="Unit of the counters; default the import point's unit.")
@@ -131,8 +133,8 @@ class EnergySection(_Demand):
 
 
 class GroupConfig(_Demand):
-    name: Annotated[str, Field(pattern=_NAME)] = Field(description="The group's name; its records' topic level.")
-    meters: list[Annotated[str, Field(pattern=_NAME)]] = Field(min_length=1, description="Devices with an energy "
+    name: Name = Field(description="The group's name; its records' topic level.")
+    meters: list[Name] = Field(min_length=1, description="Devices with an energy "
                                                                                         "table, summed.")
     minus_export: bool = Field(False, description="Subtract the members' export energy (net import).")
 

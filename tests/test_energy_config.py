@@ -100,3 +100,14 @@ def test_other_short_windows_are_refused(window: str) -> None:
     ((where, message),) = problems(GATEWAY + meter("incomer-1", f"window = {window}"))
     assert where == "devices[0].energy.window"
     assert message.startswith('the window must be "5m", "15m", "30m" or "60m" ("1m" for commissioning trials)')
+
+
+def test_wrong_types_and_names_are_refused_as_everywhere_else() -> None:
+    # Strict like the rest of the file: a quoted number is a mistake, not a number; a group's name is a topic
+    # level and gets the same rename advice as a device's.
+    found = problems(GATEWAY + meter("incomer-1", 'target_kw = "500", window = true')
+                     + '[[energy.groups]]\nname = "plant.total"\nmeters = ["incomer-1"]\n')
+    where = dict(found)
+    assert "Input should be a valid number" in where["devices[0].energy.target_kw"]
+    assert where["devices[0].energy.window"].startswith('expected "15m"')
+    assert "rename it to 'plant-total'" in where["energy.groups[0].name"]

@@ -19,7 +19,8 @@ from pydantic import BeforeValidator, ConfigDict, Field, Strict, field_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
-from agent.config import DeviceBase, Host, PointName, StrictModel, duration, echo, text, valid_entries
+from agent.config import DeviceBase, Host, StrictModel, duration, echo, text, valid_entries
+from agent.names import PointName
 
 DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64",
                    "string"]

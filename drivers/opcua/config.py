@@ -22,13 +22,13 @@ from agent.config import (
     Duration,
     EnvName,
     FilePath,
-    PointName,
     UserName,
     duration,
     file_problem,
     host_problem,
     valid_entries,
 )
+from agent.names import PointName
 
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
