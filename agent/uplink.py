@@ -54,6 +54,7 @@ from agent.config import GatewayConfig, MqttConfig
 from agent.health import FailureLog
 from agent.payload import CONTENT_TYPE as JSON_CONTENT_TYPE
 from agent.payload import STATUS_SCHEMA, Encoder, Topics, iso_utc
+from agent.sparkplug import SparkplugSession
 from buffer.store import Buffer, StoredBatch
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,13 @@ class MqttUplink:
         self.status_topic = self.topics.status
         # Set on every (re)connect: the agent then sends a full status message at once.
         self.status_due = asyncio.Event()
+        # encoding = "sparkplug": births, deaths, seq and bdSeq live in agent/sparkplug; rows go out as DDATA.
+        self.sparkplug: SparkplugSession | None = None
+        if config.encoding == "sparkplug":
+            sp = config.sparkplug
+            self.sparkplug = SparkplugSession(
+                sp.group_id or gateway.site, sp.edge_node_id or gateway.id, sp.primary_host_id, buffer.buffer_id,
+                buffer.path.with_name(buffer.path.name + ".bdseq"), __version__, self._start_backlog)
 
     @property
     def connected(self) -> bool:
@@ -148,7 +156,7 @@ class MqttUplink:
             try:
                 # Send first: room in the window is freed by the acks themselves, so deleting what was
                 # acknowledged (a write to the buffer, behind the writer's commits) can wait until after.
-                if self._connected and not self._stopping:
+                if self._connected and not self._stopping and (self.sparkplug is None or self.sparkplug.ready):
                     await self._fill_window(client)
                 await self._delete_acked()
             except Exception as exc:  # noqa: BLE001 - a disk error must not end the uplink; nothing is lost
@@ -247,23 +255,26 @@ class MqttUplink:
                          for chunk in chunks[stream][count:] for row in chunk]
         to_send = [(LIVE, chunk) for chunk in chunks[LIVE][:live]] + \
                   [(BACKLOG, chunk) for chunk in chunks[BACKLOG][:backlog]]
-        for index, (_, chunk) in enumerate(to_send):
+        for index, (stream, chunk) in enumerate(to_send):
             try:
-                self._publish(client, chunk)
+                self._publish(client, chunk, stream == BACKLOG)
             except Exception:
                 # This chunk and the ones after it were not sent: back to the front, in order.
                 self._pending[:0] = [(stream, row) for stream, unsent in to_send[index:] for row in unsent]
                 raise
         return live + backlog
 
-    def _publish(self, client: mqtt.Client, rows: list[StoredBatch]) -> None:
+    def _publish(self, client: mqtt.Client, rows: list[StoredBatch], historical: bool = False) -> None:
         device, compact = rows[0].device, rows[0].table is not None
-        if compact:  # with the point tables it must carry (invariant 4)
+        if self.sparkplug is not None and not compact:  # JSON rows as DDATA (compact ones stay compact)
+            carried, info = [], self.sparkplug.publish(client, device, rows, historical)
+        elif compact:  # with the point tables it must carry (invariant 4)
             carried = self._cbor.due(device, (row.table for row in rows))
             payload = self._cbor.frame(device, [row.payload for row in rows], carried)
         else:
             carried, payload = [], self._json.frame(device, [row.payload for row in rows])
-        info = client.publish(self.topics.data(device), payload, qos=1, properties=self._content_type(compact))
+        if self.sparkplug is None or compact:
+            info = client.publish(self.topics.data(device), payload, qos=1, properties=self._content_type(compact))
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # Not queued by paho at all: the caller puts the rows back; tried again after a pause.
             raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
@@ -328,16 +339,29 @@ class MqttUplink:
                 log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
                 self._announced.clear()  # a new session: announce point tables again before their data
                 self._cbor.new_connection()  # and carry them in band again
-                # What piled up while disconnected (or before this run) becomes a backlog range.
-                live_from = self._buffer.next_seq
-                if live_from - 1 > self._cursor:
-                    self._backlog.append((self._cursor, live_from))
-                    self._cursor = live_from - 1
+                self._start_backlog()
+                if self.sparkplug is not None:
+                    self.sparkplug.connected()
                 self.status_due.set()
-        elif not self._stopping:
+        elif self.sparkplug is not None and was:
+            # Sparkplug invariant 5: what is in flight belongs to the old session; its rows go again.
+            self.sparkplug.disconnected()
+            self._backlog.extendleft((seq - 1, seq + 1) for entry in reversed(self._inflight.values())
+                                     for seq in reversed(entry.seqs))
+            self._inflight.clear()
+        if not connected and not self._stopping:
             self._link.failed(reason, f"{len(self._inflight)} messages in flight stay in the buffer; "
                                       "reconnecting with backoff")
             self._jitter_reconnect()
+        self._wake.set()
+
+    def _start_backlog(self) -> None:
+        """What piled up while disconnected (or before this run, or while a Sparkplug primary host was
+        offline) becomes a backlog range."""
+        live_from = self._buffer.next_seq
+        if live_from - 1 > self._cursor:
+            self._backlog.append((self._cursor, live_from))
+            self._cursor = live_from - 1
         self._wake.set()
 
     def _jitter_reconnect(self) -> None:
@@ -381,8 +405,11 @@ class MqttUplink:
         client.on_log = self._on_log
         client.max_inflight_messages_set(0)  # the window is ours (max_inflight); paho must not queue
         client.reconnect_delay_set(min_delay=config.reconnect_min, max_delay=config.reconnect_max)
-        # The broker publishes the will long after this moment: it carries no timestamp.
-        client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
+        if self.sparkplug is not None:
+            self.sparkplug.attach(client)  # the will is the NDEATH, armed before every CONNECT
+        else:
+            # The broker publishes the will long after this moment: it carries no timestamp.
+            client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
         if config.username is not None:
             client.username_pw_set(config.username, read_password(config))
         if config.tls_enabled:
@@ -398,6 +425,9 @@ class MqttUplink:
         """Send the status message (retained), if connected; the next one carries everything anew."""
         if not self._connected or self._stopping:
             return False
+        if self.sparkplug is not None:  # node metrics, as NDATA
+            self.sparkplug.status(details)
+            return True
         self._publish_status("online", details)
         return True
 
@@ -415,7 +445,9 @@ class MqttUplink:
 
     async def _disconnect(self, client: mqtt.Client) -> None:
         self._stopping = True
-        if self._connected:
+        if self.sparkplug is not None:
+            self.sparkplug.stop()  # the NDEATH, as the will would have
+        elif self._connected:
             # A clean DISCONNECT suppresses the will, so say "offline" ourselves first.
             self._publish_status("offline")
         client.disconnect()

@@ -1,0 +1,304 @@
+"""Sparkplug B end to end: the agent as a process against a real mosquitto and a real Modbus server, every
+message decoded by Eclipse Tahu's JavaScript codec (npm: sparkplug-payload), not by the agent's own code.
+
+The normative statements of Sparkplug 3.0 these tests check are listed in docs/payload.md ("Sparkplug B").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.monitor import Monitor
+from agent.sparkplug.sparkplug_b_pb2 import Payload
+from drivers.modbus.simulator import PowerMeter, SimServer
+from tests.conftest import REPO, agent_config, meter_device
+
+pytestmark = pytest.mark.timeout(90)
+
+TAHU_VERSION = "1.0.3"
+DECODER = Path(__file__).with_name("tahu_decode.js")
+
+
+@pytest.fixture(scope="session")
+def tahu() -> Path:
+    """A folder holding Eclipse Tahu's JavaScript payload codec, installed from the npm registry once."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed to decode Sparkplug with an independent implementation (Eclipse "
+                    "Tahu's sparkplug-payload); install nodejs and npm")
+    folder = REPO / ".venv" / "tahu-js"
+    if not (folder / "node_modules" / "sparkplug-payload" / "package.json").exists():
+        subprocess.run([npm, "install", "--prefix", str(folder), "--no-audit", "--no-fund", "--loglevel=error",
+                        f"sparkplug-payload@{TAHU_VERSION}"], check=True, timeout=300, capture_output=True)
+    return folder
+
+
+def decode(tahu: Path, messages: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """Every message the edge node sent (not the host's STATE and NCMD) decoded by Tahu, in order of arrival."""
+    lines = "".join(json.dumps({"topic": topic, "payload": base64.b64encode(body).decode()}) + "\n"
+                    for topic, body in messages if "/STATE/" not in topic and "/NCMD/" not in topic)
+    result = subprocess.run(["node", str(DECODER)], input=lines.encode(), capture_output=True, timeout=60,
+                            check=True, env={"NODE_PATH": str(tahu / "node_modules"), "PATH": "/usr/bin:/bin"})
+    decoded = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    errors = [d for d in decoded if "error" in d]
+    assert not errors, errors[:3]
+    for message in decoded:
+        message["kind"] = message["topic"].split("/")[2]
+    return decoded
+
+
+class Capture:
+    """A subscriber to spBv1.0/#, keeping every message in order of arrival; also publishes commands."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sparkplug-test-host")
+        self.client.on_connect = lambda c, *a: c.subscribe("spBv1.0/#", qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((message.topic, message.payload))
+
+    def kinds(self) -> list[str]:
+        with self._lock:
+            return [topic.split("/")[1 if topic.startswith("spBv1.0/STATE/") else 2] for topic, _ in self.messages]
+
+    def wait(self, condition: Callable[[list[str]], bool], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition(self.kinds()):
+            assert time.monotonic() < deadline, f"timed out; seen {self.kinds()}"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def capture(mosquitto: Any) -> Iterator[Capture]:
+    capture = Capture(mosquitto.port)
+    yield capture
+    capture.close()
+
+
+def sparkplug_config(tmp_path: Path, mqtt_port: int, modbus_port: int, primary_host: str | None = None) -> Path:
+    host = f'primary_host_id = "{primary_host}"' if primary_host else ""
+    return agent_config(tmp_path, mqtt_port, meter_device(modbus_port), extra_mqtt=f"""
+        encoding = "sparkplug"
+        [mqtt.sparkplug]
+        group_id = "plant-1"
+        {host}
+        """)
+
+
+def ncmd(name: str, value: bool) -> bytes:
+    payload = Payload(timestamp=int(time.time() * 1000))
+    payload.metrics.add(name=name, datatype=11, boolean_value=value)
+    return payload.SerializeToString()
+
+
+def seq_of(metric: dict[str, Any]) -> int:
+    return int(metric["properties"]["seq"]["value"])
+
+
+def check_seq(decoded: list[dict[str, Any]]) -> None:
+    """[tck-id-payloads-sequence-num-*]: seq 0 at NBIRTH, +1 mod 256 per message, NDEATH without."""
+    expected = None
+    for message in decoded:
+        kind, seq = message["kind"], message["payload"].get("seq")
+        if kind == "NDEATH":
+            expected = None
+            continue
+        assert seq is not None, f"{kind} without seq: {message}"
+        seq = int(seq)
+        if kind == "NBIRTH":
+            assert seq == 0
+        elif expected is not None:
+            assert seq == expected, f"{kind} has seq {seq}, expected {expected}"
+        expected = (seq + 1) % 256
+
+
+def check_births(decoded: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """No DDATA of a device without its DBIRTH since the last NBIRTH and its last DDEATH; every alias in a
+    DDATA was named, with its datatype, in that DBIRTH. Returns every alias ever named (alias -> metric)."""
+    born: dict[str, dict[int, dict[str, Any]]] = {}
+    named: dict[int, dict[str, Any]] = {}
+    node_born = False
+    for message in decoded:
+        kind, levels, metrics = message["kind"], message["topic"].split("/"), message["payload"].get("metrics", [])
+        if kind == "NBIRTH":
+            node_born, born = True, {}
+        elif kind == "NDEATH":
+            node_born = False
+        elif kind == "DBIRTH":
+            assert node_born, "DBIRTH before NBIRTH"
+            born[levels[4]] = {int(m["alias"]): m for m in metrics}
+            for metric in metrics:
+                assert metric["name"] and metric["type"] and "value" in metric
+                named[int(metric["alias"])] = metric
+        elif kind == "DDEATH":
+            born.pop(levels[4], None)
+        elif kind == "DDATA":
+            assert node_born and levels[4] in born, f"DDATA of {levels[4]} without its DBIRTH"
+            for metric in metrics:
+                birth = born[levels[4]][int(metric["alias"])]
+                assert "name" not in metric  # by alias only
+                assert metric["type"] == birth["type"]
+    return named
+
+
+def readings(decoded: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    return [(seq_of(m), m) for d in decoded if d["kind"] == "DDATA" for m in d["payload"]["metrics"]]
+
+
+def assert_exactly_once(seqs: list[int]) -> None:
+    assert len(seqs) == len(set(seqs)), "a reading arrived twice"
+    assert sorted(seqs) == list(range(1, max(seqs) + 1)), "a reading is missing"
+
+
+async def wait_kinds(capture: Capture, condition: Callable[[list[str]], bool], timeout: float = 20.0) -> None:
+    await asyncio.to_thread(capture.wait, condition, timeout)
+
+
+async def test_births_data_device_death_rebirth_and_clean_death(tmp_path: Path, mosquitto: Any, capture: Capture,
+                                                               agent_process: Any, tahu: Path) -> None:
+    meter = SimServer({1: PowerMeter(seed=1)}, update_interval=0.2)
+    await meter.start()
+    port = meter.port
+    monitor = Monitor("127.0.0.1", mosquitto.port, topic_filter="spBv1.0/#").start()
+    agent = agent_process(sparkplug_config(tmp_path, mosquitto.port, port), tmp_path / "agent.log")
+    agent.start()
+    try:
+        await wait_kinds(capture, lambda k: k.count("DDATA") >= 3)
+        await meter.stop()  # the meter stops answering: DDEATH
+        await wait_kinds(capture, lambda k: "DDEATH" in k)
+        meter = SimServer({1: PowerMeter(seed=1)}, port=port, update_interval=0.2)
+        await meter.start()  # and answers again: DBIRTH, then data
+        await wait_kinds(capture, lambda k: k[k.index("DDEATH"):].count("DDATA") >= 2)
+        # Only "Node Control/Rebirth" is acted on; another command is logged and ignored.
+        capture.client.publish("spBv1.0/plant-1/NCMD/gw-test", ncmd("Node Control/Reboot", True), qos=1)
+        capture.client.publish("spBv1.0/plant-1/NCMD/gw-test", ncmd("Node Control/Rebirth", True), qos=1)
+        await wait_kinds(capture, lambda k: k.count("NBIRTH") == 2 and k[k.index("NBIRTH", 1):].count("DDATA") >= 2)
+        assert agent.terminate() == 0
+        await wait_kinds(capture, lambda k: "NDEATH" in k)
+    finally:
+        await meter.stop()
+        monitor_report = monitor.report(final=True)
+        monitor.stop()
+    assert "ignored NCMD metric 'Node Control/Reboot'" in agent.log()
+
+    decoded = decode(tahu, capture.messages)
+    kinds = [d["kind"] for d in decoded]
+    assert kinds[0] == "NBIRTH" and kinds[1] == "DBIRTH" and kinds[-1] == "NDEATH"
+    assert kinds.count("NBIRTH") == 2  # the start and the rebirth; the other command made none
+    check_seq(decoded)
+    named = check_births(decoded)
+    # DDEATH when the meter stopped answering, DBIRTH before its data again.
+    death = kinds.index("DDEATH")
+    assert "DBIRTH" in kinds[death:] and kinds[death:].index("DBIRTH") < kinds[death:].index("DDATA")
+    births = [d["payload"] for d in decoded if d["kind"] == "NBIRTH"]
+    node = {m["name"]: m for m in births[0]["metrics"]}
+    assert node["Node Control/Rebirth"]["value"] is False
+    assert node["Edge Agent/Buffer ID"]["type"] == "String"
+    bdseq = int(node["bdSeq"]["value"])
+    assert all(int({m["name"]: m for m in b["metrics"]}["bdSeq"]["value"]) == bdseq for b in births)
+    death_payload = decoded[-1]["payload"]
+    assert int(death_payload["metrics"][0]["value"]) == bdseq and "seq" not in death_payload
+    # Names, datatypes and units as properties in the DBIRTH.
+    voltage = next(m for m in named.values() if m["name"] == "voltage_avg")
+    assert voltage["type"] == "Double" and voltage["properties"]["engUnit"]["value"] == "V"
+    energy = next(m for m in named.values() if m["name"] == "active_energy_wh")
+    assert energy["type"] == "Int64"
+    # Every reading exactly once by our sequence number (a poll that failed wrote none: no number is skipped).
+    got = readings(decoded)
+    assert_exactly_once([seq for seq, _ in got])
+    # edge-agent monitor decodes Sparkplug too and proves the same.
+    gateway = next(g for g in monitor_report.gateways if g.gateway == "gw-test")
+    assert gateway.invalid == 0, gateway.invalid_errors
+    assert len(gateway.streams) == 1 and gateway.streams[0].buffer_id == node["Edge Agent/Buffer ID"]["value"]
+    assert (gateway.gaps, gateway.lost, gateway.duplicates, gateway.readings) == (0, 0, 0, len(got))
+
+
+async def test_ndeath_will_on_kill_matches_nbirth_bdseq_and_increments(tmp_path: Path, mosquitto: Any,
+                                                                      capture: Capture, agent_process: Any,
+                                                                      tahu: Path, modbus_sim: Any) -> None:
+    config = sparkplug_config(tmp_path, mosquitto.port, modbus_sim.port)
+    agent = agent_process(config, tmp_path / "agent.log")
+    agent.start()
+    await wait_kinds(capture, lambda k: "DDATA" in k)
+    agent.kill()  # SIGKILL: the broker publishes the will
+    await wait_kinds(capture, lambda k: "NDEATH" in k)
+    agent = agent_process(config, tmp_path / "agent2.log")
+    agent.start()
+    await wait_kinds(capture, lambda k: k.count("NBIRTH") == 2 and "DDATA" in k[k.index("NBIRTH", 1):])
+    agent.terminate()
+    decoded = decode(tahu, capture.messages)
+    births = [int(m["value"]) for d in decoded if d["kind"] == "NBIRTH" for m in d["payload"]["metrics"]
+              if m.get("name") == "bdSeq"]
+    deaths = [int(d["payload"]["metrics"][0]["value"]) for d in decoded if d["kind"] == "NDEATH"]
+    assert deaths[0] == births[0]  # the will of the killed process
+    assert births[1] == (births[0] + 1) % 256  # persisted beside the buffer, incremented across the restart
+    assert (tmp_path / "buffer.db.bdseq").read_text().strip() == str(births[1])
+    check_seq(decoded)
+    check_births(decoded)
+    assert_exactly_once([seq for seq, _ in readings(decoded)] or [1])
+
+
+async def test_primary_host_offline_holds_data_then_backlog_is_historical(tmp_path: Path, mosquitto: Any,
+                                                                         capture: Capture, agent_process: Any,
+                                                                         tahu: Path, modbus_sim: Any) -> None:
+    state_topic = "spBv1.0/STATE/scada"
+
+    def host(online: bool) -> None:
+        body = json.dumps({"online": online, "timestamp": int(time.time() * 1000)})
+        capture.client.publish(state_topic, body, qos=1, retain=True).wait_for_publish(5)
+
+    host(False)
+    agent = agent_process(sparkplug_config(tmp_path, mosquitto.port, modbus_sim.port, primary_host="scada"),
+                          tmp_path / "agent.log")
+    agent.start()
+    await asyncio.sleep(2.5)  # polls every 200 ms go to the buffer only
+    assert not [k for k in capture.kinds() if k != "STATE"], "sent before the primary host was online"
+    host(True)
+    await wait_kinds(capture, lambda k: k.count("DDATA") >= 4)
+    host(False)
+    await asyncio.sleep(0.5)  # what was already in flight arrives
+    held = capture.kinds().count("DDATA")
+    await asyncio.sleep(2.0)
+    assert capture.kinds().count("DDATA") == held, "data sent while the primary host was offline"
+    host(True)
+    await wait_kinds(capture, lambda k: k.count("NBIRTH") == 2 and k[k.index("NBIRTH", 1):].count("DDATA") >= 3)
+    agent.terminate()
+
+    decoded = decode(tahu, capture.messages)
+    check_seq(decoded)
+    check_births(decoded)
+    got = readings(decoded)
+    assert_exactly_once([seq for seq, _ in got])
+    # The first 2.5 s of polls (about 12) and the second hold come as history; live data beside them not.
+    historical = [seq for seq, m in got if m.get("isHistorical")]
+    live = [seq for seq, m in got if not m.get("isHistorical")]
+    assert len(historical) >= 40 and live  # 4 points a poll
+    assert min(historical) == 1
+    second = [d for d in decoded[[d["kind"] for d in decoded].index("NBIRTH", 1):] if d["kind"] == "DDATA"]
+    assert any(m.get("isHistorical") for d in second for m in d["payload"]["metrics"])
