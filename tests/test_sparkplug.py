@@ -11,6 +11,7 @@ import base64
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.errors import EX_CONFIG
 from agent.monitor import Monitor
 from agent.sparkplug.sparkplug_b_pb2 import Payload
 from drivers.modbus.simulator import PowerMeter, SimServer
@@ -302,3 +304,22 @@ async def test_primary_host_offline_holds_data_then_backlog_is_historical(tmp_pa
     assert min(historical) == 1
     second = [d for d in decoded[[d["kind"] for d in decoded].index("NBIRTH", 1):] if d["kind"] == "DDATA"]
     assert any(m.get("isHistorical") for d in second for m in d["payload"]["metrics"])
+
+
+def test_sparkplug_ids_are_checked_like_every_name(tmp_path: Path) -> None:
+    """Sparkplug ids are topic levels: '/', '+' and '#' (and anything else a name may not hold) are refused
+    at the dotted path, exit 78. (Their defaults, the gateway's id, show in the topics of the tests above.)"""
+    config = tmp_path / "c.toml"
+    config.write_text('[gateway]\nid = "gw-1"\nsite = "plant-a"\n[mqtt]\nencoding = "sparkplug"\n'
+                      '[mqtt.sparkplug]\ngroup_id = "plant/a"\nedge_node_id = "gw+1"\nprimary_host_id = "scada#"\n'
+                      '[[devices]]\nname = "m"\ndriver = "modbus"\nhost = "10.0.0.5"\n'
+                      'points = [{ name = "v", function = "input", address = 0, type = "float32" }]\n')
+    result = subprocess.run([sys.executable, "-m", "agent", "check", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EX_CONFIG
+    lines = result.stdout.splitlines() + result.stderr.splitlines()
+    for key, bad, why in (("group_id", "plant/a", "'/' is not allowed: it separates topic levels"),
+                          ("edge_node_id", "gw+1", "'+' is not allowed: it is an MQTT wildcard"),
+                          ("primary_host_id", "scada#", "'#' is not allowed: it is an MQTT wildcard")):
+        assert any(line.startswith(f"{config}: mqtt.sparkplug.{key}: ") and why in line and f"(got '{bad}')" in line
+                   for line in lines), lines
