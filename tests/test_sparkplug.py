@@ -323,3 +323,55 @@ def test_sparkplug_ids_are_checked_like_every_name(tmp_path: Path) -> None:
                           ("primary_host_id", "scada#", "'#' is not allowed: it is an MQTT wildcard")):
         assert any(line.startswith(f"{config}: mqtt.sparkplug.{key}: ") and why in line and f"(got '{bad}')" in line
                    for line in lines), lines
+
+
+class _Collect:
+    """Takes what the session publishes, in order (the codec test needs no broker)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        self.messages.append((topic, payload))
+
+    def message_callback_add(self, topic: str, callback: object) -> None:
+        pass
+
+
+async def test_values_of_every_type_and_bad_readings_decode_with_tahu(tmp_path: Path, tahu: Path) -> None:
+    """Each value type as its Sparkplug datatype, null as is_null, a bad reading with Sparkplug's Quality
+    code 0 and our reason, an uncertain one with our quality; a negative Int64 survives; a point whose type
+    changes gets a new DBIRTH first."""
+    from agent.model import PollResult, Quality, Reading
+    from agent.payload import Encoder
+    from agent.sparkplug import SparkplugSession
+    from buffer.store import StoredBatch
+
+    encoder = Encoder("gw", "site", "buf")
+    poll = PollResult("dev", 1_764_000_000.5, (
+        Reading("f", 1.5, "kW"), Reading("i", -5), Reading("b", True), Reading("s", "RUN"),
+        Reading("n", None, None, Quality.BAD, "no answer"), Reading("u", 2.0, None, Quality.UNCERTAIN)))
+    later = PollResult("dev", 1_764_000_001.5, (Reading("i", "text now"),))
+    rows = [StoredBatch(1, 6, "dev", poll.ts, encoder.encode(poll, 1)),
+            StoredBatch(7, 1, "dev", later.ts, encoder.encode(later, 7))]
+    wire = _Collect()
+    session = SparkplugSession("g", "node", None, "buf", tmp_path / "bdseq", "test", lambda: None)
+    session.attach(wire)
+    session.publish(wire, "dev", rows[:1], historical=False)
+    session.publish(wire, "dev", rows[1:], historical=True)
+    session.stop()
+    decoded = decode(tahu, wire.messages)
+    assert [d["kind"] for d in decoded] == ["DBIRTH", "DDATA", "DBIRTH", "DDATA"]
+    birth = {m["name"]: m for m in decoded[0]["payload"]["metrics"]}
+    assert {name: m["type"] for name, m in birth.items()} == {
+        "f": "Double", "i": "Int64", "b": "Boolean", "s": "String", "n": "Double", "u": "Double"}
+    assert birth["f"]["properties"]["engUnit"]["value"] == "kW" and birth["n"]["value"] is None
+    data = {seq_of(m): m for m in decoded[1]["payload"]["metrics"]}
+    assert [data[seq]["value"] for seq in range(1, 7)] == [1.5, "-5", True, "RUN", None, 2.0]
+    assert data[5]["properties"]["Quality"] == {"type": "Int32", "value": 0}
+    assert data[5]["properties"]["reason"]["value"] == "no answer"
+    assert data[6]["properties"]["quality"]["value"] == "uncertain"
+    assert all(int(m["timestamp"]) == 1_764_000_000_500 for m in data.values())
+    assert {m["name"]: m["type"] for m in decoded[2]["payload"]["metrics"]}["i"] == "String"
+    (last,) = decoded[3]["payload"]["metrics"]
+    assert last["value"] == "text now" and last["isHistorical"] is True and seq_of(last) == 7

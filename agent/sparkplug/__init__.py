@@ -55,7 +55,8 @@ REBIRTH = "Node Control/Rebirth"
 BDSEQ = "bdSeq"
 BUFFER_ID = "Edge Agent/Buffer ID"
 # Data types (sparkplug_b.proto, "Indexes of Data Types").
-INT64, UINT64, FLOAT, DOUBLE, BOOLEAN, STRING = 4, 8, 9, 10, 11, 12
+INT32, INT64, UINT64, FLOAT, DOUBLE, BOOLEAN, STRING = 3, 4, 8, 9, 10, 11, 12
+QUALITY_BAD = 0  # the "Quality" property's code for bad (Sparkplug 3.0: 0 bad, 192 good, 500 stale)
 TYPE_NAMES = {INT64: "Int64", UINT64: "UInt64", FLOAT: "Float", DOUBLE: "Double", BOOLEAN: "Boolean",
               STRING: "String"}
 _U64 = (1 << 64) - 1
@@ -82,6 +83,8 @@ def set_value(metric: Any, datatype: int, value: Any) -> None:
         metric.is_null = True
     elif datatype == BOOLEAN:
         metric.boolean_value = bool(value)
+    elif datatype == INT32:
+        metric.int_value = int(value) & 0xFFFFFFFF
     elif datatype in (INT64, UINT64):
         metric.long_value = int(value) & _U64  # Int64: two's complement in the uint64 field, as Tahu does
     elif datatype == DOUBLE:
@@ -173,6 +176,7 @@ class SparkplugSession:
         self._connected = False
         self._node_born = False
         self._host_online = primary_host_id is None
+        self._host_since = -1  # the timestamp of the STATE that said online
         self._devices: dict[str, _Device] = {}
         self._next_alias = 1
         self._node_metrics: dict[str, tuple[int, int, Any]] = {}  # name -> (alias, datatype, value)
@@ -259,8 +263,11 @@ class SparkplugSession:
                     metric.is_historical = True
                 set_value(metric, point.datatype, reading["value"])
                 add_property(metric, "seq", UINT64, reading["seq"])
-                if reading["quality"] != "good":
+                if reading["quality"] == "bad":  # Sparkplug's own property, which any host reads
+                    add_property(metric, "Quality", INT32, QUALITY_BAD)
+                elif reading["quality"] != "good":  # "uncertain": Sparkplug has no code for it
                     add_property(metric, "quality", STRING, reading["quality"])
+                if reading["quality"] != "good":
                     if "reason" in reading:
                         add_property(metric, "reason", STRING, reading["reason"])
                 for key in ("source_ts", "server_ts"):
@@ -283,12 +290,14 @@ class SparkplugSession:
         payload = Payload(timestamp=int(time.time() * 1000))
         for name, value in values.items():
             known = self._node_metrics.get(name)
-            if known is None or known[1] != _node_type(value):
-                continue  # not in the NBIRTH of this session: it shows in the next one
+            if known is None or known[1] != _node_type(value) or known[2] == value:
+                continue  # unchanged, or not in the NBIRTH of this session: it shows in the next one
             self._node_metrics[name] = (known[0], known[1], value)
             metric = payload.metrics.add()
             metric.alias, metric.datatype, metric.timestamp = known[0], known[1], payload.timestamp
             set_value(metric, known[1], value)
+        if not payload.metrics:
+            return
         payload.seq = self._next_seq()
         self._client.publish(self.topic_ndata, payload.SerializeToString(), qos=0)
 
@@ -405,16 +414,18 @@ class SparkplugSession:
     def _host_state(self, body: bytes) -> None:
         try:
             state = json.loads(body)
-            online = state["online"]
-            if not isinstance(online, bool):
-                raise ValueError("online is not true or false")
+            online, timestamp = state["online"], state["timestamp"]
+            if not isinstance(online, bool) or not isinstance(timestamp, int):
+                raise ValueError("online is not true or false, or timestamp not an integer")
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("Sparkplug: ignored a STATE message of %s that is not Sparkplug 3.0 JSON (%s)",
                         self.primary_host_id, exc)
             return
+        if not online and timestamp < self._host_since:
+            return  # an offline STATE older than the online one we act on (a late will): not this session
         if online and not self._host_online:
             log.info("Sparkplug: primary host %s is online", self.primary_host_id)
-            self._host_online = True
+            self._host_online, self._host_since = True, timestamp
             if self._connected:
                 self._birth()
                 self._on_ready()
@@ -487,7 +498,7 @@ def data_polls(payload: Any, points: dict[int, tuple[str, str | None]]) -> list[
             raise ValueError(f"metric {metric.alias} has no seq property")
         name, unit = points[metric.alias]
         reading = {"seq": properties["seq"], "point": name, "value": value_of(metric),
-                   "quality": properties.get("quality", "good")}
+                   "quality": "bad" if properties.get("Quality") == QUALITY_BAD else properties.get("quality", "good")}
         if unit is not None:
             reading["unit"] = unit
         for key in ("reason", "source_ts", "server_ts"):
