@@ -339,20 +339,22 @@ class MqttUplink:
                 log.info("connected to MQTT broker %s:%d", self._config.host, self._config.effective_port)
                 self._announced.clear()  # a new session: announce point tables again before their data
                 self._cbor.new_connection()  # and carry them in band again
+                if self.sparkplug is not None:
+                    # Sparkplug invariant 5: what is still in flight was sent in an old session; its rows go
+                    # again in this one (paho's copies were dropped before the CONNECT).
+                    self._backlog.extendleft((seq - 1, seq + 1) for entry in reversed(self._inflight.values())
+                                             for seq in reversed(entry.seqs))
+                    self._inflight.clear()
                 self._start_backlog()
                 if self.sparkplug is not None:
                     self.sparkplug.connected()
                 self.status_due.set()
-        elif self.sparkplug is not None and was:
-            # Sparkplug invariant 5: what is in flight belongs to the old session; its rows go again.
-            self.sparkplug.disconnected()
-            self._backlog.extendleft((seq - 1, seq + 1) for entry in reversed(self._inflight.values())
-                                     for seq in reversed(entry.seqs))
-            self._inflight.clear()
-        if not connected and not self._stopping:
+        elif not self._stopping:
             self._link.failed(reason, f"{len(self._inflight)} messages in flight stay in the buffer; "
                                       "reconnecting with backoff")
             self._jitter_reconnect()
+        if not connected and self.sparkplug is not None:
+            self.sparkplug.disconnected()
         self._wake.set()
 
     def _start_backlog(self) -> None:

@@ -124,13 +124,19 @@ def seq_of(metric: dict[str, Any]) -> int:
 
 
 def check_seq(decoded: list[dict[str, Any]]) -> None:
-    """[tck-id-payloads-sequence-num-*]: seq 0 at NBIRTH, +1 mod 256 per message, NDEATH without."""
+    """[tck-id-payloads-sequence-num-*]: seq 0 at NBIRTH, +1 mod 256 per message, NDEATH without; and no
+    message between an NDEATH and the next NBIRTH, where a host would drop it (what the MQTT client would
+    re-send after a reconnect: Sparkplug invariant 5)."""
     expected = None
+    born = False
     for message in decoded:
         kind, seq = message["kind"], message["payload"].get("seq")
         if kind == "NDEATH":
-            expected = None
+            assert seq is None
+            born = False
             continue
+        assert kind == "NBIRTH" or born, f"{kind} outside a session (after an NDEATH, before the NBIRTH)"
+        born = True
         assert seq is not None, f"{kind} without seq: {message}"
         seq = int(seq)
         if kind == "NBIRTH":
@@ -269,27 +275,31 @@ async def test_ndeath_will_on_kill_matches_nbirth_bdseq_and_increments(tmp_path:
 async def test_primary_host_offline_holds_data_then_backlog_is_historical(tmp_path: Path, mosquitto: Any,
                                                                          capture: Capture, agent_process: Any,
                                                                          tahu: Path, modbus_sim: Any) -> None:
-    state_topic = "spBv1.0/STATE/scada"
+    def publish_state(online: bool) -> int:
+        now = int(time.time() * 1000)
+        body = json.dumps({"online": online, "timestamp": now})  # Sparkplug 3.0 STATE
+        capture.client.publish("spBv1.0/STATE/scada", body, qos=1, retain=True).wait_for_publish(5)
+        return now
 
-    def host(online: bool) -> None:
-        body = json.dumps({"online": online, "timestamp": int(time.time() * 1000)})
-        capture.client.publish(state_topic, body, qos=1, retain=True).wait_for_publish(5)
+    async def host(online: bool) -> int:  # off the event loop: the Modbus server in this process must answer
+        return await asyncio.to_thread(publish_state, online)
 
-    host(False)
+    await host(False)
     agent = agent_process(sparkplug_config(tmp_path, mosquitto.port, modbus_sim.port, primary_host="scada"),
                           tmp_path / "agent.log")
     agent.start()
     await asyncio.sleep(2.5)  # polls every 200 ms go to the buffer only
     assert not [k for k in capture.kinds() if k != "STATE"], "sent before the primary host was online"
-    host(True)
+    first_online_at = await host(True)
     await wait_kinds(capture, lambda k: k.count("DDATA") >= 4)
-    host(False)
+    offline_at = await host(False)
     await asyncio.sleep(0.5)  # what was already in flight arrives
     held = capture.kinds().count("DDATA")
     await asyncio.sleep(2.0)
     assert capture.kinds().count("DDATA") == held, "data sent while the primary host was offline"
-    host(True)
+    online_at = await host(True)
     await wait_kinds(capture, lambda k: k.count("NBIRTH") == 2 and k[k.index("NBIRTH", 1):].count("DDATA") >= 3)
+    await asyncio.sleep(1.0)  # live data after the backlog
     agent.terminate()
 
     decoded = decode(tahu, capture.messages)
@@ -297,13 +307,14 @@ async def test_primary_host_offline_holds_data_then_backlog_is_historical(tmp_pa
     check_births(decoded)
     got = readings(decoded)
     assert_exactly_once([seq for seq, _ in got])
-    # The first 2.5 s of polls (about 12) and the second hold come as history; live data beside them not.
-    historical = [seq for seq, m in got if m.get("isHistorical")]
-    live = [seq for seq, m in got if not m.get("isHistorical")]
-    assert len(historical) >= 40 and live  # 4 points a poll
-    assert min(historical) == 1
-    second = [d for d in decoded[[d["kind"] for d in decoded].index("NBIRTH", 1):] if d["kind"] == "DDATA"]
-    assert any(m.get("isHistorical") for d in second for m in d["payload"]["metrics"])
+    # The first 2.5 s of polls come as history, and so do the polls taken during the second hold (with a
+    # margin for the STATE to reach the agent); the polls after it are live, beside that history.
+    first = [m for _, m in got if int(m["timestamp"]) < first_online_at - 300]
+    assert len(first) >= 20 and all(m.get("isHistorical") for m in first) and seq_of(first[0]) == 1
+    during = [m for _, m in got if offline_at + 500 < int(m["timestamp"]) < online_at - 300]
+    assert len(during) >= 8 and all(m.get("isHistorical") for m in during)
+    after = [m for _, m in got if int(m["timestamp"]) > online_at + 500]
+    assert after and not any(m.get("isHistorical") for m in after)
 
 
 def test_sparkplug_ids_are_checked_like_every_name(tmp_path: Path) -> None:
@@ -375,3 +386,45 @@ async def test_values_of_every_type_and_bad_readings_decode_with_tahu(tmp_path: 
     assert {m["name"]: m["type"] for m in decoded[2]["payload"]["metrics"]}["i"] == "String"
     (last,) = decoded[3]["payload"]["metrics"]
     assert last["value"] == "text now" and last["isHistorical"] is True and seq_of(last) == 7
+
+
+async def test_after_a_link_failure_what_was_in_flight_is_sent_again_inside_the_new_session(
+        tmp_path: Path, mosquitto: Any, capture: Capture, partition_proxy: Any, agent_process: Any, tahu: Path,
+        modbus_sim: Any) -> None:
+    """Sparkplug invariant 5 (agent/sparkplug): paho would re-send the messages that were in flight when the
+    link failed as soon as it reconnects, with the old session's seq, around the new NBIRTH: a host drops them
+    or takes them as out of order. Their rows must go again inside the new session, and the stale copies not
+    at all: every reading arrives between an NBIRTH and an NDEATH, after its device's DBIRTH, in seq order."""
+    config = agent_config(tmp_path, partition_proxy.port, meter_device(modbus_sim.port), extra_mqtt="""
+        encoding = "sparkplug"
+        keepalive = "1s"
+        """)
+    agent = agent_process(config, tmp_path / "agent.log")
+    agent.start()
+    await wait_kinds(capture, lambda k: k.count("DDATA") >= 3)
+    partition_proxy.partition()  # the broker times the agent out and publishes its NDEATH
+    await wait_kinds(capture, lambda k: "NDEATH" in k)
+    await asyncio.sleep(1.0)  # more polls, sent into the void
+    partition_proxy.heal()
+    await wait_kinds(capture, lambda k: k.count("NBIRTH") == 2 and k[k.index("NBIRTH", 1):].count("DDATA") >= 5)
+    agent.terminate()
+    decoded = decode(tahu, capture.messages)
+    check_seq(decoded)
+    births = [int(m["value"]) for d in decoded if d["kind"] == "NBIRTH" for m in d["payload"]["metrics"]
+              if m.get("name") == "bdSeq"]
+    deaths = [int(d["payload"]["metrics"][0]["value"]) for d in decoded if d["kind"] == "NDEATH"]
+    assert deaths[0] == births[0] and births[1] > births[0]  # +1 per CONNECT, some lost in the partition
+    # What a host accepts: DDATA while the node and the device are born.
+    accepted, node_born, born = [], False, set()
+    for message in decoded:
+        kind, device = message["kind"], message["topic"].split("/")[-1]
+        if kind == "NBIRTH":
+            node_born, born = True, set()
+        elif kind == "NDEATH":
+            node_born = False
+        elif kind == "DBIRTH":
+            born.add(device)
+        elif kind == "DDATA" and node_born and device in born:
+            accepted += [seq_of(m) for m in message["payload"]["metrics"]]
+    assert sorted(set(accepted)) == list(range(1, max(accepted) + 1)), "a reading reached the host only outside a " \
+                                                                      "session"

@@ -23,9 +23,10 @@ Invariants:
    it stopped answering) or while the newest poll sent live had no good reading; a born device that is dead
    gets a DDEATH (within WATCH seconds of its first failed poll, or right after the DDATA that showed it),
    and its next message a DBIRTH. A dead device's backlog still goes out, between a DBIRTH and a DDEATH.
-5. A new connection is a new session: messages still in flight belong to the old one and are sent again
-   in the new one (the uplink puts their rows back), because a host drops data that comes before the
-   NBIRTH. The cost is duplicates, which our sequence numbers expose, never a loss.
+5. A new connection is a new session: messages still in flight belong to the old one. paho's copies are
+   dropped before the CONNECT (it would re-send them with the old seq, among the new births, where a host
+   drops them or asks for a rebirth) and the uplink sends their rows again after the NBIRTH. The cost is
+   duplicates, which our sequence numbers expose, never a loss.
 6. With a primary host configured, nothing is born and no data sent until its STATE says online; when it
    says offline, data waits in the buffer and goes out as a backlog with is_historical once it is back.
 
@@ -321,6 +322,13 @@ class SparkplugSession:
         # paho's thread, right before the CONNECT: the will carries the next bdSeq (invariant 2).
         self._connect_bdseq = bdseq = self._bdseq.next()
         client.will_set(self.topic_ndeath, self.death_payload(bdseq), qos=1, retain=False)
+        # Invariant 5: paho would re-send what the old session left unacknowledged right after the CONNACK,
+        # with that session's seq, in the middle of the new births. The uplink has already put those rows
+        # back to be sent in the new session; paho offers no public call to drop its queue, so it is emptied
+        # here (paho is pinned below 3; test_sparkplug's link-failure test fails if this stops working).
+        with client._out_message_mutex:
+            client._out_messages.clear()
+            client._inflight_messages = 0
 
     def _birth(self) -> None:
         """NBIRTH, then a DBIRTH for every device known and alive, all with seq from 0."""
