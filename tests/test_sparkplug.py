@@ -226,12 +226,19 @@ async def test_births_data_device_death_rebirth_and_clean_death(tmp_path: Path, 
     assert "DBIRTH" in kinds[death:] and kinds[death:].index("DBIRTH") < kinds[death:].index("DDATA")
     births = [d["payload"] for d in decoded if d["kind"] == "NBIRTH"]
     node = {m["name"]: m for m in births[0]["metrics"]}
-    assert node["Node Control/Rebirth"]["value"] is False
+    rebirth = node["Node Control/Rebirth"]
+    assert rebirth["value"] is False and rebirth["type"] == "Boolean" and "alias" not in rebirth
     assert node["Edge Agent/Buffer ID"]["type"] == "String"
+    assert node["Buffer/Readings"]["type"] == "Int64" and node["Buffer/Oldest Age"]["type"] == "Double"
+    # The status at connect goes out as NDATA, by the aliases of the NBIRTH.
+    aliases = {int(m["alias"]): m["type"] for m in births[0]["metrics"] if "alias" in m}
+    ndata = [m for d in decoded if d["kind"] == "NDATA" for m in d["payload"]["metrics"]]
+    assert ndata and all(aliases[int(m["alias"])] == m["type"] and "name" not in m for m in ndata)
     bdseq = int(node["bdSeq"]["value"])
     assert all(int({m["name"]: m for m in b["metrics"]}["bdSeq"]["value"]) == bdseq for b in births)
     death_payload = decoded[-1]["payload"]
-    assert int(death_payload["metrics"][0]["value"]) == bdseq and "seq" not in death_payload
+    assert [m["name"] for m in death_payload["metrics"]] == ["bdSeq"] and "seq" not in death_payload
+    assert int(death_payload["metrics"][0]["value"]) == bdseq
     # Names, datatypes and units as properties in the DBIRTH.
     voltage = next(m for m in named.values() if m["name"] == "voltage_avg")
     assert voltage["type"] == "Double" and voltage["properties"]["engUnit"]["value"] == "V"
@@ -264,6 +271,7 @@ async def test_ndeath_will_on_kill_matches_nbirth_bdseq_and_increments(tmp_path:
     births = [int(m["value"]) for d in decoded if d["kind"] == "NBIRTH" for m in d["payload"]["metrics"]
               if m.get("name") == "bdSeq"]
     deaths = [int(d["payload"]["metrics"][0]["value"]) for d in decoded if d["kind"] == "NDEATH"]
+    assert all(len(d["payload"]["metrics"]) == 1 for d in decoded if d["kind"] == "NDEATH")
     assert deaths[0] == births[0]  # the will of the killed process
     assert births[1] == (births[0] + 1) % 256  # persisted beside the buffer, incremented across the restart
     assert (tmp_path / "buffer.db.bdseq").read_text().strip() == str(births[1])

@@ -181,6 +181,9 @@ class SparkplugSession:
         self._devices: dict[str, _Device] = {}
         self._next_alias = 1
         self._node_metrics: dict[str, tuple[int, int, Any]] = {}  # name -> (alias, datatype, value)
+        # Every node metric is in every NBIRTH (Sparkplug: no metric may appear later), until the first status
+        # with zeros.
+        self._stage_node_metrics({BUFFER_ID: buffer_id, "Edge Agent/Version": version, **_node_values({})})
         prefix = f"{NAMESPACE}/{group_id}"
         self.topic_nbirth = f"{prefix}/NBIRTH/{edge_node_id}"
         self.topic_ndeath = f"{prefix}/NDEATH/{edge_node_id}"
@@ -337,7 +340,6 @@ class SparkplugSession:
         payload = Payload(timestamp=now, seq=self._next_seq())
         payload.metrics.add(name=BDSEQ, timestamp=now, datatype=UINT64, long_value=self._connect_bdseq)
         payload.metrics.add(name=REBIRTH, timestamp=now, datatype=BOOLEAN, boolean_value=False)
-        self._stage_node_metrics({BUFFER_ID: self._buffer_id, "Edge Agent/Version": self._version})
         for name, (alias, datatype, value) in self._node_metrics.items():
             metric = payload.metrics.add(name=name, alias=alias, timestamp=now, datatype=datatype)
             set_value(metric, datatype, value)
