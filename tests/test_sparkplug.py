@@ -360,7 +360,7 @@ class _Collect:
 async def test_values_of_every_type_and_bad_readings_decode_with_tahu(tmp_path: Path, tahu: Path) -> None:
     """Each value type as its Sparkplug datatype, null as is_null, a bad reading with Sparkplug's Quality
     code 0 and our reason, an uncertain one with our quality; a negative Int64 survives; a point whose type
-    changes gets a new DBIRTH first."""
+    changes gets a new DBIRTH first; a device's stream ("dev/demand") is a folder of its metrics."""
     from agent.model import PollResult, Quality, Reading
     from agent.payload import Encoder
     from agent.sparkplug import SparkplugSession
@@ -371,16 +371,20 @@ async def test_values_of_every_type_and_bad_readings_decode_with_tahu(tmp_path: 
         Reading("f", 1.5, "kW"), Reading("i", -5), Reading("b", True), Reading("s", "RUN"),
         Reading("n", None, None, Quality.BAD, "no answer"), Reading("u", 2.0, None, Quality.UNCERTAIN)))
     later = PollResult("dev", 1_764_000_001.5, (Reading("i", "text now"),))
+    demand = PollResult("dev/demand", 1_764_000_002.0, (Reading("kwh", 12.5, "kWh"),))  # a stream of the device
     rows = [StoredBatch(1, 6, "dev", poll.ts, encoder.encode(poll, 1)),
-            StoredBatch(7, 1, "dev", later.ts, encoder.encode(later, 7))]
+            StoredBatch(7, 1, "dev", later.ts, encoder.encode(later, 7)),
+            StoredBatch(8, 1, "dev/demand", demand.ts, encoder.encode(demand, 8))]
     wire = _Collect()
     session = SparkplugSession("g", "node", None, "buf", tmp_path / "bdseq", "test", lambda: None)
     session.attach(wire)
     session.publish(wire, "dev", rows[:1], historical=False)
-    session.publish(wire, "dev", rows[1:], historical=True)
+    session.publish(wire, "dev", rows[1:2], historical=True)
+    session.publish(wire, "dev/demand", rows[2:], historical=False)
     session.stop()
     decoded = decode(tahu, wire.messages)
-    assert [d["kind"] for d in decoded] == ["DBIRTH", "DDATA", "DBIRTH", "DDATA"]
+    assert [d["kind"] for d in decoded] == ["DBIRTH", "DDATA", "DBIRTH", "DDATA", "DBIRTH", "DDATA"]
+    assert {d["topic"] for d in decoded} == {"spBv1.0/g/DBIRTH/node/dev", "spBv1.0/g/DDATA/node/dev"}
     birth = {m["name"]: m for m in decoded[0]["payload"]["metrics"]}
     assert {name: m["type"] for name, m in birth.items()} == {
         "f": "Double", "i": "Int64", "b": "Boolean", "s": "String", "n": "Double", "u": "Double"}
@@ -394,6 +398,11 @@ async def test_values_of_every_type_and_bad_readings_decode_with_tahu(tmp_path: 
     assert {m["name"]: m["type"] for m in decoded[2]["payload"]["metrics"]}["i"] == "String"
     (last,) = decoded[3]["payload"]["metrics"]
     assert last["value"] == "text now" and last["isHistorical"] is True and seq_of(last) == 7
+    # The stream's metric joins the device's birth, in a folder; the earlier metrics stay in it.
+    folder = {m["name"]: m for m in decoded[4]["payload"]["metrics"]}
+    assert folder["demand/kwh"]["properties"]["engUnit"]["value"] == "kWh" and "f" in folder
+    (kwh,) = decoded[5]["payload"]["metrics"]
+    assert kwh["alias"] == folder["demand/kwh"]["alias"] and kwh["value"] == 12.5 and seq_of(kwh) == 8
 
 
 async def test_after_a_link_failure_what_was_in_flight_is_sent_again_inside_the_new_session(

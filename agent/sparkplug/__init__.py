@@ -231,9 +231,17 @@ class SparkplugSession:
     def publish(self, client: Any, device: str, rows: Iterable[Any], historical: bool) -> Any:
         """Publish buffer rows (JSON polls of one device, oldest first) as one DDATA at QoS 1, with the
         DBIRTH it needs before it and the DDEATH it implies after it (invariant 4). Returns paho's
-        MQTTMessageInfo of the DDATA: the uplink tracks its PUBACK."""
+        MQTTMessageInfo of the DDATA: the uplink tracks its PUBACK.
+
+        A stream of a device ("meter/demand": energy windows, alarms) is a folder of the device's metrics
+        ("demand/kwh"): Sparkplug device ids cannot hold '/', metric names can (hosts show them as folders)."""
+        device, _, folder = device.partition("/")
         state = self._devices.setdefault(device, _Device())
         polls = [(int(row.ts * 1000), json.loads(row.payload)["readings"]) for row in rows]
+        if folder:
+            for _, readings in polls:
+                for reading in readings:
+                    reading["point"] = f"{folder}/{reading['point']}"
         rebirth = not state.born
         for _, readings in polls:
             for reading in readings:
@@ -279,7 +287,7 @@ class SparkplugSession:
                         add_property(metric, key, STRING, reading[key])
         info = client.publish(f"{NAMESPACE}/{self.group_id}/DDATA/{self.edge_node_id}/{device}",
                               payload.SerializeToString(), qos=1)
-        if not historical and polls:  # history says nothing of the device now
+        if not historical and polls and not folder:  # history says nothing of the device now
             state.bad = all(reading["quality"] == "bad" for reading in polls[-1][1])
         if self._dead(device, state):
             self._publish_ddeath(device, state)
