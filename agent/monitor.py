@@ -20,6 +20,9 @@ How it works, and what it promises:
   topic: a monitor that joined late, a broker that keeps no retained meta) waits, as docs/payload.md tells
   a platform to, and is accounted when the table arrives (the agent sends it again within a minute). One
   still waiting when the monitor stops is invalid.
+- Sparkplug B (`[mqtt] encoding = "sparkplug"`, subscribe to `spBv1.0/#`): the edge node counts as the
+  gateway, the NBIRTH names its buffer_id, each DBIRTH its device's metrics by alias; a DDATA is accounted
+  like a JSON message by the "seq" property of each metric. A DDATA seen before those births is invalid.
 - Memory stays bounded on long runs: a window of one byte per sequence number (older numbers folded into
   a list of missing ranges), a fixed number of latency samples per stream.
 """
