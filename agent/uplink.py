@@ -23,6 +23,10 @@ Invariants:
 5. When the link drops, messages in flight stay with paho, which re-sends them (DUP) after reconnecting;
    their rows are still in the buffer. If the agent stops or crashes first, they are sent again by the
    next run: the cost of a crash is duplicates, which the platform drops by sequence number, never a loss.
+6. Sparkplug (`encoding = "sparkplug"`, agent/sparkplug): JSON rows go out as DDATA framed by the session
+   (backlog rows with is_historical), nothing is sent while the session is not ready (no NBIRTH yet, primary
+   host offline), and at each connect what is still in flight is put back as backlog: a Sparkplug session
+   ends with its connection.
 
 paho-mqtt runs its network loop in its own thread (`loop_start`); its callbacks only hand events to the
 event loop with `call_soon_threadsafe`. Nothing here blocks the event loop.
