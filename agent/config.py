@@ -455,6 +455,15 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
+class SparkplugConfig(StrictModel):
+    group_id: Name | None = Field(None, description="The Sparkplug group id (a topic level). Default: gateway.site.")
+    edge_node_id: Name | None = Field(None, description="The Sparkplug edge node id (a topic level). Default: "
+                                                        "gateway.id.")
+    primary_host_id: Name | None = Field(
+        None, description="The primary host application's id: data is held in the buffer until its STATE message "
+        "says online, and while it says offline. Unset: data is sent whenever the broker is connected.")
+
+
 class MqttConfig(StrictModel):
     host: Host = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535, description="Default 1883, or 8883 with TLS.")
@@ -473,10 +482,12 @@ class MqttConfig(StrictModel):
                                                     "(topic_prefix), {site}, {gateway}, {device} (required).")
     status_topic: str = Field(STATUS_TOPIC, description="Topic of the retained status message and last will. "
                                                         "Placeholders: {prefix}, {site}, {gateway}.")
-    encoding: Literal["json", "cbor"] = Field(
-        "json", description='Data messages: "json" (readable, about 60 bytes per reading on the wire) or "cbor" '
+    encoding: Literal["json", "cbor", "sparkplug"] = Field(
+        "json", description='Data messages: "json" (readable, about 60 bytes per reading on the wire), "cbor" '
         "(compact: about 6 to 8 bytes per reading on the wire and on disk; point names travel in a retained "
-        "message on meta_topic). See docs/payload.md.")
+        'message on meta_topic) or "sparkplug" (Sparkplug B 3.0 under spBv1.0/, settings in [mqtt.sparkplug]). '
+        "See docs/payload.md.")
+    sparkplug: SparkplugConfig = SparkplugConfig()
     meta_topic: str = Field(META_TOPIC, description='Topic of each device\'s retained point tables when encoding = '
                                                     '"cbor". Placeholders as data_topic; {device} is required.')
     max_inflight: int = Field(32, ge=1, le=1000, description="QoS 1 messages awaiting PUBACK at once.")

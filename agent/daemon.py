@@ -170,6 +170,8 @@ class Agent:
                                                  limits.max_age)
         try:
             self.uplink = uplink = MqttUplink(config.mqtt, config.gateway, buffer)
+            if uplink.sparkplug is not None:  # a device whose polls fail gets its DDEATH
+                uplink.sparkplug.health = self.health
             compact = config.mqtt.encoding == "cbor"
             encoder = (CborEncoder if compact else Encoder)(config.gateway.id, config.gateway.site, buffer.buffer_id)
             self.writer = writer = BufferWriter(buffer, encoder, uplink.notify, observe=self.latest.record)

@@ -20,6 +20,9 @@ How it works, and what it promises:
   topic: a monitor that joined late, a broker that keeps no retained meta) waits, as docs/payload.md tells
   a platform to, and is accounted when the table arrives (the agent sends it again within a minute). One
   still waiting when the monitor stops is invalid.
+- Sparkplug B (`[mqtt] encoding = "sparkplug"`, subscribe to `spBv1.0/#`): the edge node counts as the
+  gateway, the NBIRTH names its buffer_id, each DBIRTH its device's metrics by alias; a DDATA is accounted
+  like a JSON message by the "seq" property of each metric. A DDATA seen before those births is invalid.
 - Memory stays bounded on long runs: a window of one byte per sequence number (older numbers folded into
   a list of missing ranges), a fixed number of latency samples per stream.
 """
@@ -427,6 +430,10 @@ class Monitor:
         # arguments of _handle_data and the table's id. Only the worker thread touches them.
         self._waiting: dict[tuple[str, str], list[tuple[tuple[Any, ...], str]]] = {}
         self._waiting_count = 0
+        # Sparkplug: the buffer id of each (group, edge node) from its NBIRTH; the metrics of each device by
+        # alias from its DBIRTH.
+        self._sparkplug_nodes: dict[tuple[str, str], str | None] = {}
+        self._sparkplug_points: dict[tuple[str, str, str], dict[int, tuple[str, str | None]]] = {}
         self._tables_arrived: set[tuple[str, str]] = set()
         self.energy = EnergyView()  # demand windows, alarm events and live demand (energy/watch.py)
         self.invalid = 0
@@ -544,7 +551,9 @@ class Monitor:
 
     def _dispatch(self, arrived: float, now: float, topic: str, payload: bytes) -> None:
         levels = topic.split("/")
-        if len(levels) >= 3 and levels[-1] == "status":
+        if levels[0] == "spBv1.0":
+            self._handle_sparkplug(arrived, now, topic, levels, payload)
+        elif len(levels) >= 3 and levels[-1] == "status":
             self._handle_status(arrived, topic, levels[-2], payload)
         elif len(levels) >= 4 and levels[-2] == "data":
             self._handle_data(arrived, now, topic, levels[-4], levels[-3], levels[-1], payload)
@@ -574,6 +583,52 @@ class Monitor:
         if problems:
             self._reject(gateway, problems)
             return
+        self._account(arrived, now, topic, gateway, device, body)
+
+    def _handle_sparkplug(self, arrived: float, now: float, topic: str, levels: list[str], payload: bytes) -> None:
+        """Sparkplug B (docs/payload.md): the edge node id stands for the gateway; the NBIRTH names the
+        buffer, a DBIRTH the aliases of its device; a DDATA is accounted like a JSON message. STATE, NDATA,
+        deaths and commands only count as ignored."""
+        from google.protobuf.message import DecodeError
+
+        from agent.sparkplug import BUFFER_ID, birth_points, data_polls
+        from agent.sparkplug.sparkplug_b_pb2 import Payload
+
+        if len(levels) < 4 or levels[2] not in ("NBIRTH", "DBIRTH", "DDATA"):
+            with self._lock:
+                self.ignored += 1
+            return
+        group, kind, node, device = levels[1], levels[2], levels[3], "/".join(levels[4:])
+        try:
+            message = Payload.FromString(payload)
+        except DecodeError as exc:
+            self._reject(node, [f"{kind} {device}: not a Sparkplug B payload ({exc})"])
+            return
+        if kind == "NBIRTH":
+            buffer_id = next((m.string_value for m in message.metrics if m.name == BUFFER_ID), None)
+            self._sparkplug_nodes[(group, node)] = buffer_id
+        elif kind == "DBIRTH":
+            self._sparkplug_points[(group, node, device)] = birth_points(message)
+        else:
+            buffer_id = self._sparkplug_nodes.get((group, node))
+            points = self._sparkplug_points.get((group, node, device))
+            if buffer_id is None or points is None:
+                self._reject(node, [f"DDATA {device}: before the NBIRTH and DBIRTH that name its buffer and "
+                                    "metrics"])
+                return
+            try:
+                polls = data_polls(message, points)
+            except (KeyError, ValueError) as exc:
+                self._reject(node, [f"DDATA {device}: {exc!r}"])
+                return
+            for poll in polls:
+                poll["ts"] = iso_utc(poll["ts"])
+            self._account(arrived, now, topic, node, device, {"schema": SCHEMA, "gateway": node, "site": group,
+                                                              "buffer_id": buffer_id, "device": device,
+                                                              "polls": polls})
+
+    def _account(self, arrived: float, now: float, topic: str, gateway: str, device: str,
+                 body: dict[str, Any]) -> None:
         with self._lock:
             stream = self.streams.setdefault((gateway, body["buffer_id"]), StreamState())
             state = self.gateways.setdefault(gateway, GatewayState()).devices.setdefault(device, DeviceState())

@@ -48,6 +48,10 @@ Invariants:
    nothing to send, paho's ping notices it within 2 x keepalive); a CONNACK that does not come within
    min(keepalive, CONNACK_TIMEOUT) ends the attempt with words about `mqtt.protocol`; a network thread that
    fails is logged at ERROR and replaced by the next connection: the uplink never stops silently.
+9. Sparkplug (`encoding = "sparkplug"`, agent/sparkplug): JSON rows go out as DDATA framed by the session
+   (backlog rows with is_historical), and nothing is sent while the session is not ready (no NBIRTH yet,
+   primary host offline). A Sparkplug session ends with its connection: what was in flight goes again in the
+   next one (invariant 5), after its births, with the new session's seq.
 
 paho-mqtt's network loop runs in the connection's thread, the only one that writes to the socket; its
 callbacks only note facts on the connection (`_Session`) and hand events to the event loop with
@@ -81,6 +85,7 @@ from agent.config import GatewayConfig, MqttConfig
 from agent.health import FailureLog
 from agent.payload import CONTENT_TYPE as JSON_CONTENT_TYPE
 from agent.payload import STATUS_SCHEMA, Encoder, Topics, iso_utc
+from agent.sparkplug import SparkplugSession
 from buffer.store import Buffer, StoredBatch
 
 log = logging.getLogger(__name__)
@@ -194,6 +199,13 @@ class MqttUplink:
         self.status_topic = self.topics.status
         # Set on every (re)connect: the agent then sends a full status message at once.
         self.status_due = asyncio.Event()
+        # encoding = "sparkplug": births, deaths, seq and bdSeq live in agent/sparkplug; rows go out as DDATA.
+        self.sparkplug: SparkplugSession | None = None
+        if config.encoding == "sparkplug":
+            sp = config.sparkplug
+            self.sparkplug = SparkplugSession(
+                sp.group_id or gateway.site, sp.edge_node_id or gateway.id, sp.primary_host_id, buffer.buffer_id,
+                buffer.path.with_name(buffer.path.name + ".bdseq"), __version__, self._start_backlog)
 
     @property
     def connected(self) -> bool:
@@ -326,6 +338,8 @@ class MqttUplink:
         connected_at = session.connected_at
         self._connected = False
         self.connected_since = None
+        if self.sparkplug is not None:
+            self.sparkplug.disconnected()
         inflight = list(self._inflight.values())
         self._inflight.clear()
         self._requeued = len(inflight)
@@ -371,7 +385,8 @@ class MqttUplink:
                 # Send first: room in the window is freed by the acks themselves, so deleting what was
                 # acknowledged (a write to the buffer, behind the writer's commits) can wait until after.
                 client = self._client
-                if self._connected and not self._stopping and client is not None:
+                if self._connected and not self._stopping and client is not None and \
+                        (self.sparkplug is None or self.sparkplug.ready):
                     await self._fill_window(client)
                 if await self._delete_acked():
                     self._wake.set()  # their places in the window are free: fill it again
@@ -544,6 +559,10 @@ class MqttUplink:
 
     def _publish(self, client: mqtt.Client, stream: int, rows: list[StoredBatch]) -> None:
         device, compact = rows[0].device, rows[0].table is not None
+        if self.sparkplug is not None and not compact:  # JSON rows as DDATA (compact ones stay compact)
+            info, topic, size = self.sparkplug.publish(client, device, rows, historical=stream == BACKLOG)
+            self._track(info, _InFlight(stream, rows, topic, size, time.monotonic()))
+            return
         if compact:  # with the point tables it must carry (invariant 4)
             carried = self._cbor.due(device, (row.table for row in rows))
             payload = self._cbor.frame(device, [row.payload for row in rows], carried)
@@ -557,13 +576,16 @@ class MqttUplink:
                                               f"Maximum Packet Size ({self._packet_limit} bytes)") for row in rows)
             return
         info = client.publish(topic, payload, qos=1, properties=self._content_type(compact))
+        self._track(info, _InFlight(stream, rows, topic, len(payload), time.monotonic(),
+                                    (device, carried) if carried else None))
+
+    def _track(self, info: mqtt.MQTTMessageInfo, entry: _InFlight) -> None:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # Not queued by paho at all: the caller puts the rows back; tried again after a pause.
             raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
         # MQTT_ERR_NO_CONN: the link dropped just now; the rows go back to the queue when the connection's end
         # is handled (invariant 5).
-        self._inflight[info.mid] = _InFlight(stream, rows, topic, len(payload), time.monotonic(),
-                                             (device, carried) if carried else None)
+        self._inflight[info.mid] = entry
 
     async def _delete_acked(self) -> bool:
         """Delete the rows of acknowledged messages; True if any were (their window places are free)."""
@@ -705,12 +727,18 @@ class MqttUplink:
         self.connected_since = time.time()
         self._announced.clear()  # a new session: announce point tables again before their data
         self._cbor.new_connection()  # and carry them in band again
-        # What piled up while disconnected (or before this run) becomes a backlog range.
+        self._start_backlog()
+        if self.sparkplug is not None:
+            self.sparkplug.connected()
+        self.status_due.set()
+
+    def _start_backlog(self) -> None:
+        """What piled up while disconnected (or before this run, or while a Sparkplug primary host was
+        offline) becomes a backlog range."""
         live_from = self._buffer.next_seq
         if live_from - 1 > self._cursor:
             self._backlog.append((self._cursor, live_from))
             self._cursor = live_from - 1
-        self.status_due.set()
         self._wake.set()
 
     def _on_ack(self, session: _Session, mid: int, failed: bool, reason: str) -> None:
@@ -767,8 +795,11 @@ class MqttUplink:
         # paho's loop is woken through its socket pair and writes what is queued.
         client.on_socket_register_write = _write_in_network_thread
         client.max_inflight_messages_set(0)  # the window is ours (max_inflight); paho must not queue
-        # The broker publishes the will long after this moment: it carries no timestamp.
-        client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
+        if self.sparkplug is not None:
+            self.sparkplug.attach(client)  # the will is the NDEATH, with the next bdSeq
+        else:
+            # The broker publishes the will long after this moment: it carries no timestamp.
+            client.will_set(self.status_topic, self._status_payload("offline", stamped=False), qos=1, retain=True)
         if config.username is not None:
             client.username_pw_set(config.username, read_password(config))
         if config.tls_enabled:
@@ -784,6 +815,9 @@ class MqttUplink:
         """Send the status message (retained), if connected; the next one carries everything anew."""
         if not self._connected or self._stopping:
             return False
+        if self.sparkplug is not None:  # node metrics, as NDATA
+            self.sparkplug.status(details)
+            return True
         self._publish_status("online", details)
         return True
 
@@ -811,7 +845,9 @@ class MqttUplink:
         self._stopping = True
         session = self._session
         if session is not None and not session.ended.is_set():
-            if self._connected:
+            if self.sparkplug is not None:
+                self.sparkplug.stop()  # the NDEATH, as the will would have
+            elif self._connected:
                 # A clean DISCONNECT suppresses the will, so say "offline" ourselves first.
                 self._publish_status("offline")
             session.client.disconnect()

@@ -133,7 +133,8 @@ def run(devices: int, points: int, interval: float, duration: float, warmup: flo
             broker.start()
             config = work / "config.toml"
             write_config(config, broker.port, ports, points, interval, encoding)
-            monitor = Monitor("127.0.0.1", broker.port, "edge/bench/bench-gw/#", keep_latencies=2_000_000,
+            topics = "spBv1.0/#" if encoding == "sparkplug" else "edge/bench/bench-gw/#"
+            monitor = Monitor("127.0.0.1", broker.port, topics, keep_latencies=2_000_000,
                               validate=False)  # schema checks in this process would skew the latency
             monitor.start()
             agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config),
@@ -222,7 +223,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--percentiles", action="store_true",
                         help="add latency_ms: p50, p90, p95, p99 and max of poll to broker")
-    parser.add_argument("--encoding", choices=("json", "cbor"), default="json")
+    parser.add_argument("--encoding", choices=("json", "cbor", "sparkplug"), default="json")
     parser.add_argument("--simulators", type=int, default=1, help="simulator processes to spread the devices over")
     args = parser.parse_args()
     print(json.dumps(run(args.devices, args.points, args.interval, args.duration, args.warmup, args.percentiles,
