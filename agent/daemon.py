@@ -33,6 +33,7 @@ from drivers.base import PollingDriver, StreamingDriver
 log = logging.getLogger("agent")
 
 SHUTDOWN_GRACE = 2.0
+WRITER_GRACE = 5.0  # at a stop, for committing what the pollers produced; a failing disk gives up sooner
 
 
 def status_line(snapshot: dict[str, Any], connected: bool) -> str:
@@ -42,7 +43,8 @@ def status_line(snapshot: dict[str, Any], connected: bool) -> str:
     buffer = snapshot["buffer"]
     return (f"{len(devices) - failing}/{len(devices)} devices ok; broker {'connected' if connected else 'DOWN'}; "
             f"{buffer['readings']} readings buffered (oldest {buffer['oldest_age_s']:.0f} s); "
-            f"{buffer['dropped_oldest'] + buffer['rejected'] + buffer['expired']} lost to buffer limits")
+            f"{buffer['dropped_oldest'] + buffer['rejected'] + buffer['expired'] + buffer['unstored']} lost to buffer "
+            f"limits{'; buffer disk FULL' if buffer['disk_full'] else ''}")
 
 
 async def stop_tasks(tasks: list[asyncio.Task[None]], grace: float = 2.0, attempts: int = 3) -> None:
@@ -187,8 +189,12 @@ class Agent:
                 self.notifier.notify("STOPPING=1", "STATUS=stopping: committing what was polled")
                 log.info("stopping: pollers first, then the buffer writer, then the uplink")
                 await stop_tasks([reload_task, *self._pollers.values(), status_task])
-                await writer.flush()
-                await uplink.drain(SHUTDOWN_GRACE)
+                await writer.stop(WRITER_GRACE)
+                try:
+                    await uplink.drain(SHUTDOWN_GRACE)
+                except Exception as exc:  # noqa: BLE001 - unacknowledged or undeleted rows stay: duplicates at most
+                    log.error("stopping: the uplink could not finish (%s); what it did not delete is sent again "
+                              "at the next start", exc)
                 writer_task.cancel()
                 uplink_task.cancel()
                 watchdog_task.cancel()
@@ -221,7 +227,7 @@ class Agent:
         uplink = self.uplink
 
         async def snapshot() -> dict[str, Any]:
-            status = await reporter.snapshot(uplink.inflight, uplink.readings_delivered, mark_reported=False)
+            status = await reporter.snapshot(uplink.inflight, uplink.readings_delivered)
             return {**status, "gateway": self.config.gateway.id, "site": self.config.gateway.site,
                     "mqtt_connected": uplink.connected}
 
@@ -246,11 +252,15 @@ class Agent:
                     await uplink.status_due.wait()
             uplink.status_due.clear()
             try:
-                await buffer.expire()
-                await buffer.note_uplink(uplink.inflight)
+                try:  # housekeeping that writes: a full or failing disk must not hold the status back
+                    await buffer.expire()
+                    await buffer.note_uplink(uplink.inflight)
+                except Exception as exc:  # noqa: BLE001 - logged by the buffer's own failure rules
+                    log.debug("status: buffer housekeeping failed: %s", exc)
                 snapshot = await reporter.snapshot(uplink.inflight, uplink.readings_delivered)
-                if uplink.connected:
-                    uplink.publish_status(snapshot)
+                sent = uplink.publish_status(snapshot) if uplink.connected else None
+                if sent is not None:
+                    reporter.sent(snapshot, sent.is_published)
                 self.notifier.notify(f"STATUS={status_line(snapshot, uplink.connected)}")
             except Exception as exc:  # noqa: BLE001 - status is best effort; the data path is unaffected
                 failures.failed(exc)

@@ -382,12 +382,12 @@ class MqttUplink:
             client.tls_set_context(context)
         return client
 
-    def publish_status(self, details: dict[str, Any]) -> bool:
-        """Send the status message (retained), if connected; the next one carries everything anew."""
+    def publish_status(self, details: dict[str, Any]) -> mqtt.MQTTMessageInfo | None:
+        """Send the status message (retained), if connected. Returns paho's handle (`is_published()`: the
+        broker acknowledged it), or None when not sent."""
         if not self._connected or self._stopping:
-            return False
-        self._publish_status("online", details)
-        return True
+            return None
+        return self._publish_status("online", details)
 
     def _status_payload(self, state: str, stamped: bool = True, details: dict[str, Any] | None = None) -> bytes:
         status: dict[str, Any] = {"schema": STATUS_SCHEMA, "state": state, "gateway": self._gateway.id,
@@ -397,9 +397,11 @@ class MqttUplink:
         status.update(details or {})
         return json.dumps(status, separators=(",", ":")).encode()
 
-    def _publish_status(self, state: str, details: dict[str, Any] | None = None) -> None:
-        if self._client is not None:
-            self._client.publish(self.status_topic, self._status_payload(state, details=details), qos=1, retain=True)
+    def _publish_status(self, state: str, details: dict[str, Any] | None = None) -> mqtt.MQTTMessageInfo | None:
+        if self._client is None:
+            return None
+        return self._client.publish(self.status_topic, self._status_payload(state, details=details), qos=1,
+                                    retain=True)
 
     async def _disconnect(self, client: mqtt.Client) -> None:
         self._stopping = True

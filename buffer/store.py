@@ -290,8 +290,13 @@ class Buffer:
         elif record is not None:
             log.info("buffer %s: its high-water mark belonged to buffer %s; starting a new one", self.path,
                      record.get("buffer_id"))
-        await self._persist_counters()
         self._reserve_numbers(self._next_seq + 1)
+        try:
+            await self._persist_counters()
+        except sqlite3.OperationalError as exc:  # a full disk at start: the mark holds the numbers meanwhile
+            if not _is_full(exc):
+                raise
+            log.debug("buffer %s: counters not saved at opening: %s", self.path, exc)
 
     @property
     def next_seq(self) -> int:
@@ -352,7 +357,7 @@ class Buffer:
             self._write_mark()
             if self._full_since is not None:
                 self._last_full_failure = 0.0  # it fitted: the next one is tried at once
-                if self._reserve.make():
+                if self._room_for_reserve() and self._reserve.make():
                     self._leave_full()
             if not reject:
                 self._grown += sum(2 * (len(row[4]) + _ROW_OVERHEAD) for row in rows)
@@ -537,10 +542,19 @@ class Buffer:
     def _may_try_while_full(self) -> bool:
         """While the disk is full: try to store again once the reserve is back, or at most every
         FULL_PROBE_INTERVAL (room freed inside the file by delivered rows is used at once)."""
-        if self._reserve.make():
+        if self._room_for_reserve() and self._reserve.make():
             self._leave_full()
             return True
         return time.monotonic() - self._last_full_failure >= FULL_PROBE_INTERVAL
+
+    def _room_for_reserve(self) -> bool:
+        """Room for the reserve and as much again: making it with only its own room back (what releasing it
+        freed) would end the state just to start it again at the next write."""
+        try:
+            disk = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return disk.f_bavail * disk.f_frsize >= 2 * self._reserve.size
 
     # --- the cap ------------------------------------------------------------------------------------
 
