@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -290,7 +291,7 @@ class Buffer:
         elif record is not None:
             log.info("buffer %s: its high-water mark belonged to buffer %s; starting a new one", self.path,
                      record.get("buffer_id"))
-        self._reserve_numbers(self._next_seq + 1)
+        await self._reserve_numbers(self._next_seq + 1)
         try:
             await self._persist_counters()
         except sqlite3.OperationalError as exc:  # a full disk at start: the mark holds the numbers meanwhile
@@ -322,9 +323,9 @@ class Buffer:
         rows = [(b.seq, b.count, b.device, b.ts, zlib.compress(b.payload, 1) if b.table is None else b.payload,
                  b.table) for b in batches]
         async with self._lock:
-            self._reserve_numbers(expected)
+            await self._reserve_numbers(expected)
             if self._full_since is not None and not self._may_try_while_full():
-                self._give_up_locked(readings, "the disk is full")
+                await self._give_up_locked(readings, "the disk is full")
                 return 0
             reject = self.on_full == "reject_new" and self._may_be_near_cap() and \
                 await self._used_bytes() > self._data_cap
@@ -347,14 +348,14 @@ class Buffer:
                     raise
                 self._unstored_saved = self._saved_before_rollback
                 self._found_full(str(exc))
-                self._give_up_locked(readings, "the disk is full")
+                await self._give_up_locked(readings, "the disk is full")
                 return 0
             except BaseException:
                 await self._rollback()
                 self._unstored_saved = self._saved_before_rollback
                 raise
             self._next_seq = expected
-            self._write_mark()
+            await self._write_mark()
             if self._full_since is not None:
                 self._last_full_failure = 0.0  # it fitted: the next one is tried at once
                 if self._room_for_reserve() and self._reserve.make():
@@ -377,14 +378,14 @@ class Buffer:
         Needs no room on the disk. Returns the first number used."""
         async with self._lock:
             first = self._next_seq
-            self._reserve_numbers(first + readings)
-            self._give_up_locked(readings, reason)
+            await self._reserve_numbers(first + readings)
+            await self._give_up_locked(readings, reason)
             return first
 
-    def _give_up_locked(self, readings: int, reason: str) -> None:
+    async def _give_up_locked(self, readings: int, reason: str) -> None:
         self._next_seq += readings
         self._losses["unstored"] += readings
-        self._write_mark()
+        await self._write_mark()
         log.debug("buffer %s: %d readings not stored (%s), numbers up to %d used; %d unstored in all",
                   self.path, readings, reason, self._next_seq - 1, self._losses["unstored"])
 
@@ -461,7 +462,7 @@ class Buffer:
                 log.debug("buffer %s: counters not saved at close: %s", self.path, exc)
             await self._db.close()
             if self._mark is not None:
-                self._write_mark(clean=True, sync=True)
+                await self._write_mark(clean=True, sync=True)
                 self._mark.close()
                 self._mark = None
         if self._lock_file is not None:
@@ -470,17 +471,21 @@ class Buffer:
 
     # --- numbering and the high-water mark (invariant 2) ------------------------------------------
 
-    def _reserve_numbers(self, upto: int) -> None:
+    async def _reserve_numbers(self, upto: int) -> None:
         """Before any number below `upto` is used: make sure the fsynced mark covers it."""
         if upto > self._reserved:
             self._reserved = upto + SEQ_BLOCK
-            self._write_mark(sync=True)
+            await self._write_mark(sync=True)
 
-    def _write_mark(self, clean: bool = False, sync: bool | None = None) -> None:
+    async def _write_mark(self, clean: bool = False, sync: bool | None = None) -> None:
         assert self._mark is not None
-        self._mark.write({"buffer_id": self.buffer_id, "next_seq": self._next_seq, "reserved": self._reserved,
-                          "unstored": self._losses["unstored"], "clean": clean, "boot": _boot_id()},
-                         self._sync_mark if sync is None else sync)
+        record = {"buffer_id": self.buffer_id, "next_seq": self._next_seq, "reserved": self._reserved,
+                  "unstored": self._losses["unstored"], "clean": clean, "boot": _boot_id()}
+        if self._sync_mark if sync is None else sync:
+            # An fsync can take tens of milliseconds on an SD card: not on the event loop.
+            await asyncio.to_thread(self._mark.write, record, True)
+        else:
+            self._mark.write(record, False)  # a pwrite of 512 bytes to the page cache: ~4 us
 
     async def _persist_counters(self) -> None:
         """The counter and loss counts into the file's meta (after a recovery, at close)."""
@@ -729,6 +734,7 @@ def _is_full(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
 
 
+@functools.cache
 def _boot_id() -> str:
     """The kernel's id of this boot: a mark left by another boot may have lost what the page cache held."""
     try:

@@ -121,11 +121,11 @@ class FailingOnce(Buffer):
 
     failed = False
 
-    async def append(self, batches: list[StoredBatch], tables: Sequence[tuple[str, str, str]] = ()) -> None:
+    async def append(self, batches: Sequence[StoredBatch], tables: Sequence[tuple[str, str, str]] = ()) -> int:
         if not self.failed:
             self.failed = True
             raise sqlite3.OperationalError("disk I/O error")
-        await super().append(batches, tables)
+        return await super().append(batches, tables)
 
 
 async def test_writer_commits_many_results_per_transaction_and_retries_with_the_same_numbers(
@@ -336,3 +336,33 @@ async def test_the_cap_bounds_every_file_of_the_buffer_the_wal_included(tmp_path
     assert stats.dropped_oldest > 0
     assert largest <= cap, f"{largest} bytes on disk for a cap of {cap}"
     assert stats.bytes_on_disk <= cap
+
+
+class AlwaysFailing(Buffer):
+    """Every commit fails with an I/O error (a dying SD card): a fault no real disk produces on demand."""
+
+    async def append(self, batches: Sequence[StoredBatch], tables: Sequence[tuple[str, str, str]] = ()) -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+async def test_a_stop_while_every_commit_fails_is_prompt_and_counts_what_was_not_stored(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    buffer = await AlwaysFailing.open(tmp_path / "b.db")
+    writer = BufferWriter(buffer, Encoder("gw", "site", buffer.buffer_id), lambda: None)
+    task = asyncio.create_task(writer.run())
+    for i in range(3):
+        await writer.submit(PollResult(f"dev{i}", 1_700_000_000.0, (Reading("a", 1.0), Reading("b", 2))))
+    await asyncio.sleep(0.3)  # failing and retrying
+    began = time.monotonic()
+    await writer.stop(grace=5.0)
+    assert time.monotonic() - began < 1.0
+    task.cancel()
+    stats = await buffer.stats()
+    # Given up, but numbered and counted: the platform sees 6 missing readings and the status says why.
+    assert (stats.unstored, stats.next_seq, stats.readings) == (6, 7, 0)
+    await buffer.close()
+    reopened = await Buffer.open(tmp_path / "b.db")
+    assert (reopened.next_seq, (await reopened.stats()).unstored) == (7, 6)
+    await reopened.close()
