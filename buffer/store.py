@@ -18,7 +18,7 @@ Invariants (what is written when, what a crash can leave, what recovery does):
      `SEQ_BLOCK`), which survives a power cut too;
    - `clean` and the kernel's boot id, so that opening knows whether the page cache could have been lost.
    Opening continues at the highest of the file's counter and the mark (`reserved` after an unclean stop
-   of an earlier boot with "process-crash"). A counter behind the mark is a rollback: it is logged at
+   of an earlier boot by a run that did not fsync `next_seq`). A counter behind the mark is a rollback: it is logged at
    ERROR and the numbers passed over are counted (`meta.skipped`, an upper bound of the loss: some may
    have been delivered). The buffer_id stays: rows the file still holds (some perhaps delivered, their
    deletes forgotten) are re-sent under it, and consumers drop them as duplicates; the platform sees what
@@ -273,7 +273,7 @@ class Buffer:
             used = int(record.get("next_seq", 1))
             lost_page_cache = not record.get("clean") and record.get("boot") != _boot_id()
             why = "its WAL was damaged or discarded"
-            if lost_page_cache and durability == "process-crash":
+            if lost_page_cache and not record.get("synced", durability == "power-loss"):
                 # A power cut (or kernel crash) with synchronous=NORMAL: the last commits and the exact mark
                 # may both be gone; only the fsynced reservation is sure.
                 used = max(used, int(record.get("reserved", used)))
@@ -480,7 +480,8 @@ class Buffer:
     async def _write_mark(self, clean: bool = False, sync: bool | None = None) -> None:
         assert self._mark is not None
         record = {"buffer_id": self.buffer_id, "next_seq": self._next_seq, "reserved": self._reserved,
-                  "unstored": self._losses["unstored"], "clean": clean, "boot": _boot_id()}
+                  "unstored": self._losses["unstored"], "clean": clean, "boot": _boot_id(),
+                  "synced": self._sync_mark}
         if self._sync_mark if sync is None else sync:
             # An fsync can take tens of milliseconds on an SD card: not on the event loop.
             await asyncio.to_thread(self._mark.write, record, True)
@@ -816,7 +817,7 @@ class _Reserve:
 def _move_aside(path: Path) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    for source in _files(path):
+    for source in _files(path)[:3]:  # SQLite's files; the reserve and the mark stay with the new buffer
         if source.exists():
             source.rename(aside.with_name(aside.name + source.name[len(path.name):]))
     return aside

@@ -9,6 +9,8 @@ import random
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from agent.demo.mosquitto import MosquittoProcess
 from agent.model import PollResult, Reading
 from agent.monitor import Monitor
@@ -201,8 +203,9 @@ class StatusLog(Monitor):
             self.statuses.append(json.loads(payload))
 
 
+@pytest.mark.parametrize("encoding", ["json", "cbor"])
 async def test_losses_while_the_broker_is_unreachable_are_reported_when_it_is_back(
-        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer) -> None:
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer, encoding: str) -> None:
     # A buffer over its 1 MiB cap (drop_oldest): the agent's first commits drop the oldest readings.
     buffer = await Buffer.open(tmp_path / "buffer.db")
     rng = random.Random(3)
@@ -213,7 +216,8 @@ async def test_losses_while_the_broker_is_unreachable_are_reported_when_it_is_ba
     monitor.start()
     await asyncio.sleep(1.5)  # autosaved by the broker
     mosquitto.stop()
-    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"))
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"),
+                          extra_mqtt=f'encoding = "{encoding}"')
     config.write_text(config.read_text().replace('site = "test-site"', 'site = "test-site"\nstatus_interval = "1s"')
                       .replace('durability = "process-crash"', 'durability = "process-crash"\nmax_bytes = "1MiB"'))
     agent, stop, task = await start_agent(config)
