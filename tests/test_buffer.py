@@ -366,3 +366,26 @@ async def test_a_stop_while_every_commit_fails_is_prompt_and_counts_what_was_not
     reopened = await Buffer.open(tmp_path / "b.db")
     assert (reopened.next_seq, (await reopened.stats()).unstored) == (7, 6)
     await reopened.close()
+
+
+async def test_after_a_power_cut_with_process_crash_durability_numbering_continues_after_the_reserved_block(
+        tmp_path: Path) -> None:
+    """A power cut with synchronous=NORMAL: the last commits and the page cache (the exact mark) are gone.
+    Simulated: the WAL lost, the mark as the page cache would have left it, written by another boot."""
+    import json
+
+    path = tmp_path / "b.db"
+    first = await Buffer.open(path, durability="process-crash")  # created, then checkpointed at close
+    await first.append([batch(1)])
+    await first.close()
+    buffer_id, used_up_to = kill_after_commits(path, 20)
+    path.with_name(path.name + "-wal").write_bytes(b"")  # every commit since the last checkpoint: gone
+    mark_path = path.with_name(path.name + ".seq")
+    mark = json.loads(mark_path.read_bytes())
+    assert mark["reserved"] > used_up_to and not mark["synced"]
+    mark.update(next_seq=1, boot="an-earlier-boot")  # the page cache never reached the disk
+    mark_path.write_bytes(json.dumps(mark).encode().ljust(511) + b"\n")
+    buffer = await Buffer.open(path, durability="process-crash")
+    assert (buffer.buffer_id, buffer.next_seq) == (buffer_id, mark["reserved"])
+    assert buffer.next_seq >= used_up_to
+    await buffer.close()
