@@ -2,7 +2,8 @@
 
 Data flows driver -> scheduler -> writer -> buffer -> uplink -> broker; acknowledgements flow back from
 the uplink to the buffer. Shutdown runs in the same order: pollers stop first, the writer commits what
-they produced, the uplink gets a short grace for messages in flight, the buffer is closed. What is not
+they produced (within WRITER_GRACE; on a failing or full disk it gives them up at once, numbered and
+counted), the uplink gets a short grace for messages in flight, the buffer is closed. What is not
 acknowledged by then stays in the buffer for the next start.
 """
 

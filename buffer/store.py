@@ -2,8 +2,9 @@
 
 Invariants (what is written when, what a crash can leave, what recovery does):
 
-1. A poll result is safe once `append()` has returned: its row was committed in one transaction together
-   with the advance of the sequence counter. Until then it exists only in the writer's memory queue.
+1. A poll result is safe once `append()` has returned its readings as stored: its row was committed in one
+   transaction together with the advance of the sequence counter. Until then it exists only in the
+   writer's bounded memory queue. `append()` returning 0 means given up and counted (3, 3a), never pending.
 2. Every reading gets the next sequence number. A row holds the readings of one device's poll: `seq` is
    its first reading's number, `count` how many follow it. The counter (`meta.next_seq`) advances in the
    same transaction as the rows, so after any crash counter and rows agree. A number is never given to two
