@@ -2,7 +2,8 @@
 
 Data flows driver -> scheduler -> writer -> buffer -> uplink -> broker; acknowledgements flow back from
 the uplink to the buffer. Shutdown runs in the same order: pollers stop first, the writer commits what
-they produced, the uplink gets a short grace for messages in flight, the buffer is closed. What is not
+they produced (within WRITER_GRACE; on a failing or full disk it gives them up at once, numbered and
+counted), the uplink gets a short grace for messages in flight, the buffer is closed. What is not
 acknowledged by then stays in the buffer for the next start.
 """
 
@@ -38,6 +39,7 @@ from energy.wiring import reload_note, start_stage, status_sections
 log = logging.getLogger("agent")
 
 SHUTDOWN_GRACE = 2.0
+WRITER_GRACE = 5.0  # at a stop, for committing what the pollers produced; a failing disk gives up sooner
 
 
 def status_line(snapshot: dict[str, Any], connected: bool) -> str:
@@ -47,7 +49,8 @@ def status_line(snapshot: dict[str, Any], connected: bool) -> str:
     buffer = snapshot["buffer"]
     return (f"{len(devices) - failing}/{len(devices)} devices ok; broker {'connected' if connected else 'DOWN'}; "
             f"{buffer['readings']} readings buffered (oldest {buffer['oldest_age_s']:.0f} s); "
-            f"{buffer['dropped_oldest'] + buffer['rejected'] + buffer['expired']} lost to buffer limits")
+            f"{buffer['dropped_oldest'] + buffer['rejected'] + buffer['expired'] + buffer['unstored']} lost to buffer "
+            f"limits{'; buffer disk FULL' if buffer['disk_full'] else ''}")
 
 
 async def stop_tasks(tasks: list[asyncio.Task[None]], grace: float = 2.0, attempts: int = 3) -> None:
@@ -203,10 +206,14 @@ class Agent:
                 self.notifier.notify("STOPPING=1", "STATUS=stopping: committing what was polled")
                 log.info("stopping: pollers first, then the buffer writer, then the uplink")
                 await stop_tasks([reload_task, *self._pollers.values(), status_task])
-                await writer.flush()
+                committed = await writer.stop(WRITER_GRACE)
                 if self.energy is not None:
-                    await self.energy.close()
-                await uplink.drain(SHUTDOWN_GRACE)
+                    await self.energy.close(committed)
+                try:
+                    await uplink.drain(SHUTDOWN_GRACE)
+                except Exception as exc:  # noqa: BLE001 - unacknowledged or undeleted rows stay: duplicates at most
+                    log.error("stopping: the uplink could not finish (%s); what it did not delete is sent again "
+                              "at the next start", exc)
                 writer_task.cancel()
                 uplink_task.cancel()
                 watchdog_task.cancel()
@@ -239,7 +246,7 @@ class Agent:
         uplink = self.uplink
 
         async def snapshot() -> dict[str, Any]:
-            status = await reporter.snapshot(uplink.inflight, uplink.readings_delivered, mark_reported=False)
+            status = await reporter.snapshot(uplink.inflight, uplink.readings_delivered)
             return {**status, "gateway": self.config.gateway.id, "site": self.config.gateway.site,
                     "mqtt_connected": uplink.connected}
 
@@ -273,11 +280,15 @@ class Agent:
                     await uplink.status_due.wait()
             uplink.status_due.clear()
             try:
-                await buffer.expire()
-                await buffer.note_uplink(uplink.inflight)
+                try:  # housekeeping that writes: a full or failing disk must not hold the status back
+                    await buffer.expire()
+                    await buffer.note_uplink(uplink.inflight)
+                except Exception as exc:  # noqa: BLE001 - logged by the buffer's own failure rules
+                    log.debug("status: buffer housekeeping failed: %s", exc)
                 snapshot = await reporter.snapshot(uplink.inflight, uplink.readings_delivered)
-                if uplink.connected:
-                    uplink.publish_status(snapshot)
+                sent = uplink.publish_status(snapshot) if uplink.connected else None
+                if sent is not None:
+                    reporter.sent(snapshot, sent.is_published)
                 self.notifier.notify(f"STATUS={status_line(snapshot, uplink.connected)}")
             except Exception as exc:  # noqa: BLE001 - status is best effort; the data path is unaffected
                 failures.failed(exc)

@@ -103,8 +103,9 @@ def prometheus_text(status: dict[str, Any]) -> str:
     metric("buffer_readings", "gauge", "Readings waiting in the buffer for the broker.", [("", buffer["readings"])])
     metric("buffer_bytes", "gauge", "The buffer's size on disk.", [("", buffer["bytes"])])
     metric("buffer_oldest_age_seconds", "gauge", "Age of the oldest waiting reading.", [("", buffer["oldest_age_s"])])
+    reasons = ("dropped_oldest", "rejected", "expired", "unstored")
     metric("buffer_lost_readings_total", "counter", "Readings given up by the buffer's limits, by reason.",
-           [(f'{{reason="{reason}"}}', buffer[reason]) for reason in ("dropped_oldest", "rejected", "expired")])
+           [(f'{{reason="{reason}"}}', buffer[reason]) for reason in reasons])
     metric("mqtt_connected", "gauge", "1 while connected to the broker.", [("", float(status["mqtt_connected"]))])
     metric("mqtt_inflight_messages", "gauge", "Messages awaiting the broker's PUBACK.", [("", uplink["inflight"])])
     metric("mqtt_delivered_readings_total", "counter", "Readings the broker acknowledged.",

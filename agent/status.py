@@ -4,17 +4,29 @@ Sent retained on the status topic right after every (re)connect and then every `
 depth and age, bytes on disk, every reading lost to a buffer limit (in all, and since the previous status),
 each device's health, the clock's health (energy/clock.py), and the agent's version. Readings lost to limits
 also show as gaps in sequence numbers; the status says why.
+
+"Since the previous status" means since the previous status the broker acknowledged: a status computed
+while the broker is unreachable, or lost on the way, does not count as reported, so the next one that
+arrives carries those losses again. A platform that adds `lost_since_last_status` up may count a loss
+twice when a PUBACK was lost, never miss one; the totals (`dropped_oldest` ...) are exact.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from agent.health import DeviceHealth
 from agent.payload import iso_utc
 from buffer.store import Buffer
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    lost_total: int  # the buffer's loss total the status message carried
+    acknowledged: Callable[[], bool]  # true once the broker's PUBACK for it came
 
 
 class StatusReporter:
@@ -31,15 +43,23 @@ class StatusReporter:
         self._health = health
         self._started = time.time()
         self._lost_reported = lost_at_start
+        self._sent: _Sent | None = None
 
-    async def snapshot(self, inflight: int, delivered: int, mark_reported: bool = True) -> dict[str, Any]:
-        """`mark_reported`: this snapshot goes to the platform, so the next one counts losses from here.
-        A metrics scrape passes False and leaves that count alone."""
+    def sent(self, snapshot: dict[str, Any], acknowledged: Callable[[], bool]) -> None:
+        """`snapshot` was handed to the broker: its losses count as reported once `acknowledged()` is true
+        (checked at the next snapshot). Only the latest sent status is tracked: it carries the most."""
+        buffer = snapshot["buffer"]
+        self._sent = _Sent(sum(buffer[key] for key in ("dropped_oldest", "rejected", "expired", "unstored")),
+                           acknowledged)
+
+    async def snapshot(self, inflight: int, delivered: int) -> dict[str, Any]:
+        """The status as it stands; `lost_since_last_status` counts from the last acknowledged status.
+        A metrics scrape calls this too: it changes nothing."""
+        if self._sent is not None and self._sent.acknowledged():
+            self._lost_reported, self._sent = self._sent.lost_total, None
         stats = await self._buffer.stats()
         now = time.time()
         lost_since = stats.dropped - self._lost_reported
-        if mark_reported:
-            self._lost_reported = stats.dropped
         return {
             "uptime_s": round(now - self._started),
             "buffer": {
@@ -53,6 +73,9 @@ class StatusReporter:
                 "dropped_oldest": stats.dropped_oldest,
                 "rejected": stats.rejected,
                 "expired": stats.expired,
+                "unstored": stats.unstored,
+                "skipped": stats.skipped,
+                "disk_full": stats.disk_full,
                 "lost_since_last_status": lost_since,
             },
             "uplink": {"inflight": inflight, "delivered_readings": delivered},

@@ -665,7 +665,7 @@ class MqttUplink:
         given = {row.seq for row, _, _ in batch}
         self._pending = [(stream, row) for stream, row in self._pending if row.seq not in given]
         try:
-            await self._buffer.give_up([(row.seq, row.count) for row, _, _ in batch])
+            await self._buffer.delete_refused([(row.seq, row.count) for row, _, _ in batch])
         except BaseException:
             self._give_up[:0] = batch  # tried again at the next wake; until then the rows stay in the buffer
             raise
@@ -811,15 +811,15 @@ class MqttUplink:
             client.tls_set_context(context)
         return client
 
-    def publish_status(self, details: dict[str, Any]) -> bool:
-        """Send the status message (retained), if connected; the next one carries everything anew."""
+    def publish_status(self, details: dict[str, Any]) -> mqtt.MQTTMessageInfo | None:
+        """Send the status message (retained), if connected. Returns paho's handle (`is_published()`: the
+        broker acknowledged it), or None when not sent."""
         if not self._connected or self._stopping:
-            return False
-        if self.sparkplug is not None:  # node metrics, as NDATA
+            return None
+        if self.sparkplug is not None:  # node metrics, as NDATA (QoS 0: never counted as acknowledged)
             self.sparkplug.status(details)
-            return True
-        self._publish_status("online", details)
-        return True
+            return None
+        return self._publish_status("online", details)
 
     def publish_state(self, topic: str, payload: bytes) -> bool:
         """A retained current-state message that is not buffered (live demand, out of date a second later;
@@ -837,9 +837,11 @@ class MqttUplink:
         status.update(details or {})
         return json.dumps(status, separators=(",", ":")).encode()
 
-    def _publish_status(self, state: str, details: dict[str, Any] | None = None) -> None:
-        if self._client is not None:
-            self._client.publish(self.status_topic, self._status_payload(state, details=details), qos=1, retain=True)
+    def _publish_status(self, state: str, details: dict[str, Any] | None = None) -> mqtt.MQTTMessageInfo | None:
+        if self._client is None:
+            return None
+        return self._client.publish(self.status_topic, self._status_payload(state, details=details), qos=1,
+                                    retain=True)
 
     async def _disconnect(self) -> None:
         self._stopping = True

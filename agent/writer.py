@@ -2,12 +2,16 @@
 
 The queue between them is bounded: if the disk stalls, pollers wait on `submit()`, their next ticks are
 counted as overruns, and memory stays flat. A failed commit is retried with the same sequence numbers,
-so a transient disk error never leaves a gap.
+so a transient disk error never leaves a gap. An error that lasts (`GIVE_UP_AFTER`), or any error once
+the agent is stopping, makes the writer give the results up instead: the buffer numbers them and counts
+them as unstored, so the platform sees a gap and the status says why, pollers go on polling and a stop
+stays prompt. A full disk is the buffer's to handle (it gives the readings up at once, counted).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -20,6 +24,7 @@ from buffer.store import Buffer, StoredBatch
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_TRANSACTION = 2000
+GIVE_UP_AFTER = 10.0  # seconds a commit is retried before its results are given up (counted, numbered)
 
 
 class BufferWriter:
@@ -32,6 +37,7 @@ class BufferWriter:
         self._on_commit = on_commit
         self._queue: asyncio.Queue[PollResult] = asyncio.Queue(max_queue)
         self._failures = FailureLog("buffer write", log)
+        self._stopping = asyncio.Event()
         self.readings_committed = 0
         self._observe = observe
 
@@ -54,11 +60,27 @@ class BufferWriter:
                 self._queue.task_done()
 
     async def flush(self) -> None:
-        """Wait until everything submitted so far is committed (used at shutdown)."""
+        """Wait until everything submitted so far is committed or given up."""
         await self._queue.join()
+
+    async def stop(self, grace: float) -> bool:
+        """At shutdown, once the pollers have stopped: commit what they produced, giving up at once what a
+        failing disk refuses (counted), and never wait longer than `grace` seconds. True if every result was
+        dealt with (committed, or given up and numbered)."""
+        self._stopping.set()
+        try:
+            async with asyncio.timeout(grace):
+                await self._queue.join()
+            return True
+        except TimeoutError:
+            log.error("buffer writer: %d poll results not committed within %.0f s of the stop (the disk does "
+                      "not answer); they are lost and their readings were not numbered", self._queue.qsize(),
+                      grace)
+            return False
 
     async def _commit(self, results: list[PollResult]) -> None:
         delay = 0.1
+        failing_since: float | None = None
         tables: list[tuple[str, str, str]] = []  # point tables new since the last commit: stored with its rows
         while True:
             seq = self._buffer.next_seq
@@ -71,13 +93,24 @@ class BufferWriter:
                 seq += len(result.readings)
             tables += self._encoder.take_tables()
             try:
-                await self._buffer.append(batches, tables)
-            except Exception as exc:  # noqa: BLE001 - disk full, I/O error: keep the results and retry
-                self._failures.failed(exc, "readings wait in memory; polling slows down if this persists")
-                await asyncio.sleep(delay)
+                stored = await self._buffer.append(batches, tables)
+            except Exception as exc:  # noqa: BLE001 - an I/O error: keep the results and retry, for a while
+                now = asyncio.get_running_loop().time()
+                failing_since = now if failing_since is None else failing_since
+                readings = seq - batches[0].seq if batches else 0
+                if self._stopping.is_set() or now - failing_since >= GIVE_UP_AFTER:
+                    await self._buffer.give_up(readings, f"write failed: {exc}")
+                    self._failures.failed(exc, f"{readings} readings given up, counted as unstored (a gap)")
+                    return
+                self._failures.failed(exc, f"readings wait in memory; they are given up (counted) if this lasts "
+                                           f"{GIVE_UP_AFTER:.0f} s")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
                 delay = min(delay * 2, 5.0)
                 continue
             self._failures.succeeded()
-            self.readings_committed += seq - batches[0].seq if batches else 0
-            self._on_commit()
+            self.readings_committed += stored
+            if stored:
+                self._on_commit()
             return

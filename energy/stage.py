@@ -184,10 +184,12 @@ class EnergyStage:
             self._outbox = []
         self._save()
 
-    async def close(self) -> None:
-        """At shutdown, after the pollers stopped: what was handed over is committed, the state saved."""
-        await self._flush()
-        self._outbox = []
+    async def close(self, committed: bool = True) -> None:
+        """At shutdown, after the pollers stopped and the writer was stopped: `committed` says whether it dealt
+        with everything handed to it. If not (the disk did not answer), the outbox stays in the saved state and
+        is handed over again at the next start (invariant 3)."""
+        if committed:
+            self._outbox = []
         self._save()
         if self._history is not None:
             self._history.close()

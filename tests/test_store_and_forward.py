@@ -9,6 +9,8 @@ import random
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from agent.demo.mosquitto import MosquittoProcess
 from agent.model import PollResult, Reading
 from agent.monitor import Monitor
@@ -186,3 +188,50 @@ async def test_buffer_stats_reads_a_buffer_the_running_agent_holds(
     assert stats["readings"] >= 40 and stats["rows"] >= 10 and stats["oldest_age_s"] >= 0
     assert stats["buffer_id"] == agent.buffer.buffer_id and stats["dropped"] == 0
     assert human.returncode == 0 and "readings in" in human.stdout and "waiting for the broker" in human.stdout
+
+
+class StatusLog(Monitor):
+    """The subscriber, keeping every status message in the order they came (the Monitor keeps the last)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.statuses: list[dict[str, object]] = []
+
+    def _handle_status(self, arrived: float, topic: str, gateway: str, payload: bytes) -> None:
+        super()._handle_status(arrived, topic, gateway, payload)
+        if payload:
+            self.statuses.append(json.loads(payload))
+
+
+@pytest.mark.parametrize("encoding", ["json", "cbor"])
+async def test_losses_while_the_broker_is_unreachable_are_reported_when_it_is_back(
+        tmp_path: Path, mosquitto: MosquittoProcess, modbus_sim: SimServer, encoding: str) -> None:
+    # A buffer over its 1 MiB cap (drop_oldest): the agent's first commits drop the oldest readings.
+    buffer = await Buffer.open(tmp_path / "buffer.db")
+    rng = random.Random(3)
+    await buffer.append([StoredBatch(seq, 100, "old-meter", 1_700_000_000.0, rng.randbytes(2000))
+                         for seq in range(1, 80_001, 100)])
+    await buffer.close()
+    monitor = StatusLog("127.0.0.1", mosquitto.port, TOPIC, session="platform")
+    monitor.start()
+    await asyncio.sleep(1.5)  # autosaved by the broker
+    mosquitto.stop()
+    config = agent_config(tmp_path, mosquitto.port, meter_device(modbus_sim.port, interval="100ms"),
+                          extra_mqtt=f'encoding = "{encoding}"')
+    config.write_text(config.read_text().replace('site = "test-site"', 'site = "test-site"\nstatus_interval = "1s"')
+                      .replace('durability = "process-crash"', 'durability = "process-crash"\nmax_bytes = "1MiB"'))
+    agent, stop, task = await start_agent(config)
+    assert agent.buffer is not None
+    try:
+        await eventually(lambda: agent.buffer._losses["dropped_oldest"] > 0, 10, "drops at the cap")
+        await asyncio.sleep(2.5)  # status rounds while the broker is unreachable: nothing reported yet
+        mosquitto.restart()
+        await eventually(lambda: any(s["state"] == "online" for s in monitor.statuses), 15, "a status message")
+        await stop_agent(stop, task)
+    finally:
+        monitor.stop()
+    first = next(s for s in monitor.statuses if s["state"] == "online")["buffer"]
+    assert isinstance(first, dict) and first["dropped_oldest"] > 0
+    # Everything given up since the start (the prefilled buffer had lost nothing) is in the first status the
+    # platform receives.
+    assert first["lost_since_last_status"] == first["dropped_oldest"]
