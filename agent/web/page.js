@@ -305,7 +305,8 @@ function liveRows(m, now) {
   const live = m.live;
   if (!live) {
     const why = m.kind === "group" ? t("waiting_group")
-      : m.waiting_until ? t("waiting_first")(wallClock(m.waiting_until, true)) : t("waiting_reading");
+      : m.waiting_until ? t("waiting_first")(wallClock(m.waiting_until, true) +
+        (zoneNote(m.waiting_until) ? ` (${zoneNote(m.waiting_until)})` : "")) : t("waiting_reading");
     return el("p", { class: "muted waiting" }, why);
   }
   const target = m.target_kw === null || m.target_kw === undefined ? t("no_target")
