@@ -70,7 +70,7 @@ def page_section(stage: EnergyStage, now: float) -> list[dict[str, Any]]:
     shown: list[dict[str, Any]] = []
     for name, tracker in stage.trackers.items():
         item = _page_item(stage, tracker.spec, "meter", now)
-        if name not in stage.live and tracker.window is not None:
+        if name not in stage.live and tracker.window is not None and tracker.window.start_energy is None:
             # The first window after commissioning: nothing was read before its start edge (docs/energy.md).
             item["waiting_until"] = local_iso(tracker.window.end, tracker.spec.zone)
         shown.append(item)
