@@ -34,7 +34,7 @@ from buffer.store import Buffer
 from drivers.base import PollingDriver, StreamingDriver
 from energy.clock import ClockWatch
 from energy.stage import EnergyStage
-from energy.wiring import reload_note, start_stage, status_sections
+from energy.wiring import page_section, reload_note, start_stage, status_sections
 
 log = logging.getLogger("agent")
 
@@ -251,7 +251,9 @@ class Agent:
                     "mqtt_connected": uplink.connected}
 
         async def page() -> dict[str, Any]:
-            return page_snapshot(await snapshot(), self.config, uplink, self.latest, time.time())
+            now = time.time()
+            energy = page_section(self.energy, now) if self.energy is not None else None
+            return page_snapshot(await snapshot(), self.config, uplink, self.latest, now, energy)
 
         # Checked by the config validation; read once here, never logged or shown.
         password = read_first_line(settings.password_file) if settings.password_file is not None else None

@@ -110,9 +110,10 @@ def _text(text: str | None) -> str | None:
 
 
 def page_snapshot(status: dict[str, Any], config: AgentConfig, uplink: Any, latest: LatestReadings,
-                  now: float) -> dict[str, Any]:
+                  now: float, energy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What /page.json serves: the status snapshot (as /status.json) with what the page adds: the broker's
-    address and session, the buffer's limits, each device's points. `uplink` is the MqttUplink."""
+    address and session, the buffer's limits, each device's points, and `energy`: each meter's and group's
+    live demand and latest windows (energy/wiring.py `page_section`). `uplink` is the MqttUplink."""
     mqtt = config.mqtt
     devices = []
     configured = set()
@@ -144,6 +145,6 @@ def page_snapshot(status: dict[str, Any], config: AgentConfig, uplink: Any, late
         snapshot["gateway"]["clock"] = status["clock"]
     streams = [{"stream": name, "points": latest.points(name)} for name in latest.streams()
                if name not in configured and "/" in name]
-    if "energy" in status or streams:
-        snapshot["energy"] = {"figures": status.get("energy"), "streams": streams}
+    if "energy" in status or streams or energy:
+        snapshot["energy"] = {"figures": status.get("energy"), "meters": energy or [], "streams": streams}
     return snapshot

@@ -21,6 +21,10 @@ temporary file, fsynced, renamed over the old one, the folder fsynced):
    (interpolated across the outage) and flagged `restart` and `edge_gap`.
 5. A state file that cannot be read is moved aside and logged, and the stage starts afresh (the first
    window of each meter is then not emitted): the agent never crash-loops on it.
+
+For the status page the stage keeps, per meter and group, its latest live demand and its last
+`WINDOWS_KEPT` windows (`live`, `recent`): one dict assignment per live demand it computes anyway, one
+bounded deque per meter; filled from the local history at start so the page shows windows at once.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +43,7 @@ from agent.health import FailureLog
 from agent.model import PollResult, Quality
 from energy.clock import ClockState, ClockWatch, StepDetector, read_clock_state
 from energy.config import EnergyPlan, GroupSpec
-from energy.history import History
+from energy.history import History, StoredWindow
 from energy.records import alarm_poll, live_payload, poll_from_json, poll_to_json, window_poll
 from energy.windows import (
     Alarm,
@@ -49,6 +54,7 @@ from energy.windows import (
     MeterSpec,
     MeterTracker,
     WindowRecord,
+    flag_text,
     local_iso,
 )
 
@@ -59,6 +65,7 @@ SAVE_INTERVAL = 10.0
 LIVE_INTERVAL = 1.0  # the retained live state of a meter or group is published at most this often ...
 # ... and at once when its raised alarm levels change: a meter polled every 100 ms, or a group whose members
 # each report, must not put ten retained messages a second on the broker that nobody reads that fast.
+WINDOWS_KEPT = 4  # the latest windows of each meter and group kept in memory for the status page
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,9 @@ class EnergyStage:
         self._saved_at = 0.0
         self._latest: dict[str, WindowRecord] = {}
         self._live_sent: dict[str, tuple[float, tuple[float, ...]]] = {}  # (monotonic time, alarms) per name
+        # For the status page (agent/webpage.py): the latest live demand and windows (newest first) per name.
+        self.live: dict[str, LiveDemand] = {}
+        self.recent: dict[str, deque[StoredWindow]] = {name: deque(maxlen=WINDOWS_KEPT) for name in self._specs}
         self.windows_closed = 0
         self._failures = FailureLog("energy state file", log)
 
@@ -183,6 +193,21 @@ class EnergyStage:
             await self._flush()
             self._outbox = []
         self._save()
+        self._recall_windows()
+
+    def _recall_windows(self) -> None:
+        """The last windows from the local history, so the page has them before the next window closes."""
+        if self._history is None:
+            return
+        try:
+            stored = self._history.latest(WINDOWS_KEPT)
+        except Exception as exc:  # noqa: BLE001 - the page's history must never stop the agent
+            log.error("energy history: cannot read the last windows for the status page: %s", exc)
+            return
+        for window in stored:  # newest first per meter
+            recent = self.recent.get(window.meter)
+            if recent is not None and len(recent) < WINDOWS_KEPT:
+                recent.append(window)
 
     async def close(self, committed: bool = True) -> None:
         """At shutdown, after the pollers stopped and the writer was stopped: `committed` says whether it dealt
@@ -244,6 +269,9 @@ class EnergyStage:
     def _window(self, record: WindowRecord, derived: list[PollResult]) -> None:
         self.windows_closed += 1
         self._latest[record.meter] = record
+        self.recent[record.meter].appendleft(StoredWindow(
+            record.meter, record.start_local, record.energy_kwh, record.demand_kw, record.coverage,
+            record.longest_gap_s, flag_text(record.flags)))
         derived.append(window_poll(record))
         if self._history is not None:
             try:
@@ -252,6 +280,7 @@ class EnergyStage:
                 log.error("energy history: cannot add the window of %s: %s", record.meter, exc)
 
     def _live(self, live: LiveDemand) -> None:
+        self.live[live.meter] = live
         if self._publish_live is None:
             return
         now = self._monotonic()

@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from agent.payload import iso_utc
 from energy.clock import ClockWatch
 from energy.config import TRIAL_WINDOW_S, plan
 from energy.history import History
 from energy.stage import EnergyStage
+from energy.windows import MeterSpec, local_iso
 
 STATE_FILE = "energy-state.json"
 HISTORY_FILE = "energy-history.db"
@@ -59,6 +61,41 @@ def status_sections(clock: ClockWatch, stage: EnergyStage | None) -> dict[str, A
         sections["energy"] = {"meters": figures.meters, "windows": figures.windows,
                               "alarms_active": figures.alarms_active}
     return sections
+
+
+def page_section(stage: EnergyStage, now: float) -> list[dict[str, Any]]:
+    """What the status page shows of each meter and group (agent/webpage.py): its live demand (energy so far
+    in the open window, present power, projected demand at the window's end, the alarm levels raised, time
+    left), or why there is none yet, and its latest windows, newest first. Built only when a browser asks."""
+    shown: list[dict[str, Any]] = []
+    for name, tracker in stage.trackers.items():
+        item = _page_item(stage, tracker.spec, "meter", now)
+        if name not in stage.live and tracker.window is not None and tracker.window.start_energy is None:
+            # The first window after commissioning: nothing was read before its start edge (docs/energy.md).
+            item["waiting_until"] = local_iso(tracker.window.end, tracker.spec.zone)
+        shown.append(item)
+    for group in stage.groups:
+        item = _page_item(stage, group.spec, "group", now)
+        item["members"] = list(group.group.meters)
+        shown.append(item)
+    return shown
+
+
+def _page_item(stage: EnergyStage, spec: MeterSpec, kind: str, now: float) -> dict[str, Any]:
+    live = stage.live.get(spec.name)
+    item: dict[str, Any] = {"name": spec.name, "kind": kind, "window_s": spec.window_s, "target_kw": spec.target_kw,
+                            "levels_kw": list(spec.levels_kw), "live": None, "waiting_until": None}
+    if live is not None:
+        item["live"] = {"ts": iso_utc(live.ts), "window_start": local_iso(live.start, spec.zone),
+                        "window_end": local_iso(live.end, spec.zone), "left_s": round(max(live.end - now, 0.0), 1),
+                        "ended": now >= live.end, "energy_kwh": round(live.energy_kwh, 4),
+                        "power_kw": round(live.power_kw, 2), "projected_kw": round(live.projected_kw, 2),
+                        "alarms_kw": list(live.alarms)}
+    item["windows"] = [{"start": w.start_local, "demand_kw": round(w.demand_kw, 3),
+                        "energy_kwh": round(w.energy_kwh, 4), "coverage": w.coverage, "longest_gap_s": w.longest_gap_s,
+                        "flags": [f for f in w.flags.split(",") if f]}
+                       for w in stage.recent.get(spec.name, ())]
+    return item
 
 
 def reload_note(old: Any, new: Any) -> str | None:

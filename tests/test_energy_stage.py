@@ -297,3 +297,60 @@ async def test_a_groups_live_demand_and_alarm_are_net_of_export_like_its_windows
     assert sink.stream("plant/alarm") == []
     plant = [payload for _, payload in published if payload["meter"] == "plant"]
     assert plant and all(p["projected_kw"] == pytest.approx(300.0, abs=1.0) for p in plant[5:])
+
+
+async def test_the_status_page_sees_live_demand_and_the_last_windows_of_each_meter_and_group(tmp_path: Path) -> None:
+    """What /page.json shows of the stage (energy/wiring.py page_section): before the first edge why there is
+    no live demand yet; then the open window's figures per meter and group, and the last windows (newest first,
+    no more than WINDOWS_KEPT), which a restarted stage recalls from the local history before any poll."""
+    from energy.stage import WINDOWS_KEPT
+    from energy.windows import local_iso
+    from energy.wiring import page_section
+
+    first_edge = window_start(T0, 900, SEOUL) + 900
+    one, two = SimMeter(Profile(T0, base=300.0)), SimMeter(Profile(T0, base=200.0))
+    plan = EnergyPlan({"incomer-1": meter_spec("incomer-1", target_kw=400.0, levels_kw=(360.0, 400.0)),
+                       "incomer-2": meter_spec("incomer-2")},
+                      (GroupSpec(MeterSpec("plant", "", target_kw=450.0, levels_kw=(450.0,)),
+                                 ("incomer-1", "incomer-2"), False),))
+    sink = Sink()
+    energy = stage(tmp_path, sink, plan, history=History(tmp_path / "energy-history.db"))
+    await energy.start()
+
+    async def poll(t: float) -> None:
+        energy.clocks.at(t)  # type: ignore[attr-defined]
+        await energy.submit(PollResult("incomer-1", t, (Reading("energy_active_import", one.counter(t), "kWh"),)))
+        await energy.submit(PollResult("incomer-2", t, (Reading("energy_active_import", two.counter(t), "kWh"),)))
+
+    await poll(T0)
+    shown = {item["name"]: item for item in page_section(energy, T0)}
+    assert shown["incomer-1"]["live"] is None and shown["incomer-1"]["waiting_until"] == local_iso(first_edge, SEOUL)
+    assert shown["plant"]["live"] is None and shown["plant"]["members"] == ["incomer-1", "incomer-2"]
+
+    end = first_edge + 6 * 900 + 300  # six windows closed, the seventh 300 s old
+    for t in poll_times(T0 + 1, end, 1.0):
+        await poll(t)
+    shown = {item["name"]: item for item in page_section(energy, end + 0.5)}
+    live = shown["incomer-1"]["live"]
+    assert live["window_start"] == local_iso(end - 300, SEOUL) and live["left_s"] == pytest.approx(599.5, abs=0.6)
+    # The last poll was a second before `end`: 299 s at 300 kW.
+    assert live["energy_kwh"] == pytest.approx(300 * 299 / 3600, abs=0.03)
+    assert live["projected_kw"] == pytest.approx(300, abs=1)
+    assert live["alarms_kw"] == [] and not live["ended"] and shown["incomer-1"]["levels_kw"] == [360.0, 400.0]
+    assert shown["plant"]["live"]["projected_kw"] == pytest.approx(500, abs=2)
+    assert shown["plant"]["live"]["alarms_kw"] == [450.0]  # the sum is over the group's target
+    windows = shown["incomer-1"]["windows"]
+    assert len(windows) == WINDOWS_KEPT and windows[0]["start"] == local_iso(end - 1200, SEOUL)
+    assert [w["start"] for w in windows] == sorted((w["start"] for w in windows), reverse=True)
+    assert windows[0]["demand_kw"] == pytest.approx(300, abs=0.1) and windows[0]["flags"] == []
+    assert shown["plant"]["windows"][0]["demand_kw"] == pytest.approx(500, abs=0.2)
+    # Once its window has ended with no reading since (the meter stopped answering), the page is told.
+    assert page_section(energy, end + 700)[0]["live"]["ended"] is True
+    await energy.close()
+
+    again = stage(tmp_path, Sink(), plan, history=History(tmp_path / "energy-history.db"))
+    await again.start()
+    recalled = {item["name"]: item for item in page_section(again, end + 1)}
+    assert recalled["incomer-1"]["windows"] == windows and recalled["incomer-1"]["live"] is None
+    assert recalled["plant"]["windows"] == shown["plant"]["windows"]
+    await again.close()

@@ -29,6 +29,21 @@ const LABELS = {
     point: "Point", value: "Value", unit: "Unit", quality: "Quality", at: "At",
     good: "good", bad: "bad", uncertain: "uncertain",
     energy: "Energy and demand", streams: "Latest windows",
+    meters: "Meters", windows: "Windows closed since start", alarms_active: "Alarm levels raised",
+    kind_meter: "meter", kind_group: "group", alarm_normal: "normal", alarm_raised: "ALARM", alarm_waiting: "waiting",
+    window: "Window", left: (d) => `${d} left`, window_ended: "ended with no reading since: is the meter answering?",
+    so_far: "Energy so far", power_now: "Power now", projected: "Projected demand at the window's end",
+    target: "Target", levels: "levels", no_target: "no target", raised: "Raised", none: "none",
+    last_reading: "Last counter reading",
+    waiting_first: (at) => `Live demand from ${at}: the first window after start-up had no reading before its start.`,
+    waiting_group: "Waiting for every meter of the group in the same window.",
+    waiting_reading: "No counter reading yet.",
+    start: "Start", demand: "Demand", energy_kwh: "Energy", coverage: "Coverage", flags: "Flags",
+    no_windows: "No window closed yet.",
+    flag_none: "complete", flag_edge_gap: "edge interpolated across a gap", flag_wrap: "counter wrapped",
+    flag_reset: "counter reset", flag_replacement: "meter replaced? (estimated)",
+    flag_clock_unsynced: "clock not synchronised", flag_clock_step: "clock stepped",
+    flag_restart: "agent restarted in the window", flag_coverage: (p, g) => `readings missing: ${p} covered, longest gap ${g}`,
     ago: (s) => `${s} ago`, never: "never",
   },
   ko: {
@@ -53,6 +68,21 @@ const LABELS = {
     point: "포인트", value: "값", unit: "단위", quality: "품질", at: "시각",
     good: "양호", bad: "불량", uncertain: "불확실",
     energy: "에너지·수요전력", streams: "최근 수요 구간",
+    meters: "계량기", windows: "시작 이후 마감된 구간", alarms_active: "발령 중인 경보 단계",
+    kind_meter: "계량기", kind_group: "합계 그룹", alarm_normal: "정상", alarm_raised: "경보", alarm_waiting: "대기 중",
+    window: "수요 구간", left: (d) => `${d} 남음`, window_ended: "이후 측정값 없이 구간이 끝남: 계량기 응답을 확인하세요",
+    so_far: "구간 누적 전력량", power_now: "현재 전력", projected: "구간 종료 시 예측 수요전력",
+    target: "목표 수요전력", levels: "경보 단계", no_target: "목표 없음", raised: "발령된 경보", none: "없음",
+    last_reading: "마지막 적산값 수집",
+    waiting_first: (at) => `${at}부터 실시간 수요 표시: 시작 후 첫 구간은 구간 시작 전 측정값이 없습니다.`,
+    waiting_group: "그룹의 모든 계량기가 같은 구간 값을 보내기를 기다리는 중.",
+    waiting_reading: "아직 적산값 수집 없음.",
+    start: "시작", demand: "수요전력", energy_kwh: "전력량", coverage: "수집률", flags: "상태",
+    no_windows: "아직 마감된 구간 없음.",
+    flag_none: "정상", flag_edge_gap: "경계 보간 (수집 공백)", flag_wrap: "적산값 순환 (wrap)",
+    flag_reset: "적산값 초기화", flag_replacement: "계량기 교체 추정 (추정값)",
+    flag_clock_unsynced: "시계 동기화 안 됨", flag_clock_step: "시각 점프",
+    flag_restart: "구간 중 에이전트 재시작", flag_coverage: (p, g) => `측정값 누락: 수집률 ${p}, 최장 공백 ${g}`,
     ago: (s) => `${s} 전`, never: "없음",
   },
 };
@@ -237,13 +267,116 @@ function drawDevices(devices, now) {
   document.getElementById("devices").replaceChildren(...cards);
 }
 
-function drawEnergy(energy) {
+// A window's local wall-clock time as the meter's zone writes it ("2026-12-04T17:15:00+09:00" -> "12-04 17:15"):
+// demand windows are billed on that clock, whatever the browser's zone.
+function wallClock(iso, seconds) {
+  if (!iso) return "–";
+  return `${iso.slice(5, 10)} ${iso.slice(11, seconds ? 19 : 16)}`;
+}
+
+// The meter's zone when the browser's differs at that instant (a laptop set to UTC): "UTC+09:00", else "".
+function zoneNote(iso) {
+  const offset = iso ? iso.slice(19) : "";
+  if (!/^[+-]\d\d:\d\d$/.test(offset)) return "";
+  const minutes = (offset[0] === "-" ? -1 : 1) * (60 * Number(offset.slice(1, 3)) + Number(offset.slice(4, 6)));
+  return -new Date(iso).getTimezoneOffset() === minutes ? "" : `UTC${offset}`;
+}
+
+function kw(n) { return typeof n === "number" ? `${number(Math.round(n * 10) / 10)} kW` : "–"; }
+
+function flagWords(w) {
+  const words = (w.flags || []).map((f) => t(`flag_${f}`));
+  if (w.coverage < 0.999) {
+    words.push(t("flag_coverage")(`${(100 * w.coverage).toFixed(1)} %`, duration(w.longest_gap_s)));
+  }
+  return words.length ? words.join("; ") : t("flag_none");
+}
+
+// The alarm's state in words and colour: none raised, some levels (warn), the top level (bad).
+function alarmBadge(m) {
+  if (!m.live) return badge("starting", t("alarm_waiting"));
+  const raised = m.live.alarms_kw || [];
+  if (!raised.length) return badge("ok", t("alarm_normal"));
+  const top = m.levels_kw.length ? Math.max(...m.levels_kw) : Infinity;
+  return badge(Math.max(...raised) >= top ? "bad" : "warn", `${t("alarm_raised")} ≥ ${kw(Math.max(...raised))}`);
+}
+
+function liveRows(m, now) {
+  const live = m.live;
+  if (!live) {
+    const why = m.kind === "group" ? t("waiting_group")
+      : m.waiting_until ? t("waiting_first")(wallClock(m.waiting_until, true) +
+        (zoneNote(m.waiting_until) ? ` (${zoneNote(m.waiting_until)})` : "")) : t("waiting_reading");
+    return el("p", { class: "muted waiting" }, why);
+  }
+  const target = m.target_kw === null || m.target_kw === undefined ? t("no_target")
+    : `${kw(m.target_kw)}${m.levels_kw.length ? ` (${t("levels")} ${m.levels_kw.map(kw).join(", ")})` : ""}`;
+  const top = m.levels_kw.length ? Math.max(...m.levels_kw) : m.target_kw;
+  const scale = el("meter", { min: 0, max: Math.max((top || live.projected_kw) * 1.25, live.projected_kw, 1),
+    low: m.levels_kw.length ? Math.min(...m.levels_kw) : null, high: top ?? null, optimum: 0, value: live.projected_kw });
+  const zone = zoneNote(live.window_start);
+  const windowText = `${wallClock(live.window_start)}–${live.window_end.slice(11, 16)}${zone ? ` (${zone})` : ""}, ` +
+    (live.ended ? t("window_ended") : t("left")(duration(live.left_s)));
+  const raised = live.alarms_kw || [];
+  return el("dl", { class: "live" },
+    el("dt", null, t("window")), el("dd", { class: `window${live.ended ? " error-text" : ""}` }, windowText),
+    el("dt", null, t("so_far")), el("dd", { class: "so-far" }, `${number(Math.round(live.energy_kwh * 1000) / 1000)} kWh`),
+    el("dt", null, t("power_now")), el("dd", { class: "power" }, kw(live.power_kw)),
+    el("dt", null, t("projected")), el("dd", { class: "projected" }, el("strong", null, kw(live.projected_kw)), " ", scale),
+    el("dt", null, t("target")), el("dd", { class: "target" }, target),
+    el("dt", null, t("raised")), el("dd", { class: `raised${raised.length ? " error-text" : ""}` },
+      raised.length ? raised.map(kw).join(", ") : t("none")),
+    el("dt", null, t("last_reading")), el("dd", { class: "last-reading" }, when(live.ts, now)));
+}
+
+// One <tbody> per window: its figures, then its flags in words on a line of their own (a phone has no room
+// for a fifth column of sentences).
+function windowsTable(windows) {
+  if (!windows.length) return el("p", { class: "muted" }, t("no_windows"));
+  const bodies = windows.map((w) => {
+    const clean = !(w.flags || []).length && w.coverage >= 0.999;
+    return el("tbody", { class: clean ? "" : "flagged", "data-window": w.start },
+      el("tr", null,
+        el("td", null, wallClock(w.start)),
+        el("td", { class: "num demand" }, kw(w.demand_kw)),
+        el("td", { class: "num" }, `${number(Math.round(w.energy_kwh * 1000) / 1000)} kWh`),
+        el("td", { class: "num" }, `${(100 * w.coverage).toFixed(1)} %`)),
+      el("tr", { class: "flags-row" }, el("td", { colspan: 4, class: clean ? "flags muted" : "flags error-text" },
+        flagWords(w))));
+  });
+  const zone = zoneNote(windows[0].start);
+  return el("div", { class: "scroll" }, el("table", { class: "windows" },
+    el("thead", null, el("tr", null, ...["start", "demand", "energy_kwh", "coverage"].map((k) => el("th", null,
+      k === "start" && zone ? `${t(k)} (${zone})` : t(k))))),
+    ...bodies));
+}
+
+function drawEnergy(energy, now) {
   const section = document.getElementById("energy");
   section.hidden = !energy;
   if (!energy) return;
-  fields("energy-fields", extraRows(energy.figures, []));
-  document.getElementById("energy-streams").replaceChildren(...(energy.streams || []).map((s) =>
-    el("div", { class: "stream", "data-stream": s.stream }, el("h3", null, s.stream), pointsTable(s.points))));
+  const figures = energy.figures || {};
+  fields("energy-fields", [
+    ...["meters", "windows", "alarms_active"].filter((k) => k in figures).map((k) => [t(k), number(figures[k])]),
+    ...extraRows(figures, ["meters", "windows", "alarms_active"]),
+  ]);
+  const meters = energy.meters || [];
+  document.getElementById("energy-meters").replaceChildren(...meters.map((m) => {
+    const state = !m.live ? "waiting" : (m.live.alarms_kw || []).length ? "raised" : "normal";
+    return el("article", { class: "card meter-energy", "data-meter": m.name, "data-alarm": state },
+      el("div", { class: "device-head" },
+        el("h3", null, m.name, " ", el("span", { class: "muted kind" },
+          m.kind === "group" ? `${t("kind_group")}: ${(m.members || []).join(" + ")}` : t("kind_meter"))),
+        el("span", { class: "alarm" }, alarmBadge(m))),
+      liveRows(m, now),
+      el("h4", null, t("streams")),
+      windowsTable(m.windows || []));
+  }));
+  // Streams of the stage the cards above do not cover (an older agent's page.json, an alarm stream).
+  const covered = new Set(meters.map((m) => m.name));
+  document.getElementById("energy-streams").replaceChildren(...(energy.streams || [])
+    .filter((s) => !covered.has(s.stream.slice(0, s.stream.lastIndexOf("/"))))
+    .map((s) => el("div", { class: "stream", "data-stream": s.stream }, el("h3", null, s.stream), pointsTable(s.points))));
 }
 
 function draw(data) {
@@ -258,7 +391,7 @@ function draw(data) {
   drawBuffer(data.buffer);
   drawLines(data.lines || []);
   drawDevices(data.devices, now);
-  drawEnergy(data.energy);
+  drawEnergy(data.energy, now);
 }
 
 function labels() {
