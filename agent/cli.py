@@ -201,11 +201,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status))
         return 0
     buffer = status["buffer"]
-    lost = buffer["dropped_oldest"] + buffer["rejected"] + buffer["expired"] + buffer.get("unstored", 0)
+    from buffer.store import LOSS_REASONS
+
+    lost = sum(buffer.get(reason, 0) for reason in LOSS_REASONS)
     print(f"gateway {status['gateway']} at {status['site']}, up {_age(status['uptime_s'])}; broker "
           f"{'connected' if status['mqtt_connected'] else 'NOT CONNECTED'}, {status['uplink']['inflight']} in flight")
     print(f"buffer  {buffer['readings']} readings waiting (oldest {_age(buffer['oldest_age_s'])}), "
-          f"{buffer['bytes']:,} bytes, {lost} lost to limits{'; DISK FULL' if buffer.get('disk_full') else ''}")
+          f"{buffer['bytes']:,} bytes, {lost} lost (limits, disk, broker refusals)"
+          f"{'; DISK FULL' if buffer.get('disk_full') else ''}")
     print(f"{'device':<20} {'state':<9} {'polls ok':>9} {'failed':>7} {'overruns':>8} {'bad':>6} {'last poll':>10}  "
           "last success / last error")
     for name, device in status["devices"].items():
@@ -260,7 +263,8 @@ def _cmd_buffer_stats(args: argparse.Namespace) -> int:
     print(f"on disk     {stats['bytes_on_disk']:,} bytes (cap {cap:,}, policy {config.buffer.on_full})")
     print(f"lost        {stats['dropped']} readings: {stats['dropped_oldest']} dropped at the cap, "
           f"{stats['rejected']} refused at the cap, {stats['expired']} older than max_age, {stats['unstored']} not "
-          f"stored (disk full, write errors); {stats['skipped']} numbers skipped after the file lost commits")
+          f"stored (disk full, write errors), {stats['refused']} refused by the broker; {stats['skipped']} numbers "
+          f"skipped after the file lost commits")
     print(f"in flight   {inflight}")
     print(f"next seq    {stats['next_seq']}")
     return 0

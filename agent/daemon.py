@@ -30,7 +30,7 @@ from agent.systemd import Notifier
 from agent.uplink import MqttUplink
 from agent.webpage import LatestReadings, page_snapshot
 from agent.writer import BufferWriter
-from buffer.store import Buffer
+from buffer.store import LOSS_REASONS, Buffer
 from drivers.base import PollingDriver, StreamingDriver
 from energy.clock import ClockWatch
 from energy.stage import EnergyStage
@@ -49,8 +49,8 @@ def status_line(snapshot: dict[str, Any], connected: bool) -> str:
     buffer = snapshot["buffer"]
     return (f"{len(devices) - failing}/{len(devices)} devices ok; broker {'connected' if connected else 'DOWN'}; "
             f"{buffer['readings']} readings buffered (oldest {buffer['oldest_age_s']:.0f} s); "
-            f"{buffer['dropped_oldest'] + buffer['rejected'] + buffer['expired'] + buffer['unstored']} lost to buffer "
-            f"limits{'; buffer disk FULL' if buffer['disk_full'] else ''}")
+            f"{sum(buffer[reason] for reason in LOSS_REASONS)} lost (limits, disk, broker refusals)"
+            f"{'; buffer disk FULL' if buffer['disk_full'] else ''}")
 
 
 async def stop_tasks(tasks: list[asyncio.Task[None]], grace: float = 2.0, attempts: int = 3) -> None:

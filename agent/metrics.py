@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.webpage import load_assets
+from buffer.store import LOSS_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,8 @@ def prometheus_text(status: dict[str, Any]) -> str:
     metric("buffer_readings", "gauge", "Readings waiting in the buffer for the broker.", [("", buffer["readings"])])
     metric("buffer_bytes", "gauge", "The buffer's size on disk.", [("", buffer["bytes"])])
     metric("buffer_oldest_age_seconds", "gauge", "Age of the oldest waiting reading.", [("", buffer["oldest_age_s"])])
-    reasons = ("dropped_oldest", "rejected", "expired", "unstored")
-    metric("buffer_lost_readings_total", "counter", "Readings given up by the buffer's limits, by reason.",
-           [(f'{{reason="{reason}"}}', buffer[reason]) for reason in reasons])
+    metric("buffer_lost_readings_total", "counter", "Readings given up (buffer limits, disk full, refused by the "
+           "broker), by reason.", [(f'{{reason="{reason}"}}', buffer[reason]) for reason in LOSS_REASONS])
     metric("mqtt_connected", "gauge", "1 while connected to the broker.", [("", float(status["mqtt_connected"]))])
     metric("mqtt_inflight_messages", "gauge", "Messages awaiting the broker's PUBACK.", [("", uplink["inflight"])])
     metric("mqtt_delivered_readings_total", "counter", "Readings the broker acknowledged.",

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.health import DeviceHealth
 from agent.payload import iso_utc
-from buffer.store import Buffer
+from buffer.store import LOSS_REASONS, Buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +49,7 @@ class StatusReporter:
         """`snapshot` was handed to the broker: its losses count as reported once `acknowledged()` is true
         (checked at the next snapshot). Only the latest sent status is tracked: it carries the most."""
         buffer = snapshot["buffer"]
-        self._sent = _Sent(sum(buffer[key] for key in ("dropped_oldest", "rejected", "expired", "unstored")),
-                           acknowledged)
+        self._sent = _Sent(sum(buffer[key] for key in LOSS_REASONS), acknowledged)
 
     async def snapshot(self, inflight: int, delivered: int) -> dict[str, Any]:
         """The status as it stands; `lost_since_last_status` counts from the last acknowledged status.
@@ -74,6 +73,7 @@ class StatusReporter:
                 "rejected": stats.rejected,
                 "expired": stats.expired,
                 "unstored": stats.unstored,
+                "refused": stats.refused,
                 "skipped": stats.skipped,
                 "disk_full": stats.disk_full,
                 "lost_since_last_status": lost_since,

@@ -138,7 +138,9 @@ class BufferStats:
 
 
 OnFull = Literal["drop_oldest", "reject_new"]
-_LOSS_KEYS = ("dropped_oldest", "rejected", "expired", "unstored", "skipped", "refused")
+# Readings given up, by reason: what `dropped`, the status message, /metrics and the CLI add up.
+LOSS_REASONS = ("dropped_oldest", "rejected", "expired", "unstored", "refused")
+_LOSS_KEYS = (*LOSS_REASONS, "skipped")  # skipped: a bound on a loss, not a count (invariant 2)
 SEQ_BLOCK = 65_536  # numbers reserved (one fsync of the high-water mark) ahead of use; see invariant 2
 FULL_PROBE_INTERVAL = 2.0  # seconds between attempts to store while the disk is full (invariant 3a)
 _DELETE_CHUNK = 500  # sequence numbers per DELETE statement (SQLite allows 32,766 parameters)
@@ -698,7 +700,7 @@ def read_stats(path: Path) -> dict[str, Any]:
         "oldest_ts": oldest, "oldest_age_s": round(time.time() - oldest, 1) if oldest is not None else None,
         "bytes_on_disk": sum(p.stat().st_size for p in _files(path) if p.exists()),
         "next_seq": int(meta.get("next_seq", 1)), **losses,
-        "dropped": sum(count for key, count in losses.items() if key != "skipped"),
+        "dropped": sum(losses[key] for key in LOSS_REASONS),
         "inflight": meta.get("uplink_inflight"), "inflight_noted": meta.get("uplink_noted"),
     }
 

@@ -224,7 +224,8 @@ async def test_glitch_bytes_before_rtu_replies_cost_no_answer(glitchy_line: Any)
         assert figures["crc_errors"] == injector.lookalikes > 0
         assert figures["framing_errors"] >= injector.replies - injector.lookalikes - 1
         text = prometheus_text({"devices": {}, "lines": [figures], "buffer": {"readings": 0, "bytes": 0,
-                                "oldest_age_s": 0, "dropped_oldest": 0, "rejected": 0, "expired": 0},
+                                "oldest_age_s": 0, "dropped_oldest": 0, "rejected": 0, "expired": 0,
+                                "unstored": 0, "refused": 0},
                                 "uplink": {"inflight": 0, "delivered_readings": 0}, "uptime_s": 1,
                                 "mqtt_connected": True})
         label = f'{{line="{figures["line"]}"}}'

@@ -17,7 +17,8 @@ const LABELS = {
     connected_since: "Connected since", inflight: "In flight (awaiting PUBACK)", delivered: "Delivered readings",
     last_error: "Last error", yes: "yes", no: "no",
     buffer: "Buffer", waiting: "Waiting readings", oldest: "Oldest", on_disk: "On disk", cap: "cap",
-    on_full: "At the cap", lost: "Lost to limits", dropped_oldest: "dropped (oldest)", rejected: "refused",
+    on_full: "At the cap", lost: "Lost", dropped_oldest: "dropped (oldest)", rejected: "rejected at the cap",
+    unstored: "not stored (disk full)", refused: "refused by the broker",
     expired: "expired (max_age)", lost_since: "lost since last status", next_seq: "Next sequence number",
     lines: "Shared lines", line: "Line", utilisation: "Busy", requests: "Requests", timeouts: "Timeouts",
     queue: "Queue", crc_errors: "CRC errors", framing_errors: "Framing errors", discarded: "Discarded replies",
@@ -56,7 +57,8 @@ const LABELS = {
     connected_since: "연결 시각", inflight: "전송 중 (PUBACK 대기)", delivered: "전달된 측정값",
     last_error: "마지막 오류", yes: "예", no: "아니오",
     buffer: "버퍼", waiting: "대기 중인 측정값", oldest: "가장 오래된 값", on_disk: "디스크 사용량", cap: "상한",
-    on_full: "상한 도달 시", lost: "한도로 손실", dropped_oldest: "삭제 (오래된 값)", rejected: "거부",
+    on_full: "상한 도달 시", lost: "손실", dropped_oldest: "삭제 (오래된 값)", rejected: "상한에서 거부",
+    unstored: "저장 못 함 (디스크 가득)", refused: "브로커가 거부",
     expired: "만료 (max_age)", lost_since: "지난 상태 보고 이후 손실", next_seq: "다음 일련번호",
     lines: "공유 통신 회선", line: "회선", utilisation: "사용률", requests: "요청", timeouts: "응답 없음",
     queue: "대기열", crc_errors: "CRC 오류", framing_errors: "프레임 오류", discarded: "버린 응답",
@@ -200,7 +202,8 @@ function drawUplink(u, now) {
 }
 
 function drawBuffer(b) {
-  const lost = (b.dropped_oldest || 0) + (b.rejected || 0) + (b.expired || 0);
+  const causes = ["dropped_oldest", "rejected", "expired", "unstored", "refused"];  // buffer/store.py LOSS_REASONS
+  const lost = causes.reduce((sum, cause) => sum + (b[cause] || 0), 0);
   const share = b.max_bytes ? ` / ${bytes(b.max_bytes)} ${t("cap")} (${(100 * b.bytes / b.max_bytes).toFixed(1)} %)` : "";
   fields("buffer-fields", [
     [t("waiting"), number(b.readings)],
@@ -208,11 +211,10 @@ function drawBuffer(b) {
     [t("on_disk"), `${bytes(b.bytes)}${share}`],
     [t("on_full"), b.on_full],
     [t("lost"), el("span", { class: lost ? "error-text" : "" },
-      `${number(lost)} (${t("dropped_oldest")} ${number(b.dropped_oldest)}, ${t("rejected")} ${number(b.rejected)}, ` +
-      `${t("expired")} ${number(b.expired)})`)],
+      `${number(lost)} (` + causes.map((cause) => `${t(cause)} ${number(b[cause] || 0)}`).join(", ") + ")")],
     [t("lost_since"), number(b.lost_since_last_status)],
     ...extraRows(b, ["buffer_id", "readings", "rows", "bytes", "oldest_ts", "oldest_age_s", "next_seq", "dropped_oldest",
-      "rejected", "expired", "lost_since_last_status", "max_bytes", "on_full", "max_age_s"]),
+      "rejected", "expired", "unstored", "refused", "lost_since_last_status", "max_bytes", "on_full", "max_age_s"]),
   ]);
 }
 
