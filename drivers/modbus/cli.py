@@ -379,7 +379,7 @@ async def _poll(device: Any) -> int:
 # --- sunspec-scan ----------------------------------------------------------------------------------------
 
 def _cmd_sunspec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from agent.config import _name_problem  # the rule device names follow
+    from agent.names import _name_problem  # the rule device names follow
 
     line = _line(args, parser)
     bases = args.base or None
