@@ -127,6 +127,24 @@ async def test_a_unit_that_does_not_answer_times_out_with_advice(pty_link: PtyLi
     assert "no answer from serial" in err and "within 0.2 s" in err
 
 
+@pytest.mark.parametrize("command", [("read", "--function", "holding", "0", "--count", "2"), ("sunspec-scan",)])
+async def test_a_closed_connection_is_said_as_such_not_as_no_answer(command: tuple[str, ...]) -> None:
+    """The tools say what the line says (drivers/modbus/line.py `failure`): a device that closes the connection
+    at the request is not a unit that does not answer."""
+    from tests.test_modbus_framing import MisbehavingDevice
+
+    device = MisbehavingDevice()
+    device.mode = "close"
+    port = await device.start()
+    try:
+        code, _, err = await cli(*command, "--host", "127.0.0.1", "--port", str(port), "--timeout", "2")
+    finally:
+        await device.stop()
+    assert code == 1
+    assert f"tcp 127.0.0.1:{port} unit 1: the device closed the connection during FC03 " in err, err
+    assert "no answer" not in err and "check the unit id" not in err, err
+
+
 def test_units_and_the_register_table() -> None:
     assert parse_units("1-3,7") == [1, 2, 3, 7]
     with pytest.raises(ValueError):

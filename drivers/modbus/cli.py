@@ -115,6 +115,33 @@ def _tool_line(device: Any) -> Any:
     return link
 
 
+async def _ask(link: Any, device: Any, function: str, address: int, count: int) -> Any:
+    """One read on the tool's line. A failure is a `DeviceError` in the driver's words (`line.failure`): no
+    answer, a reply that was not the request's, or a lost connection, never all of them as "no answer"."""
+    from pymodbus.exceptions import ModbusException
+
+    from agent.errors import DeviceError
+    from drivers.modbus import line as lines
+    from drivers.modbus.config import FUNCTION_CODE
+    from drivers.modbus.driver import READ_METHOD
+
+    async def call(client: Any) -> Any:
+        return await getattr(client, READ_METHOD[function])(address, count=count, device_id=device.unit_id)
+
+    try:
+        return await link.request(call, device.timeout)
+    except ModbusException as exc:
+        raise DeviceError(lines.failure(exc, device.endpoint, FUNCTION_CODE[function], address, count,
+                                        device.timeout)) from exc
+
+
+def _silent(exc: BaseException) -> bool:
+    """Whether a failed read got no valid answer (as opposed to a port or connection that failed)."""
+    from drivers.modbus.transport import NoAnswer
+
+    return isinstance(exc.__cause__, NoAnswer)
+
+
 # --- read ------------------------------------------------------------------------------------------------
 
 def _cmd_read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -151,21 +178,16 @@ def _cmd_read(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 async def _read(line: dict[str, Any], unit: int, function: str, address: int, count: int) -> int:
     from agent.errors import DeviceError
     from drivers.modbus import line as lines
-    from drivers.modbus.driver import EXCEPTION_NAMES, READ_METHOD
+    from drivers.modbus.driver import EXCEPTION_NAMES
 
     device = _device(line, unit, [{"name": "probe", "function": "holding", "address": 0, "type": "uint16"}])
     link = _tool_line(device)
     try:
-        async def call(client: Any) -> Any:
-            return await getattr(client, READ_METHOD[function])(address, count=count, device_id=unit)
-
         try:
-            response = await link.request(call, device.timeout)
+            response = await _ask(link, device, function, address, count)
         except DeviceError as exc:
-            return _fail(str(exc))
-        except Exception as exc:  # noqa: BLE001 - pymodbus' exceptions: a timeout, a reset connection
-            return _fail(f"no answer from {device.endpoint} within {device.timeout:g} s ({exc}); check the unit id, "
-                         "the wiring (A/B swapped?), the baud rate and parity")
+            advice = "; check the unit id, the wiring (A/B swapped?), the baud rate and parity" if _silent(exc) else ""
+            return _fail(f"{exc}{advice}")
     finally:
         lines.release(link, device.name)
     if response.isError():
@@ -414,10 +436,7 @@ async def _sunspec(line: dict[str, Any], unit: int, bases: list[int] | None,
         while count > 0:
             size = min(count, 125)
 
-            async def call(client: Any, address: int = address, size: int = size) -> Any:
-                return await client.read_holding_registers(address, count=size, device_id=unit)
-
-            response = await link.request(call, device.timeout)
+            response = await _ask(link, device, "holding", address, size)
             if response.isError():
                 return None
             out += response.registers[:size]
@@ -459,10 +478,8 @@ async def _sunspec(line: dict[str, Any], unit: int, bases: list[int] | None,
         else:
             problem = f"more than {sunspec.MAX_MODELS} models: the chain does not end"
     except DeviceError as exc:
-        return _fail(str(exc)), None, 0
-    except Exception as exc:  # noqa: BLE001 - pymodbus' exceptions: a timeout, a reset connection
-        return _fail(f"no answer from {device.endpoint} within {device.timeout:g} s ({exc}); check the host or "
-                     "serial settings and the unit id"), None, 0
+        advice = "; check the host or serial settings and the unit id" if _silent(exc) else ""
+        return _fail(f"{exc}{advice}"), None, 0
     finally:
         lines.release(link, device.name)
     print(f"SunSpec marker at holding register {base} of {device.endpoint}")

@@ -545,6 +545,10 @@ class ModbusLink(ModbusClientMixin[Awaitable[ModbusPDU]]):
             self._waiter.set_result(response)
 
     def lost_connection(self, exc: BaseException | None) -> None:
+        if self._transport is None and self._serial is None:
+            # `close` came first: the agent dropped the connection itself (after a timeout, at a release) and
+            # asyncio tells it a loop turn later. Not a connection lost; no request waits on a closed link.
+            return
         if exc is None:
             why = "the device closed the connection" if self.kind != "rtu" else "the serial port closed"
         elif isinstance(exc, ConnectionResetError):
