@@ -109,6 +109,7 @@ class _InFlight:
     topic: str
     size: int  # payload bytes
     sent: float  # time.monotonic() of the publish
+    tables: tuple[str, list[str]] | None = None  # compact: (device, the point tables it carries in band)
 
     @property
     def readings(self) -> int:
@@ -117,7 +118,6 @@ class _InFlight:
     @property
     def first_seq(self) -> int:
         return self.rows[0].seq
-    tables: tuple[str, list[str]] | None = None  # compact: (device, the point tables it carries in band)
 
 
 @dataclass(slots=True)
@@ -459,19 +459,6 @@ class MqttUplink:
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 raise RuntimeError(f"the MQTT client refused a message: {mqtt.error_string(info.rc)}")
             self._announced[device] = set(tables) | missing
-
-    def _content_type(self, compact: bool) -> Any:
-        """MQTT 5: the message's content type (None with 3.1.1, which has no properties)."""
-        if self._config.protocol != "5":
-            return None
-        properties = self._properties.get(compact)
-        if properties is None:
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            properties = self._properties[compact] = Properties(PacketTypes.PUBLISH)
-            properties.ContentType = CBOR_CONTENT_TYPE if compact else JSON_CONTENT_TYPE
-        return properties
 
     def _content_type(self, compact: bool) -> Any:
         """MQTT 5: the message's content type (None with 3.1.1, which has no properties)."""
