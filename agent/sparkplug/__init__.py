@@ -48,6 +48,7 @@ from typing import Any
 
 from agent.health import DeviceHealth
 from agent.sparkplug.sparkplug_b_pb2 import Payload
+from buffer.store import LOSS_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +480,7 @@ def _node_values(details: dict[str, Any]) -> dict[str, Any]:
         "Buffer/Readings": buffer.get("readings", 0),
         "Buffer/Bytes": buffer.get("bytes", 0),
         "Buffer/Oldest Age": float(buffer.get("oldest_age_s", 0.0)),
-        "Buffer/Lost": sum(buffer.get(key, 0) for key in ("dropped_oldest", "rejected", "expired")),
+        "Buffer/Lost": sum(buffer.get(key, 0) for key in LOSS_REASONS),
         "Uplink/Inflight": details.get("uplink", {}).get("inflight", 0),
         "Devices/Failing": sum(1 for device in devices.values() if device.get("state") not in ("ok", None)),
     }
