@@ -225,6 +225,8 @@ class MqttUplink:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._keep_connected(), name="mqtt-connection")
                 group.create_task(self._pump(), name="mqtt-pump")
+                if self.sparkplug is not None:
+                    group.create_task(self.sparkplug.watch_devices(), name="sparkplug-device-deaths")
         finally:
             await self._disconnect()
 

@@ -475,3 +475,23 @@ async def test_buffer_lost_in_the_nbirth_counts_every_loss_reason(tmp_path: Path
     (birth,) = [Payload.FromString(body) for topic, body in wire.messages if "/NBIRTH/" in topic]
     metrics = {metric.name: metric for metric in birth.metrics}
     assert metrics["Buffer/Lost"].long_value == 5
+
+
+def _watchers() -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks() if task.get_name() == "sparkplug-device-deaths"]
+
+
+async def test_the_device_death_watch_ends_with_the_uplink_also_when_the_broker_is_gone(
+        tmp_path: Path, mosquitto: Any) -> None:
+    """The task that sends DDEATHs for failing devices belongs to the uplink: it ends with it however the
+    uplink stops, not only after a clean NDEATH on a live connection."""
+    from tests.test_end_to_end import eventually
+    from tests.test_uplink_brokers import running_uplink
+
+    async with running_uplink(tmp_path, mosquitto.port, encoding="sparkplug", reconnect_min="5s",
+                              reconnect_max="10s") as (uplink, _):
+        await eventually(lambda: uplink.connected, 10, "connected")
+        assert len(_watchers()) == 1
+        mosquitto.stop()
+        await eventually(lambda: uplink.last_error is not None, 10, "the link to drop")  # waiting to reconnect
+    assert not _watchers()

@@ -5,7 +5,8 @@ The gateway is an edge node (`spBv1.0/<group>/N.../<edge node>`), each configure
 This package owns everything Sparkplug: the session state (bdSeq, seq, births, aliases, the primary host's
 STATE) and the framing of buffer rows as DDATA. The uplink (agent/uplink.py) calls it through a narrow seam:
 `attach` when it makes the MQTT client, `connected`/`disconnected` on the link's changes, `ready` before
-sending, `publish` per data message, `status` for the periodic status, `stop` at a clean shutdown.
+sending, `publish` per data message, `status` for the periodic status, `stop` at a clean shutdown; the
+uplink's task group runs `watch_devices` for as long as the uplink runs.
 
 Invariants:
 1. Only the buffer is sent, as in every encoding: a DDATA carries buffer rows (stored in the JSON encoding)
@@ -194,7 +195,6 @@ class SparkplugSession:
         self.births = 0  # NBIRTHs sent (tests, logs)
         # The agent's device health (agent/health.py), set by the daemon: a device whose polls fail is dead.
         self.health: Mapping[str, DeviceHealth] = {}
-        self._watcher: asyncio.Task[None] | None = None
 
     # --- the seam the uplink calls ------------------------------------------------------------------
 
@@ -211,8 +211,6 @@ class SparkplugSession:
         client.message_callback_add(self.topic_ncmd, self._on_message)
         if self.topic_state is not None:
             client.message_callback_add(self.topic_state, self._on_message)
-        if self._watcher is None:  # attach is called for each connection's client
-            self._watcher = asyncio.create_task(self._watch(), name="sparkplug-device-deaths")
 
     def connected(self) -> None:
         """A new connection (event loop): a new session. Born at once, or when the primary host is online."""
@@ -317,8 +315,6 @@ class SparkplugSession:
 
     def stop(self) -> None:
         """A clean shutdown: DISCONNECT suppresses the will, so the NDEATH is sent first."""
-        if self._watcher is not None:
-            self._watcher.cancel()
         if self._connected and self._client is not None:
             self._client.publish(self.topic_ndeath, self.death_payload(self._connect_bdseq), qos=1)
 
@@ -382,9 +378,9 @@ class SparkplugSession:
         health = self.health.get(device)
         return state.bad or (health is not None and health.failures.failing)
 
-    async def _watch(self) -> None:
+    async def watch_devices(self) -> None:
         """DDEATH for a born device whose polls fail: a failed poll writes nothing to the buffer, so no
-        message would show it."""
+        message would show it. Run by the uplink's task group: it ends with the uplink."""
         while True:
             await asyncio.sleep(WATCH)
             if self.ready:
