@@ -24,15 +24,16 @@ Invariants:
    it stopped answering) or while the newest poll sent live had no good reading; a born device that is dead
    gets a DDEATH (within WATCH seconds of its first failed poll, or right after the DDATA that showed it),
    and its next message a DBIRTH. A dead device's backlog still goes out, between a DBIRTH and a DDEATH.
-5. A new connection is a new session: messages still in flight belong to the old one. paho's copies are
-   dropped before the CONNECT (it would re-send them with the old seq, among the new births, where a host
-   drops them or asks for a rebirth) and the uplink sends their rows again after the NBIRTH. The cost is
-   duplicates, which our sequence numbers expose, never a loss.
+5. A new connection is a new session: messages still in flight belong to the old one. Each connection is
+   a new paho client (agent/uplink.py), so none of them is re-sent with the old seq among the new births
+   (where a host drops them or asks for a rebirth); the uplink sends their rows again after the NBIRTH. The
+   cost is duplicates, which our sequence numbers expose, never a loss.
 6. With a primary host configured, nothing is born and no data sent until its STATE says online; when it
    says offline, data waits in the buffer and goes out as a backlog with is_historical once it is back.
 
-paho-mqtt runs its callbacks in its own thread; `_pre_connect` runs there (it must arm the will before the
-CONNECT goes out), everything else is handed to the event loop.
+paho-mqtt runs its callbacks in the connection's thread; `_pre_connect` runs there (it must arm the will
+before the CONNECT goes out), everything else is handed to the event loop. Every publish is made on the
+event loop and written by the connection's thread (agent/uplink.py, invariant 5 and its closing note).
 """
 
 from __future__ import annotations
