@@ -542,7 +542,7 @@ class MqttUplink:
                         raise
                     suspect.probing = True
                     return 1
-        self._suspect = None  # its rows are no longer queued (its topic given up, or expired): nothing to find out
+        self._suspect = None  # its rows are no longer queued (its topic given up): nothing to find out
         self._wake.set()
         return 0
 

@@ -195,6 +195,20 @@ async def test_max_age_deletes_old_rows_unsent_and_counts_them(tmp_path: Path) -
     await reopened.close()
 
 
+async def test_max_age_leaves_rows_being_sent(tmp_path: Path) -> None:
+    """A row the uplink has read may yet be delivered: expiring it would count a delivered reading as lost,
+    as dropping it at the cap would (issue 12, loss reporting)."""
+    buffer = await Buffer.open(tmp_path / "b.db", max_age=3600.0)
+    now = 1_800_000_000.0
+    await buffer.append([StoredBatch(1, 2, "m", now - 7200, b"sent"), StoredBatch(3, 2, "m", now - 7200, b"old")])
+    assert [r.seq for r in await buffer.read_after(0, 1)] == [1]  # in flight: its PUBACK has not come yet
+    assert await buffer.expire(now) == 2
+    await buffer.delete([1])  # delivered
+    stats = await buffer.stats()
+    assert (stats.expired, stats.readings) == (2, 0)  # each reading delivered or counted, never both
+    await buffer.close()
+
+
 async def test_rows_are_stored_compressed(tmp_path: Path) -> None:
     encoder = Encoder("changwon-a-gw01", "changwon-plant-a", "0123456789abcdef0123456789abcdef")
     payload = encoder.encode(PollResult("dev0001", 1_764_000_000.0, tuple(
