@@ -21,9 +21,9 @@ def batch(seq: int, count: int = 3, device: str = "m1", size: int = 10) -> Store
     return StoredBatch(seq, count, device, 1_700_000_000.0 + seq, random.Random(seq).randbytes(size))
 
 
-async def offer_more_than_twice_the_cap(buffer: Buffer) -> int:
-    """600 rows of 5 readings and 4 KiB each (2.4 MB) into a 1 MiB buffer; returns the next sequence number."""
-    seq = 1
+async def offer_more_than_twice_the_cap(buffer: Buffer, seq: int = 1) -> int:
+    """600 rows of 5 readings and 4 KiB each (2.4 MB) into a 1 MiB buffer, numbered from `seq`; returns the
+    next sequence number."""
     for _ in range(60):
         rows = []
         for _ in range(10):
@@ -317,13 +317,7 @@ async def test_rows_being_sent_are_not_dropped_at_the_cap(tmp_path: Path) -> Non
     await buffer.append([batch(1, 5, size=4096), batch(6, 5, size=4096)])
     in_flight = await buffer.read_after(0, 2)  # what the uplink sends: its PUBACK has not come yet
     assert [r.seq for r in in_flight] == [1, 6]
-    seq = 11
-    for _ in range(60):
-        rows = []
-        for _ in range(10):
-            rows.append(batch(seq, 5, size=4096))
-            seq += 5
-        await buffer.append(rows)
+    seq = await offer_more_than_twice_the_cap(buffer, 11)
     stats = await buffer.stats()
     assert stats.dropped_oldest > 0
     kept = [r.seq for r in await buffer.read_after(0, 10_000)]
