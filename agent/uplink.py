@@ -109,6 +109,7 @@ class _InFlight:
     topic: str
     size: int  # payload bytes
     sent: float  # time.monotonic() of the publish
+    tables: tuple[str, list[str]] | None = None  # compact: (device, the point tables it carries in band)
 
     @property
     def readings(self) -> int:
@@ -117,7 +118,6 @@ class _InFlight:
     @property
     def first_seq(self) -> int:
         return self.rows[0].seq
-    tables: tuple[str, list[str]] | None = None  # compact: (device, the point tables it carries in band)
 
 
 @dataclass(slots=True)
@@ -225,6 +225,8 @@ class MqttUplink:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._keep_connected(), name="mqtt-connection")
                 group.create_task(self._pump(), name="mqtt-pump")
+                if self.sparkplug is not None:
+                    group.create_task(self.sparkplug.watch_devices(), name="sparkplug-device-deaths")
         finally:
             await self._disconnect()
 
@@ -473,19 +475,6 @@ class MqttUplink:
             properties.ContentType = CBOR_CONTENT_TYPE if compact else JSON_CONTENT_TYPE
         return properties
 
-    def _content_type(self, compact: bool) -> Any:
-        """MQTT 5: the message's content type (None with 3.1.1, which has no properties)."""
-        if self._config.protocol != "5":
-            return None
-        properties = self._properties.get(compact)
-        if properties is None:
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            properties = self._properties[compact] = Properties(PacketTypes.PUBLISH)
-            properties.ContentType = CBOR_CONTENT_TYPE if compact else JSON_CONTENT_TYPE
-        return properties
-
     def _limit(self, device: str, compact: bool) -> int:
         """The largest payload for the device's messages now (invariant 7)."""
         limit = self._config.max_message_bytes
@@ -553,7 +542,7 @@ class MqttUplink:
                         raise
                     suspect.probing = True
                     return 1
-        self._suspect = None  # its rows are no longer queued (given up to the buffer's cap): nothing to find out
+        self._suspect = None  # its rows are no longer queued (its topic given up): nothing to find out
         self._wake.set()
         return 0
 

@@ -38,7 +38,8 @@ Invariants (what is written when, what a crash can leave, what recovery does):
      in the high-water mark, which needs no new space), so the platform sees a gap.
    The counters are persisted in the same transaction as the deletion (`unstored`: with the next commit
    that succeeds, and in the high-water mark at once). Rows handed to the uplink (`read_after`) and not
-   yet deleted are never dropped at the cap: they may be delivered, and would then be counted twice.
+   yet deleted are never dropped at the cap nor expired: they may be delivered, and would then be counted
+   twice.
    `max_bytes` bounds everything the buffer keeps on disk: the data (dropped or refused above `max_bytes`
    minus the WAL budget, twice the reserve and SQLite's 32 KiB index), the WAL (checkpointed at half its
    budget, `max_bytes / 16` within 64 KiB-64 MiB, and truncated back to it) and the reserve. A commit larger
@@ -452,13 +453,15 @@ class Buffer:
                 [("uplink_inflight", inflight), ("uplink_noted", time.time())])
 
     async def expire(self, now: float | None = None) -> int:
-        """Delete rows older than `max_age` (when set), counted as expired. Returns how many readings went."""
+        """Delete rows older than `max_age` (when set), counted as expired, but not rows being sent
+        (invariant 3). Returns how many readings went."""
         if self.max_age is None:
             return 0
         cutoff = (time.time() if now is None else now) - self.max_age
         async with self._lock:
-            victims = await self._db.execute_fetchall(
+            old = await self._db.execute_fetchall(
                 "SELECT seq, count FROM batches WHERE ts < ? ORDER BY seq", (cutoff,))
+            victims = [row for row in old if row[0] not in self._leased]
             if victims:
                 await self._delete_counted(victims, "expired")
         expired = sum(count for _, count in victims)

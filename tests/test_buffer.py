@@ -21,9 +21,9 @@ def batch(seq: int, count: int = 3, device: str = "m1", size: int = 10) -> Store
     return StoredBatch(seq, count, device, 1_700_000_000.0 + seq, random.Random(seq).randbytes(size))
 
 
-async def offer_more_than_twice_the_cap(buffer: Buffer) -> int:
-    """600 rows of 5 readings and 4 KiB each (2.4 MB) into a 1 MiB buffer; returns the next sequence number."""
-    seq = 1
+async def offer_more_than_twice_the_cap(buffer: Buffer, seq: int = 1) -> int:
+    """600 rows of 5 readings and 4 KiB each (2.4 MB) into a 1 MiB buffer, numbered from `seq`; returns the
+    next sequence number."""
     for _ in range(60):
         rows = []
         for _ in range(10):
@@ -195,6 +195,20 @@ async def test_max_age_deletes_old_rows_unsent_and_counts_them(tmp_path: Path) -
     await reopened.close()
 
 
+async def test_max_age_leaves_rows_being_sent(tmp_path: Path) -> None:
+    """A row the uplink has read may yet be delivered: expiring it would count a delivered reading as lost,
+    as dropping it at the cap would (issue 12, loss reporting)."""
+    buffer = await Buffer.open(tmp_path / "b.db", max_age=3600.0)
+    now = 1_800_000_000.0
+    await buffer.append([StoredBatch(1, 2, "m", now - 7200, b"sent"), StoredBatch(3, 2, "m", now - 7200, b"old")])
+    assert [r.seq for r in await buffer.read_after(0, 1)] == [1]  # in flight: its PUBACK has not come yet
+    assert await buffer.expire(now) == 2
+    await buffer.delete([1])  # delivered
+    stats = await buffer.stats()
+    assert (stats.expired, stats.readings) == (2, 0)  # each reading delivered or counted, never both
+    await buffer.close()
+
+
 async def test_rows_are_stored_compressed(tmp_path: Path) -> None:
     encoder = Encoder("changwon-a-gw01", "changwon-plant-a", "0123456789abcdef0123456789abcdef")
     payload = encoder.encode(PollResult("dev0001", 1_764_000_000.0, tuple(
@@ -303,13 +317,7 @@ async def test_rows_being_sent_are_not_dropped_at_the_cap(tmp_path: Path) -> Non
     await buffer.append([batch(1, 5, size=4096), batch(6, 5, size=4096)])
     in_flight = await buffer.read_after(0, 2)  # what the uplink sends: its PUBACK has not come yet
     assert [r.seq for r in in_flight] == [1, 6]
-    seq = 11
-    for _ in range(60):
-        rows = []
-        for _ in range(10):
-            rows.append(batch(seq, 5, size=4096))
-            seq += 5
-        await buffer.append(rows)
+    seq = await offer_more_than_twice_the_cap(buffer, 11)
     stats = await buffer.stats()
     assert stats.dropped_oldest > 0
     kept = [r.seq for r in await buffer.read_after(0, 10_000)]

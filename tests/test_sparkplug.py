@@ -356,6 +356,9 @@ class _Collect:
     def message_callback_add(self, topic: str, callback: object) -> None:
         pass
 
+    def subscribe(self, topic: str, qos: int = 0) -> None:
+        pass
+
 
 async def test_values_of_every_type_and_bad_readings_decode_with_tahu(tmp_path: Path, tahu: Path) -> None:
     """Each value type as its Sparkplug datatype, null as is_null, a bad reading with Sparkplug's Quality
@@ -445,3 +448,50 @@ async def test_after_a_link_failure_what_was_in_flight_is_sent_again_inside_the_
             accepted += [seq_of(m) for m in message["payload"]["metrics"]]
     assert sorted(set(accepted)) == list(range(1, max(accepted) + 1)), "a reading reached the host only outside a " \
                                                                       "session"
+
+
+async def test_buffer_lost_in_the_nbirth_counts_every_loss_reason(tmp_path: Path) -> None:
+    """`Buffer/Lost` is every reading the buffer gave up (LOSS_REASONS, as the status message, /metrics and
+    the status line count them): readings a full disk could not store and readings the broker refused are
+    lost as surely as those dropped at the cap, and show as gaps too."""
+    from agent.sparkplug import SparkplugSession
+    from agent.status import StatusReporter
+    from buffer.store import Buffer, StoredBatch
+
+    buffer = await Buffer.open(tmp_path / "b.db")
+    try:
+        await buffer.append([StoredBatch(1, 3, "dev", 1_764_000_000.0, b"{}")])
+        await buffer.delete_refused([(1, 3)])  # the broker refused its message again and again
+        await buffer.give_up(2, "write failed")  # not stored (a failing disk)
+        snapshot = await StatusReporter(buffer, {}, 0).snapshot(0, 0)
+    finally:
+        await buffer.close()
+    wire = _Collect()
+    session = SparkplugSession("g", "node", None, "buf", tmp_path / "bdseq", "test", lambda: None)
+    session.attach(wire)
+    session.status(snapshot)  # before the session is up: staged for the NBIRTH
+    session.connected()
+    session.stop()
+    (birth,) = [Payload.FromString(body) for topic, body in wire.messages if "/NBIRTH/" in topic]
+    metrics = {metric.name: metric for metric in birth.metrics}
+    assert metrics["Buffer/Lost"].long_value == 5
+
+
+def _watchers() -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks() if task.get_name() == "sparkplug-device-deaths"]
+
+
+async def test_the_device_death_watch_ends_with_the_uplink_also_when_the_broker_is_gone(
+        tmp_path: Path, mosquitto: Any) -> None:
+    """The task that sends DDEATHs for failing devices belongs to the uplink: it ends with it however the
+    uplink stops, not only after a clean NDEATH on a live connection."""
+    from tests.test_end_to_end import eventually
+    from tests.test_uplink_brokers import running_uplink
+
+    async with running_uplink(tmp_path, mosquitto.port, encoding="sparkplug", reconnect_min="5s",
+                              reconnect_max="10s") as (uplink, _):
+        await eventually(lambda: uplink.connected, 10, "connected")
+        assert len(_watchers()) == 1
+        mosquitto.stop()
+        await eventually(lambda: uplink.last_error is not None, 10, "the link to drop")  # waiting to reconnect
+    assert not _watchers()

@@ -5,7 +5,8 @@ The gateway is an edge node (`spBv1.0/<group>/N.../<edge node>`), each configure
 This package owns everything Sparkplug: the session state (bdSeq, seq, births, aliases, the primary host's
 STATE) and the framing of buffer rows as DDATA. The uplink (agent/uplink.py) calls it through a narrow seam:
 `attach` when it makes the MQTT client, `connected`/`disconnected` on the link's changes, `ready` before
-sending, `publish` per data message, `status` for the periodic status, `stop` at a clean shutdown.
+sending, `publish` per data message, `status` for the periodic status, `stop` at a clean shutdown; the
+uplink's task group runs `watch_devices` for as long as the uplink runs.
 
 Invariants:
 1. Only the buffer is sent, as in every encoding: a DDATA carries buffer rows (stored in the JSON encoding)
@@ -23,15 +24,16 @@ Invariants:
    it stopped answering) or while the newest poll sent live had no good reading; a born device that is dead
    gets a DDEATH (within WATCH seconds of its first failed poll, or right after the DDATA that showed it),
    and its next message a DBIRTH. A dead device's backlog still goes out, between a DBIRTH and a DDEATH.
-5. A new connection is a new session: messages still in flight belong to the old one. paho's copies are
-   dropped before the CONNECT (it would re-send them with the old seq, among the new births, where a host
-   drops them or asks for a rebirth) and the uplink sends their rows again after the NBIRTH. The cost is
-   duplicates, which our sequence numbers expose, never a loss.
+5. A new connection is a new session: messages still in flight belong to the old one. Each connection is
+   a new paho client (agent/uplink.py), so none of them is re-sent with the old seq among the new births
+   (where a host drops them or asks for a rebirth); the uplink sends their rows again after the NBIRTH. The
+   cost is duplicates, which our sequence numbers expose, never a loss.
 6. With a primary host configured, nothing is born and no data sent until its STATE says online; when it
    says offline, data waits in the buffer and goes out as a backlog with is_historical once it is back.
 
-paho-mqtt runs its callbacks in its own thread; `_pre_connect` runs there (it must arm the will before the
-CONNECT goes out), everything else is handed to the event loop.
+paho-mqtt runs its callbacks in the connection's thread; `_pre_connect` runs there (it must arm the will
+before the CONNECT goes out), everything else is handed to the event loop. Every publish is made on the
+event loop and written by the connection's thread (agent/uplink.py, invariant 5 and its closing note).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from typing import Any
 
 from agent.health import DeviceHealth
 from agent.sparkplug.sparkplug_b_pb2 import Payload
+from buffer.store import LOSS_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +196,6 @@ class SparkplugSession:
         self.births = 0  # NBIRTHs sent (tests, logs)
         # The agent's device health (agent/health.py), set by the daemon: a device whose polls fail is dead.
         self.health: Mapping[str, DeviceHealth] = {}
-        self._watcher: asyncio.Task[None] | None = None
 
     # --- the seam the uplink calls ------------------------------------------------------------------
 
@@ -210,8 +212,6 @@ class SparkplugSession:
         client.message_callback_add(self.topic_ncmd, self._on_message)
         if self.topic_state is not None:
             client.message_callback_add(self.topic_state, self._on_message)
-        if self._watcher is None:  # attach is called for each connection's client
-            self._watcher = asyncio.create_task(self._watch(), name="sparkplug-device-deaths")
 
     def connected(self) -> None:
         """A new connection (event loop): a new session. Born at once, or when the primary host is online."""
@@ -316,8 +316,6 @@ class SparkplugSession:
 
     def stop(self) -> None:
         """A clean shutdown: DISCONNECT suppresses the will, so the NDEATH is sent first."""
-        if self._watcher is not None:
-            self._watcher.cancel()
         if self._connected and self._client is not None:
             self._client.publish(self.topic_ndeath, self.death_payload(self._connect_bdseq), qos=1)
 
@@ -381,9 +379,9 @@ class SparkplugSession:
         health = self.health.get(device)
         return state.bad or (health is not None and health.failures.failing)
 
-    async def _watch(self) -> None:
+    async def watch_devices(self) -> None:
         """DDEATH for a born device whose polls fail: a failed poll writes nothing to the buffer, so no
-        message would show it."""
+        message would show it. Run by the uplink's task group: it ends with the uplink."""
         while True:
             await asyncio.sleep(WATCH)
             if self.ready:
@@ -479,7 +477,7 @@ def _node_values(details: dict[str, Any]) -> dict[str, Any]:
         "Buffer/Readings": buffer.get("readings", 0),
         "Buffer/Bytes": buffer.get("bytes", 0),
         "Buffer/Oldest Age": float(buffer.get("oldest_age_s", 0.0)),
-        "Buffer/Lost": sum(buffer.get(key, 0) for key in ("dropped_oldest", "rejected", "expired")),
+        "Buffer/Lost": sum(buffer.get(key, 0) for key in LOSS_REASONS),
         "Uplink/Inflight": details.get("uplink", {}).get("inflight", 0),
         "Devices/Failing": sum(1 for device in devices.values() if device.get("state") not in ("ok", None)),
     }
