@@ -60,6 +60,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.compact import CBOR_SCHEMA, META_SCHEMA, SELF_DESCRIBED, decode_polls
 from agent.payload import SCHEMA, STATUS_SCHEMA, iso_utc
+from energy.records import ALARM_STREAM, WINDOW_STREAM
 from energy.watch import EnergyView, MeterReport, meter_lines
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ ERRORS_PER_MESSAGE = 3
 ERROR_TEXT_MAX = 200
 LATENCY_SAMPLES = 10_000      # per stream, for the percentiles
 INBOX_MESSAGES = 10_000       # received, not yet accounted; a full inbox slows the network thread down
+ENERGY_STREAMS = (WINDOW_STREAM, ALARM_STREAM)  # a meter's streams: one topic level below its device's
 WAITING_MAX = 10_000          # compact messages waiting for their point table, all gateways together
 SEQ_WINDOW = 1 << 22          # sequence numbers held one byte each (4 MiB) before the oldest are folded
 HIGH_WATER_STEP = 0.1         # seconds: resolution of "when was this number first exceeded"
@@ -561,8 +563,10 @@ class Monitor:
             self._handle_data(arrived, now, topic, levels[-4], levels[-3], levels[-1], payload)
         elif len(levels) >= 4 and levels[-2] == "meta":
             self._handle_meta(levels[-3], levels[-1], payload)
-        elif len(levels) >= 5 and levels[-3] == "data" and levels[-1] in ("demand", "alarm"):  # energy records
+        elif len(levels) >= 5 and levels[-3] == "data" and levels[-1] in ENERGY_STREAMS:  # windows, alarms
             self._handle_data(arrived, now, topic, levels[-5], levels[-4], "/".join(levels[-2:]), payload)
+        elif len(levels) >= 5 and levels[-3] == "meta" and levels[-1] in ENERGY_STREAMS:  # their point tables
+            self._handle_meta(levels[-4], "/".join(levels[-2:]), payload)
         elif len(levels) >= 4 and levels[-2] == "demand":  # a meter's retained live demand
             self._handle_live(levels[-3], levels[-1], payload)
         else:

@@ -167,3 +167,33 @@ async def test_sparkplug_windows_and_alarms_reach_the_energy_view(mosquitto: Mos
     assert (meter.latest_start, meter.latest_demand_kw) == ("2024-05-14T10:15:00+09:00", 505.0)
     assert (meter.alarm_events, meter.alarms_kw) == (1, (500.0,))
     assert not report.ok  # a window is missing, as with JSON
+
+
+def test_a_compact_window_decodes_with_its_streams_retained_meta(mosquitto: MosquittoProcess) -> None:
+    """In the compact encoding a window names a point table that the stream's retained meta topic
+    (`meta/incomer-1/demand`, one level deeper than a device's) holds: a monitor that joins later, after the
+    message that carried the table in band, must learn the table there and decode the window at once, not
+    wait for a table the agent sends in band again only with a later window (15 minutes on)."""
+    from zoneinfo import ZoneInfo
+
+    from agent.compact import CborEncoder, meta_message
+    from energy.records import window_poll
+    from energy.windows import WindowRecord, local_iso
+
+    seoul = ZoneInfo("Asia/Seoul")
+    compact = CborEncoder(GW, SITE, BUFFER_ID)
+    data = compact.message(window_poll(WindowRecord("incomer-1", EDGE, EDGE + 900, local_iso(EDGE, seoul), 900,
+                                                    120.0, 480.0, None, 1.0, 1.0, frozenset())), 1)
+    (stream, table_id, points), = compact.take_tables()
+    assert stream == "incomer-1/demand"
+    publish(mosquitto.port, [(f"edge/{SITE}/{GW}/meta/{stream}",
+                              meta_message(GW, SITE, stream, {table_id: points}))], retain=True)
+    with Monitor("127.0.0.1", mosquitto.port, "edge/#", gap_grace=0.0) as monitor:
+        publish(mosquitto.port, [(f"edge/{SITE}/{GW}/data/{stream}", data)])
+        decoded = monitor.wait_for(lambda: bool(monitor.report().gateways) and
+                                   monitor.report().gateways[0].meters[:1] != () and
+                                   monitor.report().gateways[0].meters[0].windows == 1, 5)
+        gateway = monitor.report().gateways[0]
+    assert decoded, (gateway.waiting_for_table, gateway.invalid_errors)
+    assert (gateway.readings, gateway.invalid, gateway.waiting_for_table) == (7, 0, 0)
+    assert gateway.meters[0].latest_demand_kw == 480.0
