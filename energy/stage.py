@@ -71,13 +71,11 @@ WINDOWS_KEPT = 4  # the latest windows of each meter and group kept in memory fo
 
 @dataclass(frozen=True, slots=True)
 class EnergyFigures:
-    """For status and /metrics."""
+    """For status and /metrics (the clock's figures are the agent's ClockWatch's, energy/wiring.py)."""
 
     meters: int
     windows: int
     alarms_active: int
-    clock: ClockState
-    clock_steps: int
 
 
 class GroupTracker:
@@ -365,7 +363,7 @@ class EnergyStage:
     def figures(self) -> EnergyFigures:
         active = sum(len(t.alarm.active) for t in self.trackers.values()) + \
             sum(len(g.alarm.active) for g in self.groups)
-        return EnergyFigures(len(self.trackers), self.windows_closed, active, self.clock.state(), self.clock.steps)
+        return EnergyFigures(len(self.trackers), self.windows_closed, active)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -220,7 +220,7 @@ async def test_a_clock_step_and_an_unsynchronised_clock_are_flagged(tmp_path: Pa
     flags = [set(str(value(w, "flags")).split(",")) for w in windows]
     assert all("clock_unsynced" in f for f in flags)
     assert sum("clock_step" in f for f in flags) == 1
-    assert energy.figures().clock_steps == 1 and not energy.figures().clock.synchronised
+    assert energy.clock.steps == 1 and not energy.clock.state().synchronised
 
 
 async def test_history_keeps_the_windows_and_reports_the_peak_of_each_month(tmp_path: Path) -> None:
