@@ -22,7 +22,9 @@ How it works, and what it promises:
   still waiting when the monitor stops is invalid.
 - Sparkplug B (`[mqtt] encoding = "sparkplug"`, subscribe to `spBv1.0/#`): the edge node counts as the
   gateway, the NBIRTH names its buffer_id, each DBIRTH its device's metrics by alias; a DDATA is accounted
-  like a JSON message by the "seq" property of each metric. A DDATA seen before those births is invalid.
+  like a JSON message by the "seq" property of each metric, a metric in a folder ("demand/energy") as a
+  reading of that stream ("incomer-1/demand"), so windows and alarms reach the energy view as in JSON. A
+  DDATA seen before those births is invalid.
 - Memory stays bounded on long runs: a window of one byte per sequence number (older numbers folded into
   a list of missing ranges), a fixed number of latency samples per stream.
 """
@@ -58,6 +60,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.compact import CBOR_SCHEMA, META_SCHEMA, SELF_DESCRIBED, decode_polls
 from agent.payload import SCHEMA, STATUS_SCHEMA, iso_utc
+from energy.records import ALARM_STREAM, WINDOW_STREAM
 from energy.watch import EnergyView, MeterReport, meter_lines
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ ERRORS_PER_MESSAGE = 3
 ERROR_TEXT_MAX = 200
 LATENCY_SAMPLES = 10_000      # per stream, for the percentiles
 INBOX_MESSAGES = 10_000       # received, not yet accounted; a full inbox slows the network thread down
+ENERGY_STREAMS = (WINDOW_STREAM, ALARM_STREAM)  # a meter's streams: one topic level below its device's
 WAITING_MAX = 10_000          # compact messages waiting for their point table, all gateways together
 SEQ_WINDOW = 1 << 22          # sequence numbers held one byte each (4 MiB) before the oldest are folded
 HIGH_WATER_STEP = 0.1         # seconds: resolution of "when was this number first exceeded"
@@ -559,8 +563,10 @@ class Monitor:
             self._handle_data(arrived, now, topic, levels[-4], levels[-3], levels[-1], payload)
         elif len(levels) >= 4 and levels[-2] == "meta":
             self._handle_meta(levels[-3], levels[-1], payload)
-        elif len(levels) >= 5 and levels[-3] == "data" and levels[-1] in ("demand", "alarm"):  # energy records
+        elif len(levels) >= 5 and levels[-3] == "data" and levels[-1] in ENERGY_STREAMS:  # windows, alarms
             self._handle_data(arrived, now, topic, levels[-5], levels[-4], "/".join(levels[-2:]), payload)
+        elif len(levels) >= 5 and levels[-3] == "meta" and levels[-1] in ENERGY_STREAMS:  # their point tables
+            self._handle_meta(levels[-4], "/".join(levels[-2:]), payload)
         elif len(levels) >= 4 and levels[-2] == "demand":  # a meter's retained live demand
             self._handle_live(levels[-3], levels[-1], payload)
         else:
@@ -621,11 +627,10 @@ class Monitor:
             except (KeyError, ValueError) as exc:
                 self._reject(node, [f"DDATA {device}: {exc!r}"])
                 return
-            for poll in polls:
-                poll["ts"] = iso_utc(poll["ts"])
-            self._account(arrived, now, topic, node, device, {"schema": SCHEMA, "gateway": node, "site": group,
-                                                              "buffer_id": buffer_id, "device": device,
-                                                              "polls": polls})
+            for stream, stream_polls in _sparkplug_streams(device, polls).items():
+                self._account(arrived, now, topic, node, stream, {"schema": SCHEMA, "gateway": node, "site": group,
+                                                                  "buffer_id": buffer_id, "device": stream,
+                                                                  "polls": stream_polls})
 
     def _account(self, arrived: float, now: float, topic: str, gateway: str, device: str,
                  body: dict[str, Any]) -> None:
@@ -868,6 +873,22 @@ def _status_since(state: GatewayState) -> str | None:
         return None
     ts = state.status.get("ts")
     return ts if isinstance(ts, str) else iso_utc(state.status_received)
+
+
+def _sparkplug_streams(device: str, polls: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A DDATA's polls by the stream they belong to, in the JSON encoding's shape: a metric in a folder
+    ("demand/energy") is a reading of the device's stream ("incomer-1/demand": energy windows and alarms,
+    agent/sparkplug `publish`); point names hold no '/' (agent/names.py), so a '/' is always a folder."""
+    streams: dict[str, list[dict[str, Any]]] = {}
+    for poll in polls:
+        ts = iso_utc(poll["ts"])
+        for reading in poll["readings"]:
+            folder, _, reading["point"] = reading["point"].rpartition("/")
+            stream = streams.setdefault(f"{device}/{folder}" if folder else device, [])
+            if not stream or stream[-1]["ts"] != ts:
+                stream.append({"ts": ts, "readings": [], "historical": poll["historical"]})
+            stream[-1]["readings"].append(reading)
+    return streams
 
 
 def _no_table(device: str, table_id: str) -> str:

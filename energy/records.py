@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from agent.model import PollResult, Quality, Reading
+from energy.history import StoredWindow
 from energy.windows import AlarmEvent, LiveDemand, WindowRecord, flag_text, local_iso
 
 WINDOW_STREAM = "demand"
@@ -70,7 +71,7 @@ def alarm_poll(event: AlarmEvent, zone_of: dict[str, Any]) -> PollResult:
     return PollResult(alarm_stream(event.meter), event.ts, tuple(readings))
 
 
-def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: WindowRecord | None,
+def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: StoredWindow | None,
                  target_kw: float | None) -> bytes:
     """The retained current state of a meter or group: the open window so far, its projection, the alarm
     levels active, and the latest closed window."""
@@ -84,12 +85,12 @@ def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: W
     if latest is not None:
         state["latest_window"] = {"start": latest.start_local, "demand_kw": round(latest.demand_kw, 4),
                                   "energy_kwh": round(latest.energy_kwh, 6), "coverage": latest.coverage,
-                                  "flags": flag_text(latest.flags)}
+                                  "flags": latest.flags}
     return json.dumps(state, separators=(",", ":")).encode()
 
 
 def poll_to_json(result: PollResult) -> dict[str, Any]:
-    """A derived poll as JSON values, to keep it in the state file's outbox (energy/state.py)."""
+    """A derived poll as JSON values, to keep it in the state file's outbox (energy/stage.py)."""
     return {"device": result.device, "ts": result.ts,
             "readings": [[r.point, r.value, r.unit, r.quality.value, r.reason] for r in result.readings]}
 

@@ -24,7 +24,8 @@ temporary file, fsynced, renamed over the old one, the folder fsynced):
 
 For the status page the stage keeps, per meter and group, its latest live demand and its last
 `WINDOWS_KEPT` windows (`live`, `recent`): one dict assignment per live demand it computes anyway, one
-bounded deque per meter; filled from the local history at start so the page shows windows at once.
+bounded deque per meter; filled from the local history at start so the page shows windows at once, and the
+retained live state's `latest_window` is the newest of them (the page and the platform see the same one).
 """
 
 from __future__ import annotations
@@ -70,13 +71,11 @@ WINDOWS_KEPT = 4  # the latest windows of each meter and group kept in memory fo
 
 @dataclass(frozen=True, slots=True)
 class EnergyFigures:
-    """For status and /metrics."""
+    """For status and /metrics (the clock's figures are the agent's ClockWatch's, energy/wiring.py)."""
 
     meters: int
     windows: int
     alarms_active: int
-    clock: ClockState
-    clock_steps: int
 
 
 class GroupTracker:
@@ -159,7 +158,6 @@ class EnergyStage:
         self._outbox: list[dict[str, Any]] = []
         self._seen_mono: dict[str, float] = {}
         self._saved_at = 0.0
-        self._latest: dict[str, WindowRecord] = {}
         self._live_sent: dict[str, tuple[float, tuple[float, ...]]] = {}  # (monotonic time, alarms) per name
         # For the status page (agent/webpage.py): the latest live demand and windows (newest first) per name.
         self.live: dict[str, LiveDemand] = {}
@@ -268,7 +266,6 @@ class EnergyStage:
 
     def _window(self, record: WindowRecord, derived: list[PollResult]) -> None:
         self.windows_closed += 1
-        self._latest[record.meter] = record
         self.recent[record.meter].appendleft(StoredWindow(
             record.meter, record.start_local, record.energy_kwh, record.demand_kw, record.coverage,
             record.longest_gap_s, flag_text(record.flags)))
@@ -289,8 +286,9 @@ class EnergyStage:
             return
         self._live_sent[live.meter] = (now, live.alarms)
         spec = self._specs[live.meter]
+        recent = self.recent[live.meter]
         self._publish_live(live.meter, live_payload(live, self._gateway, self._site, spec.zone,
-                                                    self._latest.get(live.meter), spec.target_kw))
+                                                    recent[0] if recent else None, spec.target_kw))
 
     async def _hand_over(self, derived: list[PollResult]) -> None:
         """Invariants 2 and 3: decided on disk, then handed over, then known stored."""
@@ -365,7 +363,7 @@ class EnergyStage:
     def figures(self) -> EnergyFigures:
         active = sum(len(t.alarm.active) for t in self.trackers.values()) + \
             sum(len(g.alarm.active) for g in self.groups)
-        return EnergyFigures(len(self.trackers), self.windows_closed, active, self.clock.state(), self.clock.steps)
+        return EnergyFigures(len(self.trackers), self.windows_closed, active)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from energy.records import ALARM_STREAM, LIVE_SCHEMA, WINDOW_STREAM
+
 KEPT_WINDOWS = 2000  # per meter: three weeks of 15-minute windows, to recognise late duplicates
-LIVE_SCHEMA = "edge-agent/demand-state/v1"
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,9 @@ class EnergyView:
             state = self._meters.setdefault((gateway, meter), _Meter())
             for poll in polls:
                 values = {r["point"]: r["value"] for r in poll["readings"]}
-                if kind == "demand":
+                if kind == WINDOW_STREAM:
                     self._window(state, poll["ts"], values)
-                elif kind == "alarm":
+                elif kind == ALARM_STREAM:
                     state.alarm_events += 1
                     level = values.get("level")
                     if isinstance(level, int | float):

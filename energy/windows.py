@@ -17,7 +17,7 @@ Invariants:
    as a gap). A rise no installation could draw (above `max_kw`) is a replacement too.
 3. A window is emitted only when both its edges have readings on both sides. The first window a tracker
    ever sees has no reading before its start edge and is not emitted; after a restart the tracker resumes
-   from its saved state (energy/state.py) and the window open at the restart is completed and flagged.
+   from its saved state (energy/stage.py) and the window open at the restart is completed and flagged.
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ class MeterTracker:
                                  tuple(sorted(self.alarm.active)), export_so_far, export_projected))
         return events
 
-    # --- state (energy/state.py) ---
+    # --- state (saved by energy/stage.py) ---
 
     def snapshot(self) -> dict[str, object]:
         """What a restart needs, as JSON-able values."""

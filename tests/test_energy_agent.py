@@ -88,6 +88,10 @@ async def test_the_window_arrives_with_the_analytic_value_and_a_killed_agent_com
                 records.extend((body["gateway"], body["device"], poll) for poll in body["polls"])
 
         with Monitor("127.0.0.1", mosquitto.port, "edge/#", gap_grace=1.0, on_message=on_message) as monitor:
+            # Not before the edge ahead of `first_edge` (it is less than 4 s away when `first_edge` was moved on):
+            # an agent reading the counter before it would close that window first, a minute early, and the
+            # checks below would take it for the window from `first_edge` (the energy of the minute before).
+            await _sleep_until(first_edge - 60 + 0.5)
             for agent in agents.values():
                 agent.start()
             killed = agents["gw-killed"]

@@ -220,7 +220,7 @@ async def test_a_clock_step_and_an_unsynchronised_clock_are_flagged(tmp_path: Pa
     flags = [set(str(value(w, "flags")).split(",")) for w in windows]
     assert all("clock_unsynced" in f for f in flags)
     assert sum("clock_step" in f for f in flags) == 1
-    assert energy.figures().clock_steps == 1 and not energy.figures().clock.synchronised
+    assert energy.clock.steps == 1 and not energy.clock.state().synchronised
 
 
 async def test_history_keeps_the_windows_and_reports_the_peak_of_each_month(tmp_path: Path) -> None:
@@ -237,11 +237,12 @@ async def test_history_keeps_the_windows_and_reports_the_peak_of_each_month(tmp_
     await energy.close()
 
 
-def live_stage(tmp_path: Path, plan: EnergyPlan, sink: Sink) -> tuple[EnergyStage, list[tuple[float, dict]]]:
+def live_stage(tmp_path: Path, plan: EnergyPlan, sink: Sink, history: History | None = None,
+               t: float = T0) -> tuple[EnergyStage, list[tuple[float, dict]]]:
     """A stage whose retained live state is captured: (monotonic time published, payload) per publication."""
-    clocks = Clocks(T0)
+    clocks = Clocks(t)
     published: list[tuple[float, dict]] = []
-    energy = EnergyStage(plan, tmp_path / "energy-state.json", None, sink.submit, sink.flush,
+    energy = EnergyStage(plan, tmp_path / "energy-state.json", history, sink.submit, sink.flush,
                          lambda meter, payload: published.append((clocks.mono, json.loads(payload))),
                          "gw", "site", clock_state=lambda: ClockState(True, True, 0.001, 0.01),
                          detector=StepDetector(lambda: clocks.wall, lambda: clocks.mono),
@@ -353,4 +354,27 @@ async def test_the_status_page_sees_live_demand_and_the_last_windows_of_each_met
     recalled = {item["name"]: item for item in page_section(again, end + 1)}
     assert recalled["incomer-1"]["windows"] == windows and recalled["incomer-1"]["live"] is None
     assert recalled["plant"]["windows"] == shown["plant"]["windows"]
+    await again.close()
+
+
+async def test_the_retained_live_state_names_the_latest_window_also_after_a_restart(tmp_path: Path) -> None:
+    """The live state's `latest_window` and the status page's windows are one thing: a restarted stage recalls
+    its windows from the local history, so its first live state names the window closed before the restart
+    (it said nothing of it until the next window closed, while the page showed it)."""
+    first_edge = window_start(T0, 900, SEOUL) + 900
+    meter = SimMeter(Profile(T0, base=480.0))
+    plan = EnergyPlan({"incomer-1": meter_spec()}, ())
+    energy, published = live_stage(tmp_path, plan, Sink(), History(tmp_path / "energy-history.db"))
+    await energy.start()
+    await run(energy, list(polls("incomer-1", meter, poll_times(T0, first_edge + 910, 1.0))))
+    before = published[-1][1]["latest_window"]
+    assert before["start"] == datetime.fromtimestamp(first_edge, SEOUL).isoformat()
+    assert before["demand_kw"] == pytest.approx(480.0, abs=0.1) and before["flags"] == ""
+    await energy.close()
+
+    again, published = live_stage(tmp_path, plan, Sink(), History(tmp_path / "energy-history.db"),
+                                  t=first_edge + 930)
+    await again.start()
+    await run(again, list(polls("incomer-1", meter, poll_times(first_edge + 930, first_edge + 932, 1.0))))
+    assert published and published[0][1]["latest_window"] == before
     await again.close()
