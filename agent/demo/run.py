@@ -202,7 +202,8 @@ class _LiveView:
         depth = f"{stats.readings} readings in the buffer" if stats else "buffer closed"
         link = "connected" if counters.mqtt_connected else "DISCONNECTED"
         print(f"{'':9} {'agent':<12} broker {link}, {depth}, {counters.inflight} messages in flight, "
-              f"polled {counters.readings_polled}, delivered {counters.readings_delivered}\n", flush=True)
+              f"polled {counters.readings_polled}, stored {counters.readings_committed} (with demand windows and "
+              f"alarms), delivered {counters.readings_delivered}\n", flush=True)
 
 
 def _demand_intro(config: AgentConfig) -> str:
