@@ -635,9 +635,11 @@ class AgentConfig:
 
 # --- loading ---------------------------------------------------------------------------------------
 
-# A plant's config with a thousand devices is well under 1 MB. Bounding what is read keeps `check` quick on
-# a wrong file (a log, a disk image), and a FIFO or a device given by mistake is refused, not waited on.
-MAX_CONFIG_BYTES = 4 << 20
+# A plant's config with a thousand devices read through profiles is well under 1 MB; the largest shape the
+# agent is measured at, 1,000 devices of 100 points each written out (bench/e2e.py), is 7.6 MB. Bounding what
+# is read keeps `check` quick on a wrong file (a log, a disk image), and a FIFO or a device given by mistake is
+# refused, not waited on.
+MAX_CONFIG_BYTES = 16 << 20
 # Tables and arrays deeper than this are no config of ours; far deeper ones exhaust Python's recursion.
 MAX_NESTING = 32
 # No table of the config has more than a few dozen keys (`overrides` one per point of a profile). A table of

@@ -253,13 +253,13 @@ def test_a_fifo_as_config_is_refused_not_waited_on(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_file_beyond_4_mb_is_refused_unread(tmp_path: Path) -> None:
+def test_a_file_beyond_16_mib_is_refused_unread(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(GATEWAY + tcp() + "# " + "x" * (5 << 20) + "\n")
+    path.write_text(GATEWAY + tcp() + "# " + "x" * (17 << 20) + "\n")
     result = cli("check", "--config", str(path))
     assert result.returncode == EX_CONFIG, result
     assert result.stderr.splitlines()[0] == (f"{path}: the config file has {path.stat().st_size:,} bytes; at most "
-                                             "4,194,304 are read (is it the right file?)")
+                                             "16,777,216 are read (is it the right file?)")
 
 
 @pytest.mark.timeout(60)
