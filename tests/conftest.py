@@ -23,6 +23,22 @@ REPO = Path(__file__).resolve().parent.parent
 requires_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="the mosquitto binary is not installed "
                                         "(make test installs it where the machine allows)")
 
+EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
+
+
+async def edge_agent(*args: str, timeout: float = 30) -> tuple[int, str, str]:
+    """Run the edge-agent command line as a technician would, bounded: exit code, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(EDGE_AGENT, *args, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return process.returncode or 0, out.decode(), err.decode()
+
+
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:

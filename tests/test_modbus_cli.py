@@ -3,9 +3,7 @@ pseudo-terminal (the CLI runs as its own process and opens the serial device thr
 
 from __future__ import annotations
 
-import asyncio
 import struct
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,10 +11,9 @@ import pytest
 
 from drivers.modbus.cli import format_registers, parse_units
 from drivers.modbus.simulator import PtyLink, SimServer
-from tests.conftest import FixedRegisters
+from tests.conftest import FixedRegisters, edge_agent
 
 pytestmark = pytest.mark.timeout(60)
-EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
 
 
 def f32(value: float) -> list[int]:
@@ -24,15 +21,7 @@ def f32(value: float) -> list[int]:
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(EDGE_AGENT, "modbus", *args, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return process.returncode or 0, out.decode(), err.decode()
+    return await edge_agent("modbus", *args, timeout=30)
 
 
 def plant() -> dict[int, FixedRegisters]:

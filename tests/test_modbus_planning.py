@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 import types
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,10 +26,9 @@ from drivers.modbus.cli import _scan
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.simulator import PtyLink, SimServer
-from tests.conftest import FixedRegisters
+from tests.conftest import FixedRegisters, edge_agent
 
 pytestmark = pytest.mark.timeout(30)
-EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
 INPUTS = 4  # function code of the input registers
 
 
@@ -220,15 +218,7 @@ def test_check_shows_the_cost_of_the_line_and_of_the_plan() -> None:
 # --- the tools -------------------------------------------------------------------------------------------
 
 async def cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(EDGE_AGENT, "modbus", *args, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout=20)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return process.returncode or 0, out.decode(), err.decode()
+    return await edge_agent("modbus", *args, timeout=20)
 
 
 async def test_poll_reports_the_requests_that_went_on_the_wire(tmp_path: Path) -> None:

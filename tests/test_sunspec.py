@@ -5,10 +5,8 @@ driver with the scale factors applied; "not implemented" values and scale factor
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +18,10 @@ from drivers.modbus import sunspec
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.simulator import PtyLink, SimServer
+from tests.conftest import EDGE_AGENT, edge_agent
 from tests.sunspec_simulator import DEFINITIONS, SunSpecDevice
 
 pytestmark = pytest.mark.timeout(60)
-EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
 GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'
 
 
@@ -47,15 +45,7 @@ def plant() -> SunSpecDevice:
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(EDGE_AGENT, *args, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return process.returncode or 0, out.decode(), err.decode()
+    return await edge_agent(*args, timeout=30)
 
 
 async def poll(device: ModbusDevice) -> dict[str, Reading]:
