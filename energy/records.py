@@ -80,7 +80,7 @@ def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: S
         "ts": live.ts, "window_start": local_iso(live.start, zone), "window_end": local_iso(live.end, zone),
         "energy_kwh": round(live.energy_kwh, 6), "power_kw": round(live.power_kw, 3),
         "projected_kw": round(live.projected_kw, 3), "target_kw": target_kw,
-        "alarms_kw": list(live.alarms),
+        "alarms_kw": list(live.alarms), "estimated_s": round(live.estimated_s, 1),
     }
     if latest is not None:
         state["latest_window"] = {"start": latest.start_local, "demand_kw": round(latest.demand_kw, 4),

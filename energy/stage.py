@@ -124,7 +124,8 @@ class GroupTracker:
         energy = sum(c.energy_kwh - (c.export_kwh if net else 0.0) for c in current)
         events: list[Event] = list(self.alarm.update(live.ts, total, live.start))
         events.append(LiveDemand(self.spec.name, live.ts, live.start, live.end, energy,
-                                 sum(c.power_kw for c in current), total, tuple(sorted(self.alarm.active))))
+                                 sum(c.power_kw for c in current), total, tuple(sorted(self.alarm.active)),
+                                 estimated_s=max(c.estimated_s for c in current)))
         return events
 
 

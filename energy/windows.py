@@ -16,8 +16,10 @@ Invariants:
    energy between the two readings is unknown, estimated from the power just before, and the span counts
    as a gap). A rise no installation could draw (above `max_kw`) is a replacement too.
 3. A window is emitted only when both its edges have readings on both sides. The first window a tracker
-   ever sees has no reading before its start edge and is not emitted; after a restart the tracker resumes
-   from its saved state (energy/stage.py) and the window open at the restart is completed and flagged.
+   ever sees has no reading before its start edge and is not emitted (its live demand is, with the part
+   before the first reading estimated from the present power and marked `estimated_s`); after a restart the
+   tracker resumes from its saved state (energy/stage.py) and the window open at the restart is completed
+   and flagged.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class LiveDemand:
     alarms: tuple[float, ...]  # the alarm levels (kW) active now
     export_kwh: float = 0.0  # the export counter's energy so far (meters with export; 0 otherwise)
     export_projected_kw: float = 0.0  # the export demand projected to the end edge (a group's net import subtracts it)
+    estimated_s: float = 0.0  # seconds at the window's start before the first reading, estimated from present power
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,9 @@ class OpenWindow:
     longest_gap_s: float = 0.0
     flags: set[Flag] = field(default_factory=set)
     raw_ok: bool = True  # no wrap/reset/replacement inside: the raw counter edges mean something
+    # Without start_energy: the first reading inside the window (time, energy). Live demand estimates the
+    # part of the window before it from the present power; the window itself is still not emitted.
+    first_seen: tuple[float, tuple[float, ...]] | None = None
 
 
 class Alarm:
@@ -288,7 +294,7 @@ class MeterTracker:
         self.last = Sample(ts, tuple(counters), energy)
         start = window_start(ts, self.spec.window_s, self.spec.zone)
         self.window = OpenWindow(start, window_end(start, self.spec.window_s, self.spec.zone), None, None,
-                                 flags=set(self._pending_flags))
+                                 flags=set(self._pending_flags), first_seen=(ts, energy))
         self._pending_flags.clear()
         self._recent.clear()
         self._recent.append((ts, energy[0], energy[1] if len(energy) > 1 else 0.0))
@@ -366,21 +372,31 @@ class MeterTracker:
             recent.popleft()
         window = self.window
         assert window is not None
-        if window.start_energy is None:
-            return []
-        spec = self.spec
-        so_far = max(sample.energy[0] - window.start_energy[0], 0.0)
         power = max(self._power_kw(), 0.0)
+        export_power = max(self._power_kw(1), 0.0) if exported else 0.0
+        estimated_s = 0.0
+        if window.start_energy is not None:
+            base = window.start_energy
+            so_far = max(sample.energy[0] - base[0], 0.0)
+            export_so_far = max(sample.energy[1] - base[1], 0.0) if exported else 0.0
+        elif window.first_seen is not None and len(recent) >= 2:
+            # The first window after commissioning: nothing was read before its start edge. What it drew
+            # before the first reading is estimated from the present power, and says so (estimated_s).
+            first_ts, base = window.first_seen
+            estimated_s = max(first_ts - window.start, 0.0)
+            so_far = max(sample.energy[0] - base[0], 0.0) + power * estimated_s / 3600
+            export_so_far = (max(sample.energy[1] - base[1], 0.0) + export_power * estimated_s / 3600
+                             if exported else 0.0)
+        else:
+            return []  # one reading only: no power yet to estimate from
+        spec = self.spec
         length = window.end - window.start
         left_h = max(window.end - sample.ts, 0.0) / 3600
         projected = (so_far + power * left_h) * 3600 / length
-        export_so_far = export_projected = 0.0
-        if exported:
-            export_so_far = max(sample.energy[1] - window.start_energy[1], 0.0)
-            export_projected = (export_so_far + max(self._power_kw(1), 0.0) * left_h) * 3600 / length
+        export_projected = (export_so_far + export_power * left_h) * 3600 / length if exported else 0.0
         events: list[Event] = list(self.alarm.update(sample.ts, projected, window.start))
         events.append(LiveDemand(spec.name, sample.ts, window.start, window.end, so_far, power, projected,
-                                 tuple(sorted(self.alarm.active)), export_so_far, export_projected))
+                                 tuple(sorted(self.alarm.active)), export_so_far, export_projected, estimated_s))
         return events
 
     # --- state (saved by energy/stage.py) ---
@@ -395,7 +411,9 @@ class MeterTracker:
                 "start_energy": None if window.start_energy is None else list(window.start_energy),
                 "counter_start": window.counter_start, "covered_s": window.covered_s,
                 "longest_gap_s": window.longest_gap_s, "flags": sorted(f.value for f in window.flags),
-                "raw_ok": window.raw_ok},
+                "raw_ok": window.raw_ok,
+                "first_seen": None if window.first_seen is None else [window.first_seen[0],
+                                                                      list(window.first_seen[1])]},
             "alarms": sorted(self.alarm.active),
         }
 
@@ -410,13 +428,21 @@ class MeterTracker:
                 float(window["start"]), float(window["end"]),
                 None if start_energy is None else tuple(float(e) for e in start_energy),
                 window["counter_start"], float(window["covered_s"]), float(window["longest_gap_s"]),
-                {Flag(f) for f in window["flags"]} | {Flag.RESTART}, bool(window["raw_ok"]))
+                {Flag(f) for f in window["flags"]} | {Flag.RESTART}, bool(window["raw_ok"]),
+                _first_seen(window.get("first_seen")))
             self._recent.clear()
             energy = self.last.energy
             self._recent.append((self.last.ts, energy[0], energy[1] if len(energy) > 1 else 0.0))
         alarms = state.get("alarms")
         if isinstance(alarms, list):
             self.alarm = Alarm(self.spec, tuple(float(a) for a in alarms))
+
+
+def _first_seen(saved: object) -> tuple[float, tuple[float, ...]] | None:
+    """A saved `first_seen` (absent in state files written before it existed)."""
+    if not isinstance(saved, list) or len(saved) != 2:
+        return None
+    return float(saved[0]), tuple(float(e) for e in saved[1])
 
 
 def _interpolate(before: Sample, after: Sample, edge: float) -> tuple[float, ...]:

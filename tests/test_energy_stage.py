@@ -297,7 +297,13 @@ async def test_a_groups_live_demand_and_alarm_are_net_of_export_like_its_windows
     assert value(sink.stream("plant/demand")[0], "demand") == pytest.approx(300.0, abs=0.2)
     assert sink.stream("plant/alarm") == []
     plant = [payload for _, payload in published if payload["meter"] == "plant"]
-    assert plant and all(p["projected_kw"] == pytest.approx(300.0, abs=1.0) for p in plant[5:])
+    # In the first window the 7.5 minutes before the first reading are estimated from a power that is only
+    # seconds old (counter steps of 0.01 kWh): the projection is near, not exact; from the next edge on it is.
+    first = [p for p in plant if p["estimated_s"] > 0]
+    read = [p for p in plant if p["estimated_s"] == 0]
+    assert first and all(p["projected_kw"] == pytest.approx(300.0, abs=15.0) for p in first)
+    assert all(p["projected_kw"] == pytest.approx(300.0, abs=2.0) for p in first[10:])
+    assert read and all(p["projected_kw"] == pytest.approx(300.0, abs=1.0) for p in read[5:])
 
 
 async def test_the_status_page_sees_live_demand_and_the_last_windows_of_each_meter_and_group(tmp_path: Path) -> None:

@@ -246,6 +246,36 @@ def test_the_alarm_fires_before_the_window_ends_on_a_ramp_exactly_once_and_clear
     assert [(a.level_kw, a.raised) for a in alarms] == [(900.0, True), (900.0, False)]
 
 
+def test_the_first_window_after_commissioning_has_an_estimated_live_demand_but_is_not_sent() -> None:
+    """Commissioned at 09:07:30, mid-window: nothing was read before 09:00. From the second reading on, live
+    demand is the energy read since 09:07:30 plus the 7.5 minutes before it estimated from the present power,
+    marked as estimated; the alarm may fire on it. The window itself is still never sent (its energy rests
+    on an estimate), and a restart inside it keeps estimating from the same first reading."""
+    start = window_start(T0, 900, SEOUL)
+    meter = SimMeter(Profile(start, base=960.0), resolution=0.001)  # a steady 960 kW over a 900 kW level
+    tracker = MeterTracker(spec(target_kw=1000.0, levels_kw=(900.0,), resolution=0.001, lookback_s=30.0))
+    times = list(poll_times(T0, T0 + 60, 1.0))
+    events = feed(tracker, meter, times)
+    live = [e for e in events if isinstance(e, LiveDemand)]
+    assert live and live[0].ts == times[1]  # one reading is not enough to estimate from; the second is
+    assert all(e.estimated_s == pytest.approx(times[0] - start) for e in live)
+    last = live[-1]
+    assert last.energy_kwh == pytest.approx(meter.analytic_kwh(start, last.ts), abs=0.05)
+    assert last.projected_kw == pytest.approx(960.0, abs=1.0)
+    assert [(a.level_kw, a.raised) for a in events if isinstance(a, AlarmEvent)] == [(900.0, True)]
+
+    resumed = MeterTracker(tracker.spec)
+    resumed.restore(tracker.snapshot())
+    later = feed(resumed, meter, poll_times(T0 + 61, start + 1200, 1.0))
+    assert not any(isinstance(e, AlarmEvent) for e in later)  # still raised from before the restart
+    inside = [e for e in later if isinstance(e, LiveDemand) and e.start == start]
+    assert inside and inside[-1].estimated_s == pytest.approx(times[0] - start)
+    assert inside[-1].energy_kwh == pytest.approx(meter.analytic_kwh(start, inside[-1].ts), abs=0.05)
+    assert [r.start for r in windows(later)] == []  # the first window is not sent, even estimated
+    nxt = [e for e in later if isinstance(e, LiveDemand) and e.start == start + 900]
+    assert nxt and all(e.estimated_s == 0.0 for e in nxt)  # the next window is read from its edge
+
+
 def test_the_alarm_does_not_flap_around_its_level() -> None:
     start = window_start(T0, 900, SEOUL) + 900
     # Power oscillating +-20 kW around the 1000 kW level every 40 s: hysteresis 50 kW keeps one alarm.

@@ -419,7 +419,8 @@ async def test_the_page_shows_live_demand_and_the_alarm_per_meter_without_a_relo
     """A running agent with two simulated meters that have energy tables: the one resumed mid-window shows its
     live demand (energy so far, projection, target, levels raised, time left) within its first polls, following
     it without a reload, and its alarm, since the simulated feeder (45 kW and more) is far over its 10 kW
-    target; the one seen for the first time says from when it will have live demand. On a phone's width."""
+    target; the one seen for the first time shows live demand too, saying how much of its window is estimated.
+    On a phone's width."""
     loaded, fresh = PowerMeter(seed=3), PowerMeter(seed=4)
     async with SimServer({1: loaded, 2: fresh}, update_interval=0.2) as meters:
         config = agent_config(tmp_path, mosquitto.port,
@@ -455,8 +456,10 @@ async def test_the_page_shows_live_demand_and_the_alarm_per_meter_without_a_relo
             assert await page.evaluate("window.__notReloaded === true")
             print(f"energy so far {so_far}, then {await page.inner_text(f'{card} .so-far')}")
             if time.time() + 5 < hour_edge:  # incomer-b's first hour edge has not passed (it does, 0.3 % of runs)
-                waiting = await page.inner_text('[data-meter="incomer-b"][data-alarm="waiting"] .waiting')
-                assert waiting.startswith("Live demand from") and "first window" in waiting, waiting
+                # Seen for the first time mid-hour: live demand from its second poll, the part of the hour
+                # before the first reading estimated from the present power, and saying so.
+                estimated = await page.inner_text('[data-meter="incomer-b"][data-alarm="normal"] .so-far .estimated')
+                assert "estimated from the present power" in estimated and "not sent" in estimated, estimated
             shot = tmp_path / "status-page-energy-phone.png"
             await page.screenshot(path=str(shot), full_page=True)
             print(f"status page screenshot: {shot}")
