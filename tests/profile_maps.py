@@ -161,24 +161,46 @@ SCHNEIDER_PM5500 = MeterMap("schneider_pm5500", "Schneider PM5000 register list 
     _r("energy_apparent", "3236", FC03, 3235, "int64", 10_203_040_506, 0.001, "kVAh", source=_PM),
 ))
 
-# ABB "EQ meter" register layout (A/B series) as read by volkszaehler/mbmd and openWB; ABB's M4M Modbus
-# manual 2CSG445050D0201 exists (v1.05) but its mapping tables could not be read: every row third-party.
-_ABB = "third-party"
-ABB_M4M30 = MeterMap("abb_m4m30", "ABB EQ meter layout via mbmd / openWB (M4M manual not read)", (
-    _r("voltage_l1_n", "5B00h", FC03, 0x5B00, "uint32", 2301, 0.1, "V", source=_ABB),
-    _r("voltage_l2_n", "5B02h", FC03, 0x5B02, "uint32", 2312, 0.1, "V", source=_ABB),
-    _r("voltage_l3_n", "5B04h", FC03, 0x5B04, "uint32", 2295, 0.1, "V", source=_ABB),
-    _r("current_l1", "5B0Ch", FC03, 0x5B0C, "uint32", 1025, 0.01, "A", source=_ABB),
-    _r("current_l2", "5B0Eh", FC03, 0x5B0E, "uint32", 1150, 0.01, "A", source=_ABB),
-    _r("current_l3", "5B10h", FC03, 0x5B10, "uint32", 975, 0.01, "A", source=_ABB),
-    _r("active_power_total", "5B14h", FC03, 0x5B14, "int32", 714350, 0.00001, "kW", source=_ABB),
-    _r("active_power_l1", "5B16h", FC03, 0x5B16, "int32", 231050, 0.00001, "kW", source=_ABB),
-    _r("active_power_l2", "5B18h", FC03, 0x5B18, "int32", -264525, 0.00001, "kW", source=_ABB),
-    _r("active_power_l3", "5B1Ah", FC03, 0x5B1A, "int32", 218775, 0.00001, "kW", source=_ABB),
-    _r("frequency", "5B2Ch", FC03, 0x5B2C, "uint16", 5002, 0.01, "Hz", source=_ABB),
-    _r("power_factor_total", "5B3Ah", FC03, 0x5B3A, "int16", -965, 0.001, None, source=_ABB),
-    _r("energy_active_import", "5000h", FC03, 0x5000, "uint64", 123_456_789, 0.01, "kWh", source=_ABB),
-    _r("energy_active_export", "5004h", FC03, 0x5004, "uint64", 2_345_678, 0.01, "kWh", source=_ABB),
+# ABB "M4M Modbus map - v.1.3N" (xlsx), sheet "Mapping Table": register printed in hex "exactly as it is sent
+# on the bus" (manual 2CSG445050D0201 V1.05, p.13), function 03 (p.8), high word first (p.12). Every row below is
+# marked "M4M 20 (all versions); M4M 30 (all versions)". The meter's units are 0.1 V, 0.01 A, 0.01 W/var/VA,
+# 0.01 Hz, 0.001 (PF), 0.01 kWh/kvarh/"kVA" (the table's word for kVAh). Both documents read from the public
+# copy in github heinrich321/abb-teltonika @0f1fc5c (ABB/). The spreadsheet row follows each entry.
+ABB_M4M30 = MeterMap("abb_m4m30", "ABB M4M Modbus map v.1.3N, sheet Mapping Table (manual 2CSG445050D0201 V1.05 "
+                     "pp.8-13)", (
+    _r("energy_active_import", "5000", FC03, 0x5000, "uint64", 5_000_000_123, 0.01, "kWh"),     # row 3
+    _r("energy_active_export", "5004", FC03, 0x5004, "uint64", 2_345_678, 0.01, "kWh"),         # row 4
+    _r("energy_reactive_import", "500C", FC03, 0x500C, "uint64", 98_765_432, 0.01, "kvarh"),    # row 6
+    _r("energy_reactive_export", "5010", FC03, 0x5010, "uint64", 4_321_001, 0.01, "kvarh"),     # row 7
+    _r("energy_apparent_import", "5018", FC03, 0x5018, "uint64", 5_100_200_300, 0.01, "kVAh"),  # row 9
+    _r("energy_apparent_export", "501C", FC03, 0x501C, "uint64", 2_400_500, 0.01, "kVAh"),      # row 10
+    _r("voltage_l1_n", "5B02", FC03, 0x5B02, "uint32", 2301, 0.1, "V"),            # row 28, "Phase voltage L1"
+    _r("voltage_l2_n", "5B04", FC03, 0x5B04, "uint32", 2312, 0.1, "V"),            # row 29
+    _r("voltage_l3_n", "5B06", FC03, 0x5B06, "uint32", 2295, 0.1, "V"),            # row 30
+    _r("voltage_l1_l2", "5B08", FC03, 0x5B08, "uint32", 3986, 0.1, "V"),           # row 31, "L1-L2"
+    _r("voltage_l2_l3", "5B0A", FC03, 0x5B0A, "uint32", 3991, 0.1, "V"),           # row 32, "L3-L2"
+    _r("voltage_l3_l1", "5B0C", FC03, 0x5B0C, "uint32", 3979, 0.1, "V"),           # row 33, "L1-L3"
+    _r("current_l1", "5B10", FC03, 0x5B10, "uint32", 1025, 0.01, "A"),             # row 35
+    _r("current_l2", "5B12", FC03, 0x5B12, "uint32", 1150, 0.01, "A"),             # row 36
+    _r("current_l3", "5B14", FC03, 0x5B14, "uint32", 975, 0.01, "A"),              # row 37
+    _r("current_n", "5B16", FC03, 0x5B16, "uint32", 85, 0.01, "A"),                # row 38
+    _r("active_power_total", "5B1A", FC03, 0x5B1A, "int32", 714350, 0.00001, "kW"),    # row 39, 0.01 W
+    _r("active_power_l1", "5B1C", FC03, 0x5B1C, "int32", 231050, 0.00001, "kW"),       # row 40
+    _r("active_power_l2", "5B1E", FC03, 0x5B1E, "int32", -264525, 0.00001, "kW"),      # row 41
+    _r("active_power_l3", "5B20", FC03, 0x5B20, "int32", 218775, 0.00001, "kW"),       # row 42
+    _r("reactive_power_total", "5B22", FC03, 0x5B22, "int32", -152050, 0.00001, "kvar"),  # row 43, 0.01 var
+    _r("reactive_power_l1", "5B24", FC03, 0x5B24, "int32", -50100, 0.00001, "kvar"),      # row 44
+    _r("reactive_power_l2", "5B26", FC03, 0x5B26, "int32", -51200, 0.00001, "kvar"),      # row 45
+    _r("reactive_power_l3", "5B28", FC03, 0x5B28, "int32", -50750, 0.00001, "kvar"),      # row 46
+    _r("apparent_power_total", "5B2A", FC03, 0x5B2A, "int32", 740025, 0.00001, "kVA"),    # row 47, "Signed"
+    _r("apparent_power_l1", "5B2C", FC03, 0x5B2C, "int32", 236420, 0.00001, "kVA"),       # row 48
+    _r("apparent_power_l2", "5B2E", FC03, 0x5B2E, "int32", 269430, 0.00001, "kVA"),       # row 49
+    _r("apparent_power_l3", "5B30", FC03, 0x5B30, "int32", 224580, 0.00001, "kVA"),       # row 50
+    _r("frequency", "5B32", FC03, 0x5B32, "uint16", 5002, 0.01, "Hz"),             # row 51
+    _r("power_factor_total", "5B40", FC03, 0x5B40, "int16", -965, 0.001, None),    # row 55
+    _r("power_factor_l1", "5B41", FC03, 0x5B41, "int16", 981, 0.001, None),        # row 56
+    _r("power_factor_l2", "5B42", FC03, 0x5B42, "int16", -972, 0.001, None),       # row 57
+    _r("power_factor_l3", "5B43", FC03, 0x5B43, "int16", 963, 0.001, None),        # row 58
 ))
 
 # Janitza "frequently required readings" 19000-19120 (function 03, float IEEE 754, high byte/word first).

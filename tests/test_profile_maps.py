@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from agent.model import Quality
+from agent.model import Quality, Reading
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.profiles import available, expand_profile, load
@@ -66,19 +67,23 @@ def device_for(profile_id: str, port: int, **entry: Any) -> ModbusDevice:
     return ModbusDevice.model_validate(raw)
 
 
+async def poll_through_profile(profile_id: str, table: MeterMap, **entry: Any) -> list[Reading]:
+    """One poll of a meter built from `table`, read through the shipped profile by the real driver."""
+    async with SimServer({1: meter(table)}, update_interval=None) as server:
+        driver = ModbusDriver(device_for(profile_id, server.port, **entry))
+        try:
+            return await driver.poll()
+        finally:
+            await driver.close()
+
+
 async def mismatches(profile_id: str, **entry: Any) -> dict[str, str]:
     """Points of the profile that disagree with the vendor's map, with what was read against what the map
     means; empty when the profile reads the map's meter correctly."""
     table = MAPS[profile_id]
     rows = {row.name: row for row in table.rows}
     problems: dict[str, str] = {}
-    async with SimServer({1: meter(table)}, update_interval=None) as server:
-        driver = ModbusDriver(device_for(profile_id, server.port, **entry))
-        try:
-            readings = await driver.poll()
-        finally:
-            await driver.close()
-    for reading in readings:
+    for reading in await poll_through_profile(profile_id, table, **entry):
         row = rows[reading.point]
         want = expected(row)
         if reading.quality is not Quality.GOOD:
@@ -131,6 +136,7 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("ls_gimac1000", "current_l1", {"address": 2}),      # 30003 (average) instead of 30005: a classic slip
     ("schneider_pm5500", "energy_active_import", {"type": "uint32"}),
     ("abb_m4m30", "voltage_l1_n", {"scale": 1.0}),
+    ("abb_m4m30", "voltage_l1_n", {"address": 0x5B00}),  # ABB's EQ-meter address: the M4M's system voltage
     ("rootech_accura2350", "active_power_total", {"address": 11267}),  # the register number, not the address
 ])
 async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, point: str,
@@ -138,3 +144,22 @@ async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, poi
     """The check above is not vacuous: one wrong key in one point is caught, and only that point."""
     problems = await mismatches(profile_id, overrides={point: change})
     assert list(problems) == [point], problems
+
+
+async def test_abb_m4m_no_value_marks_are_sent_bad_not_as_numbers() -> None:
+    """ABB's M4M manual (2CSG445050D0201 V1.05, p.12): a quantity missing in the connected meter answers
+    normally, with FFFF in every register if the table types it unsigned, the largest positive number if
+    signed. Every point of the profile must send that as a bad reading, never as 429496729.5 V or as a
+    counter of 1.8e17 kWh."""
+    table = MAPS["abb_m4m30"]
+
+    def no_value(row: Row) -> Row:
+        bits = 16 * len(encode(row))
+        return replace(row, raw=(1 << (bits - 1)) - 1 if row.type.startswith("int") else (1 << bits) - 1)
+
+    invalid = MeterMap(table.profile, table.document, tuple(no_value(row) for row in table.rows))
+    readings = await poll_through_profile("abb_m4m30", invalid)
+    assert {r.point for r in readings} == {row.name for row in table.rows}
+    sent_as_numbers = {r.point: r.value for r in readings
+                       if r.quality is not Quality.BAD or not (r.reason or "").startswith("not available")}
+    assert sent_as_numbers == {}
