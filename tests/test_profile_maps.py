@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.model import Quality
+from agent.model import Quality, Reading
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.profiles import available, expand_profile, load
@@ -66,19 +66,23 @@ def device_for(profile_id: str, port: int, **entry: Any) -> ModbusDevice:
     return ModbusDevice.model_validate(raw)
 
 
+async def poll(profile_id: str, device: FixedRegisters, **entry: Any) -> list[Reading]:
+    """One poll of `device`, served by a real pymodbus server, through the shipped profile and the real driver."""
+    async with SimServer({1: device}, update_interval=None) as server:
+        driver = ModbusDriver(device_for(profile_id, server.port, **entry))
+        try:
+            return await driver.poll()
+        finally:
+            await driver.close()
+
+
 async def mismatches(profile_id: str, **entry: Any) -> dict[str, str]:
     """Points of the profile that disagree with the vendor's map, with what was read against what the map
     means; empty when the profile reads the map's meter correctly."""
     table = MAPS[profile_id]
     rows = {row.name: row for row in table.rows}
     problems: dict[str, str] = {}
-    async with SimServer({1: meter(table)}, update_interval=None) as server:
-        driver = ModbusDriver(device_for(profile_id, server.port, **entry))
-        try:
-            readings = await driver.poll()
-        finally:
-            await driver.close()
-    for reading in readings:
+    for reading in await poll(profile_id, meter(table), **entry):
         row = rows[reading.point]
         want = expected(row)
         if reading.quality is not Quality.GOOD:
@@ -130,6 +134,7 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("carlo_gavazzi_em24", "active_power_total", {"word_order": "ABCD"}),
     ("ls_gimac1000", "current_l1", {"address": 2}),      # 30003 (average) instead of 30005: a classic slip
     ("schneider_pm5500", "energy_active_import", {"type": "uint32"}),
+    ("schneider_pm5500", "demand_active_power", {"address": 3766}),  # the register number, not the address
     ("abb_m4m30", "voltage_l1_n", {"scale": 1.0}),
     ("rootech_accura2350", "active_power_total", {"address": 11267}),  # the register number, not the address
 ])
@@ -138,3 +143,15 @@ async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, poi
     """The check above is not vacuous: one wrong key in one point is caught, and only that point."""
     problems = await mismatches(profile_id, overrides={point: change})
     assert list(problems) == [point], problems
+
+
+async def test_an_energy_the_pm5500_marks_not_available_is_sent_bad_not_as_a_huge_negative_count() -> None:
+    """Schneider's register list ("Data Types" sheet) gives 0x8000000000000000 as the INT64 'no value' code; read
+    as a number it is -9.2e15 kWh, which a platform would take for a counter reset."""
+    table = MAPS["schneider_pm5500"]
+    device = meter(table)
+    device.set(3, 3203, [0x8000, 0, 0, 0])  # Active Energy Delivered (Into Load), register 3204
+    readings = {reading.point: reading for reading in await poll("schneider_pm5500", device)}
+    assert readings["energy_active_import"].quality is Quality.BAD
+    assert readings["energy_active_import"].value is None
+    assert readings["energy_active_export"].quality is Quality.GOOD
