@@ -129,36 +129,44 @@ ROOTECH_ACCURA2350 = MeterMap("rootech_accura2350", "Accura 2300S/2350 Communica
     _r("reactive_power_total", "11275", FC03, 11274, "float32", -1.375, 1, "kvar", source=_ACCURA),
 ))
 
-# Schneider PM5000-series register list (register numbers, address = number - 1, function 03), as read by
-# SolarNetwork's PM5100Register and Arup's PM5100 reader; Schneider's own list was not available.
-_PM = "third-party"
-SCHNEIDER_PM5500 = MeterMap("schneider_pm5500", "Schneider PM5000 register list via SolarNetwork / Arup", (
-    _r("current_l1", "3000", FC03, 2999, "float32", 101.5, 1, "A", source=_PM),
-    _r("current_l2", "3002", FC03, 3001, "float32", 98.25, 1, "A", source=_PM),
-    _r("current_l3", "3004", FC03, 3003, "float32", 102.75, 1, "A", source=_PM),
-    _r("current_n", "3006", FC03, 3005, "float32", 3.5, 1, "A", source=_PM),
-    _r("current_avg", "3010", FC03, 3009, "float32", 100.8, 1, "A", source=_PM),
-    _r("voltage_l1_l2", "3020", FC03, 3019, "float32", 400.5, 1, "V", source=_PM),
-    _r("voltage_l2_l3", "3022", FC03, 3021, "float32", 401.25, 1, "V", source=_PM),
-    _r("voltage_l3_l1", "3024", FC03, 3023, "float32", 399.75, 1, "V", source=_PM),
-    _r("voltage_ll_avg", "3026", FC03, 3025, "float32", 400.5, 1, "V", source=_PM),
-    _r("voltage_l1_n", "3028", FC03, 3027, "float32", 231.1, 1, "V", source=_PM),
-    _r("voltage_l2_n", "3030", FC03, 3029, "float32", 231.6, 1, "V", source=_PM),
-    _r("voltage_l3_n", "3032", FC03, 3031, "float32", 230.7, 1, "V", source=_PM),
-    _r("voltage_ln_avg", "3036", FC03, 3035, "float32", 231.1, 1, "V", source=_PM),
-    _r("active_power_l1", "3054", FC03, 3053, "float32", 22.5, 1, "kW", source=_PM),
-    _r("active_power_l2", "3056", FC03, 3055, "float32", 21.75, 1, "kW", source=_PM),
-    _r("active_power_l3", "3058", FC03, 3057, "float32", 23.25, 1, "kW", source=_PM),
-    _r("active_power_total", "3060", FC03, 3059, "float32", 67.5, 1, "kW", source=_PM),
-    _r("reactive_power_total", "3068", FC03, 3067, "float32", 12.125, 1, "kvar", source=_PM),
-    _r("apparent_power_total", "3076", FC03, 3075, "float32", 68.625, 1, "kVA", source=_PM),
-    _r("power_factor_total_4q", "3084", FC03, 3083, "float32", 0.985, 1, None, source=_PM),
-    _r("frequency", "3110", FC03, 3109, "float32", 50.01, 1, "Hz", source=_PM),
-    _r("energy_active_import", "3204", FC03, 3203, "int64", 9_876_543_210, 0.001, "kWh", source=_PM),
-    _r("energy_active_export", "3208", FC03, 3207, "int64", 12_345_678, 0.001, "kWh", source=_PM),
-    _r("energy_reactive_import", "3220", FC03, 3219, "int64", 1_234_567_890, 0.001, "kvarh", source=_PM),
-    _r("energy_reactive_export", "3224", FC03, 3223, "int64", 7_654_321, 0.001, "kvarh", source=_PM),
-    _r("energy_apparent", "3236", FC03, 3235, "int64", 10_203_040_506, 0.001, "kVAh", source=_PM),
+# Schneider Electric "PM556x_PublicModbusRegisterList_10th_August-23.xlsx" (rev 1.4, 2022-04-05), sheet
+# "Register List", Excel row in each comment; every row is "Y" for PM5560, PM5561 and PM5563. Register numbers
+# as printed, units as printed (FLOAT32 in A, V, kW, kVAR, kVA, Hz; INT64 in Wh, VARh, VAh). Word order: Schneider
+# FAQ FA275749, "Most Significant Register format (Big Endian)" for the PM5000 series incl. PM5500.
+# "vendor" covers the register, size, type, unit and word order. The address column applies register - 1 with
+# function 03, which the PM5500 documents read do not print (Schneider prints "register = address + 1" for the
+# same blocks in its iEM3000 manual): that is why the profile stays verified = false although every row is
+# Schneider's.
+SCHNEIDER_PM5500 = MeterMap("schneider_pm5500", "Schneider PM556x Public Modbus Register List rev 1.4, Register List", (
+    _r("current_l1", "3000", FC03, 2999, "float32", 101.5, 1, "A"),                # row 184 Current A
+    _r("current_l2", "3002", FC03, 3001, "float32", 98.25, 1, "A"),                # row 185 Current B
+    _r("current_l3", "3004", FC03, 3003, "float32", 102.75, 1, "A"),               # row 186 Current C
+    _r("current_n", "3006", FC03, 3005, "float32", 3.5, 1, "A"),                   # row 187 Current N
+    _r("current_avg", "3010", FC03, 3009, "float32", 100.8, 1, "A"),               # row 189 Current Avg
+    _r("voltage_l1_l2", "3020", FC03, 3019, "float32", 400.5, 1, "V"),             # row 196 Voltage A-B
+    _r("voltage_l2_l3", "3022", FC03, 3021, "float32", 401.25, 1, "V"),            # row 197 Voltage B-C
+    _r("voltage_l3_l1", "3024", FC03, 3023, "float32", 399.75, 1, "V"),            # row 198 Voltage C-A
+    _r("voltage_ll_avg", "3026", FC03, 3025, "float32", 400.5, 1, "V"),            # row 199 Voltage L-L Avg
+    _r("voltage_l1_n", "3028", FC03, 3027, "float32", 231.1, 1, "V"),              # row 200 Voltage A-N
+    _r("voltage_l2_n", "3030", FC03, 3029, "float32", 231.6, 1, "V"),              # row 201 Voltage B-N
+    _r("voltage_l3_n", "3032", FC03, 3031, "float32", 230.7, 1, "V"),              # row 202 Voltage C-N
+    _r("voltage_ln_avg", "3036", FC03, 3035, "float32", 231.1, 1, "V"),            # row 203 Voltage L-N Avg
+    _r("active_power_l1", "3054", FC03, 3053, "float32", 22.5, 1, "kW"),           # row 214 Active Power A
+    _r("active_power_l2", "3056", FC03, 3055, "float32", 21.75, 1, "kW"),          # row 215 Active Power B
+    _r("active_power_l3", "3058", FC03, 3057, "float32", 23.25, 1, "kW"),          # row 216 Active Power C
+    _r("active_power_total", "3060", FC03, 3059, "float32", 67.5, 1, "kW"),        # row 217 Active Power Total
+    _r("reactive_power_total", "3068", FC03, 3067, "float32", 12.125, 1, "kvar"),  # row 221, kVAR
+    _r("apparent_power_total", "3076", FC03, 3075, "float32", 68.625, 1, "kVA"),   # row 225
+    # Row 230 Power Factor Total, 4Q_FP_PF: 1.05 is PF 0.95 leading (quadrant 4), passed on undecoded.
+    _r("power_factor_total_4q", "3084", FC03, 3083, "float32", 1.05, 1, None),
+    _r("frequency", "3110", FC03, 3109, "float32", 50.01, 1, "Hz"),               # row 239
+    _r("energy_active_import", "3204", FC03, 3203, "int64", 9_876_543_210, 0.001, "kWh"),      # row 255, Wh
+    _r("energy_active_export", "3208", FC03, 3207, "int64", 12_345_678, 0.001, "kWh"),         # row 256, Wh
+    _r("energy_reactive_import", "3220", FC03, 3219, "int64", 1_234_567_890, 0.001, "kvarh"),  # row 259, VARh
+    _r("energy_reactive_export", "3224", FC03, 3223, "int64", 7_654_321, 0.001, "kvarh"),      # row 260, VARh
+    _r("energy_apparent", "3236", FC03, 3235, "int64", 10_203_040_506, 0.001, "kVAh"),         # row 263, VAh
+    _r("demand_active_power", "3766", FC03, 3765, "float32", 58.25, 1, "kW"),      # row 303 Present Demand
+    _r("demand_active_power_max", "3770", FC03, 3769, "float32", 96.5, 1, "kW"),   # row 305 Peak Demand
 ))
 
 # ABB "M4M Modbus map - v.1.3N" (xlsx), sheet "Mapping Table": register printed in hex "exactly as it is sent

@@ -67,9 +67,9 @@ def device_for(profile_id: str, port: int, **entry: Any) -> ModbusDevice:
     return ModbusDevice.model_validate(raw)
 
 
-async def poll_through_profile(profile_id: str, table: MeterMap, **entry: Any) -> list[Reading]:
-    """One poll of a meter built from `table`, read through the shipped profile by the real driver."""
-    async with SimServer({1: meter(table)}, update_interval=None) as server:
+async def poll(profile_id: str, device: FixedRegisters, **entry: Any) -> list[Reading]:
+    """One poll of `device`, served by a real pymodbus server, through the shipped profile and the real driver."""
+    async with SimServer({1: device}, update_interval=None) as server:
         driver = ModbusDriver(device_for(profile_id, server.port, **entry))
         try:
             return await driver.poll()
@@ -83,7 +83,7 @@ async def mismatches(profile_id: str, **entry: Any) -> dict[str, str]:
     table = MAPS[profile_id]
     rows = {row.name: row for row in table.rows}
     problems: dict[str, str] = {}
-    for reading in await poll_through_profile(profile_id, table, **entry):
+    for reading in await poll(profile_id, meter(table), **entry):
         row = rows[reading.point]
         want = expected(row)
         if reading.quality is not Quality.GOOD:
@@ -135,6 +135,7 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("carlo_gavazzi_em24", "active_power_total", {"word_order": "ABCD"}),
     ("ls_gimac1000", "current_l1", {"address": 2}),      # 30003 (average) instead of 30005: a classic slip
     ("schneider_pm5500", "energy_active_import", {"type": "uint32"}),
+    ("schneider_pm5500", "demand_active_power", {"address": 3766}),  # the register number, not the address
     ("abb_m4m30", "voltage_l1_n", {"scale": 1.0}),
     ("abb_m4m30", "voltage_l1_n", {"address": 0x5B00}),  # ABB's EQ-meter address: the M4M's system voltage
     ("rootech_accura2350", "active_power_total", {"address": 11267}),  # the register number, not the address
@@ -158,8 +159,20 @@ async def test_abb_m4m_no_value_marks_are_sent_bad_not_as_numbers() -> None:
         return replace(row, raw=(1 << (bits - 1)) - 1 if row.type.startswith("int") else (1 << bits) - 1)
 
     invalid = MeterMap(table.profile, table.document, tuple(no_value(row) for row in table.rows))
-    readings = await poll_through_profile("abb_m4m30", invalid)
+    readings = await poll("abb_m4m30", meter(invalid))
     assert {r.point for r in readings} == {row.name for row in table.rows}
     sent_as_numbers = {r.point: r.value for r in readings
                        if r.quality is not Quality.BAD or not (r.reason or "").startswith("not available")}
     assert sent_as_numbers == {}
+
+
+async def test_an_energy_the_pm5500_marks_not_available_is_sent_bad_not_as_a_huge_negative_count() -> None:
+    """Schneider's register list ("Data Types" sheet) gives 0x8000000000000000 as the INT64 'no value' code; read
+    as a number it is -9.2e15 kWh, which a platform would take for a counter reset."""
+    table = MAPS["schneider_pm5500"]
+    device = meter(table)
+    device.set(3, 3203, [0x8000, 0, 0, 0])  # Active Energy Delivered (Into Load), register 3204
+    readings = {reading.point: reading for reading in await poll("schneider_pm5500", device)}
+    assert readings["energy_active_import"].quality is Quality.BAD
+    assert readings["energy_active_import"].value is None
+    assert readings["energy_active_export"].quality is Quality.GOOD
