@@ -228,14 +228,17 @@ JANITZA_UMG604 = MeterMap("janitza_umg604", "Janitza 19000 block (UMG 604 list b
     _r("energy_reactive_capacitive", "19108", FC03, 19108, "float32", 23456.0, 0.001, "kvarh", source=_JZ),
 ))
 
-# Carlo Gavazzi "EM24-DIN Communication Protocol" table 2.3-1 (instantaneous variables and meters, read with
-# function 03 or 04; INT32 low word first per 2.1, "In INT32, UINT32 and UINT64 formats, the word order is
-# LSW -> MSW"). The copy read carries EM24-DIN page headers over EM21 content (easymanua.ls
-# "em21-communication-protocol-v1-rev0", pages 7-8), so the 0000h-0036h rows are vendor-documented for
-# Carlo Gavazzi's common layout; the per-phase and exported energies (0040h-004Eh) come from the EM24 E1
-# layout as read by mbmd and an EM24 emulator: third-party.
+# Carlo Gavazzi EM24-DIN, E1 (Ethernet) layout. No E1 protocol document of Carlo Gavazzi's was found. What an EM24
+# document confirms: "EM24-DIN PFA, PFB & X models - Communication Protocol" V4R0 (2012-12-03), the RS-485 models'
+# document, table 2.3-1 p.8 for 0000h-0016h and 0028h (same addresses, types and weights), function 03 = 04 (p.3)
+# and INT32 low word first (2.1, p.7); read from github victronenergy/dbus-cgwacs @ad42ed2. Above 0028h V4R0 has
+# other quantities (002Eh DMD W, 0032h-0035h PF, 0037h Hz, 003Eh kWh(+) TOT: profile carlo_gavazzi_em24_rs485),
+# so PF 002Eh-0031h, Hz 0033h, kWh(+) TOT 0034h, the per-phase imports and the export are the E1 layout as read
+# by mbmd, Victron's dbus-modbus-client and an EM24 emulator: third-party. (Carlo Gavazzi's EM300/ET300
+# protocol rev 2.6 p.9 has the same addresses, but that is another product.)
 _CG = "third-party"
-CARLO_GAVAZZI_EM24 = MeterMap("carlo_gavazzi_em24", "Carlo Gavazzi EM24-DIN/EM21 protocol table 2.3-1; E1 via mbmd", (
+CARLO_GAVAZZI_EM24 = MeterMap("carlo_gavazzi_em24", "Carlo Gavazzi EM24-DIN PFA/PFB/X protocol V4R0 table 2.3-1 "
+                              "p.8 (0000h-0028h); E1 layout above via mbmd", (
     _r("voltage_l1_n", "0000h", FC04, 0x00, "int32", 2301, 0.1, "V", "CDAB"),
     _r("voltage_l2_n", "0002h", FC04, 0x02, "int32", 2312, 0.1, "V", "CDAB"),
     _r("voltage_l3_n", "0004h", FC04, 0x04, "int32", 2295, 0.1, "V", "CDAB"),
@@ -246,12 +249,12 @@ CARLO_GAVAZZI_EM24 = MeterMap("carlo_gavazzi_em24", "Carlo Gavazzi EM24-DIN/EM21
     _r("active_power_l2", "0014h", FC04, 0x14, "int32", -26452, 0.0001, "kW", "CDAB"),
     _r("active_power_l3", "0016h", FC04, 0x16, "int32", 218770, 0.0001, "kW", "CDAB"),
     _r("active_power_total", "0028h", FC04, 0x28, "int32", 215423, 0.0001, "kW", "CDAB"),
-    _r("power_factor_l1", "002Eh", FC04, 0x2E, "int16", 981, 0.001, None),
-    _r("power_factor_l2", "002Fh", FC04, 0x2F, "int16", -972, 0.001, None),
-    _r("power_factor_l3", "0030h", FC04, 0x30, "int16", 963, 0.001, None),
-    _r("power_factor_total", "0031h", FC04, 0x31, "int16", 958, 0.001, None),
-    _r("frequency", "0033h", FC04, 0x33, "int16", 500, 0.1, "Hz"),
-    _r("energy_active_import", "0034h", FC04, 0x34, "int32", 1234567, 0.1, "kWh", "CDAB"),
+    _r("power_factor_l1", "002Eh", FC04, 0x2E, "int16", 981, 0.001, None, source=_CG),
+    _r("power_factor_l2", "002Fh", FC04, 0x2F, "int16", -972, 0.001, None, source=_CG),
+    _r("power_factor_l3", "0030h", FC04, 0x30, "int16", 963, 0.001, None, source=_CG),
+    _r("power_factor_total", "0031h", FC04, 0x31, "int16", 958, 0.001, None, source=_CG),
+    _r("frequency", "0033h", FC04, 0x33, "int16", 500, 0.1, "Hz", source=_CG),
+    _r("energy_active_import", "0034h", FC04, 0x34, "int32", 1234567, 0.1, "kWh", "CDAB", _CG),
     _r("energy_active_import_l1", "0040h", FC04, 0x40, "int32", 411522, 0.1, "kWh", "CDAB", _CG),
     _r("energy_active_import_l2", "0042h", FC04, 0x42, "int32", 411523, 0.1, "kWh", "CDAB", _CG),
     _r("energy_active_import_l3", "0044h", FC04, 0x44, "int32", 411524, 0.1, "kWh", "CDAB", _CG),
