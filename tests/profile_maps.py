@@ -236,14 +236,17 @@ JANITZA_UMG604 = MeterMap("janitza_umg604", "Janitza 19000 block (UMG 604 list b
     _r("energy_reactive_capacitive", "19108", FC03, 19108, "float32", 23456.0, 0.001, "kvarh", source=_JZ),
 ))
 
-# Carlo Gavazzi "EM24-DIN Communication Protocol" table 2.3-1 (instantaneous variables and meters, read with
-# function 03 or 04; INT32 low word first per 2.1, "In INT32, UINT32 and UINT64 formats, the word order is
-# LSW -> MSW"). The copy read carries EM24-DIN page headers over EM21 content (easymanua.ls
-# "em21-communication-protocol-v1-rev0", pages 7-8), so the 0000h-0036h rows are vendor-documented for
-# Carlo Gavazzi's common layout; the per-phase and exported energies (0040h-004Eh) come from the EM24 E1
-# layout as read by mbmd and an EM24 emulator: third-party.
+# Carlo Gavazzi EM24-DIN, E1 (Ethernet) layout. No E1 protocol document of Carlo Gavazzi's was found. What an EM24
+# document confirms: "EM24-DIN PFA, PFB & X models - Communication Protocol" V4R0 (2012-12-03), the RS-485 models'
+# document, table 2.3-1 p.8 for 0000h-0016h and 0028h (same addresses, types and weights), function 03 = 04 (p.3)
+# and INT32 low word first (2.1, p.7); read from github victronenergy/dbus-cgwacs @ad42ed2. Above 0028h V4R0 has
+# other quantities (002Eh DMD W, 0032h-0035h PF, 0037h Hz, 003Eh kWh(+) TOT: profile carlo_gavazzi_em24_rs485),
+# so PF 002Eh-0031h, Hz 0033h, kWh(+) TOT 0034h, the per-phase imports and the export are the E1 layout as read
+# by mbmd, Victron's dbus-modbus-client and an EM24 emulator: third-party. (Carlo Gavazzi's EM300/ET300
+# protocol rev 2.6 p.9 has the same addresses, but that is another product.)
 _CG = "third-party"
-CARLO_GAVAZZI_EM24 = MeterMap("carlo_gavazzi_em24", "Carlo Gavazzi EM24-DIN/EM21 protocol table 2.3-1; E1 via mbmd", (
+CARLO_GAVAZZI_EM24 = MeterMap("carlo_gavazzi_em24", "Carlo Gavazzi EM24-DIN PFA/PFB/X protocol V4R0 table 2.3-1 "
+                              "p.8 (0000h-0028h); E1 layout above via mbmd", (
     _r("voltage_l1_n", "0000h", FC04, 0x00, "int32", 2301, 0.1, "V", "CDAB"),
     _r("voltage_l2_n", "0002h", FC04, 0x02, "int32", 2312, 0.1, "V", "CDAB"),
     _r("voltage_l3_n", "0004h", FC04, 0x04, "int32", 2295, 0.1, "V", "CDAB"),
@@ -254,16 +257,60 @@ CARLO_GAVAZZI_EM24 = MeterMap("carlo_gavazzi_em24", "Carlo Gavazzi EM24-DIN/EM21
     _r("active_power_l2", "0014h", FC04, 0x14, "int32", -26452, 0.0001, "kW", "CDAB"),
     _r("active_power_l3", "0016h", FC04, 0x16, "int32", 218770, 0.0001, "kW", "CDAB"),
     _r("active_power_total", "0028h", FC04, 0x28, "int32", 215423, 0.0001, "kW", "CDAB"),
-    _r("power_factor_l1", "002Eh", FC04, 0x2E, "int16", 981, 0.001, None),
-    _r("power_factor_l2", "002Fh", FC04, 0x2F, "int16", -972, 0.001, None),
-    _r("power_factor_l3", "0030h", FC04, 0x30, "int16", 963, 0.001, None),
-    _r("power_factor_total", "0031h", FC04, 0x31, "int16", 958, 0.001, None),
-    _r("frequency", "0033h", FC04, 0x33, "int16", 500, 0.1, "Hz"),
-    _r("energy_active_import", "0034h", FC04, 0x34, "int32", 1234567, 0.1, "kWh", "CDAB"),
+    _r("power_factor_l1", "002Eh", FC04, 0x2E, "int16", 981, 0.001, None, source=_CG),
+    _r("power_factor_l2", "002Fh", FC04, 0x2F, "int16", -972, 0.001, None, source=_CG),
+    _r("power_factor_l3", "0030h", FC04, 0x30, "int16", 963, 0.001, None, source=_CG),
+    _r("power_factor_total", "0031h", FC04, 0x31, "int16", 958, 0.001, None, source=_CG),
+    _r("frequency", "0033h", FC04, 0x33, "int16", 500, 0.1, "Hz", source=_CG),
+    _r("energy_active_import", "0034h", FC04, 0x34, "int32", 1234567, 0.1, "kWh", "CDAB", _CG),
     _r("energy_active_import_l1", "0040h", FC04, 0x40, "int32", 411522, 0.1, "kWh", "CDAB", _CG),
     _r("energy_active_import_l2", "0042h", FC04, 0x42, "int32", 411523, 0.1, "kWh", "CDAB", _CG),
     _r("energy_active_import_l3", "0044h", FC04, 0x44, "int32", 411524, 0.1, "kWh", "CDAB", _CG),
     _r("energy_active_export", "004Eh", FC04, 0x4E, "int32", 98765, 0.1, "kWh", "CDAB", _CG),
+))
+
+# Carlo Gavazzi "EM24-DIN PFA, PFB & X models - Communication Protocol" V4R0 (2012-12-03), table 2.3-1
+# "Instantaneous variables and meters" p.8 (every row below; "read only mode with functions code 03 and 04", the
+# two "have exactly the same effect", p.3), INT32 word order LSW -> MSW (2.1, p.7). Weights as printed: Volt*10,
+# Ampere*1000, Watt*10, VA*10, var*10, PF*1000, Hz*10, kWh*10, kvarh*10. Read from the public copy in github
+# victronenergy/dbus-cgwacs @ad42ed2, documents/AcSensors/EM24_PFA_PFB_X-CP V4R0 ENG 031212.pdf.
+CARLO_GAVAZZI_EM24_RS485 = MeterMap("carlo_gavazzi_em24_rs485", "Carlo Gavazzi EM24-DIN PFA, PFB & X models "
+                                    "Communication Protocol V4R0, table 2.3-1 p.8", (
+    _r("voltage_l1_n", "300001 / 0000h", FC04, 0x00, "int32", 2301, 0.1, "V", "CDAB"),       # V L1-N, p.8
+    _r("voltage_l2_n", "300003 / 0002h", FC04, 0x02, "int32", 2312, 0.1, "V", "CDAB"),       # V L2-N, p.8
+    _r("voltage_l3_n", "300005 / 0004h", FC04, 0x04, "int32", 2295, 0.1, "V", "CDAB"),       # V L3-N, p.8
+    _r("voltage_l1_l2", "300007 / 0006h", FC04, 0x06, "int32", 3986, 0.1, "V", "CDAB"),      # V L1-L2, p.8
+    _r("voltage_l2_l3", "300009 / 0008h", FC04, 0x08, "int32", 3991, 0.1, "V", "CDAB"),      # V L2-L3, p.8
+    _r("voltage_l3_l1", "300011 / 000Ah", FC04, 0x0A, "int32", 3979, 0.1, "V", "CDAB"),      # V L3-L1, p.8
+    _r("current_l1", "300013 / 000Ch", FC04, 0x0C, "int32", 10250, 0.001, "A", "CDAB"),      # A L1, p.8
+    _r("current_l2", "300015 / 000Eh", FC04, 0x0E, "int32", 11500, 0.001, "A", "CDAB"),      # A L2, p.8
+    _r("current_l3", "300017 / 0010h", FC04, 0x10, "int32", 97500, 0.001, "A", "CDAB"),      # A L3, p.8
+    _r("active_power_l1", "300019 / 0012h", FC04, 0x12, "int32", 23105, 0.0001, "kW", "CDAB"),     # W L1, p.8
+    _r("active_power_l2", "300021 / 0014h", FC04, 0x14, "int32", -26452, 0.0001, "kW", "CDAB"),    # W L2, p.8
+    _r("active_power_l3", "300023 / 0016h", FC04, 0x16, "int32", 218770, 0.0001, "kW", "CDAB"),    # W L3, p.8
+    _r("apparent_power_l1", "300025 / 0018h", FC04, 0x18, "int32", 23642, 0.0001, "kVA", "CDAB"),   # VA L1, p.8
+    _r("apparent_power_l2", "300027 / 001Ah", FC04, 0x1A, "int32", 26943, 0.0001, "kVA", "CDAB"),   # VA L2, p.8
+    _r("apparent_power_l3", "300029 / 001Ch", FC04, 0x1C, "int32", 224580, 0.0001, "kVA", "CDAB"),  # VA L3, p.8
+    _r("reactive_power_l1", "300031 / 001Eh", FC04, 0x1E, "int32", -5010, 0.0001, "kvar", "CDAB"),  # VAR L1, p.8
+    _r("reactive_power_l2", "300033 / 0020h", FC04, 0x20, "int32", 5120, 0.0001, "kvar", "CDAB"),   # VAR L2, p.8
+    _r("reactive_power_l3", "300035 / 0022h", FC04, 0x22, "int32", -50750, 0.0001, "kvar", "CDAB"),  # VAR L3, p.8
+    _r("active_power_total", "300041 / 0028h", FC04, 0x28, "int32", 215423, 0.0001, "kW", "CDAB"),   # W sum, p.8
+    _r("apparent_power_total", "300043 / 002Ah", FC04, 0x2A, "int32", 275165, 0.0001, "kVA", "CDAB"),  # VA sum
+    _r("reactive_power_total", "300045 / 002Ch", FC04, 0x2C, "int32", -50640, 0.0001, "kvar", "CDAB"),  # VAR sum
+    _r("demand_active_power", "300047 / 002Eh", FC04, 0x2E, "int32", 198760, 0.0001, "kW", "CDAB"),  # DMD W sum
+    _r("power_factor_l1", "300051 / 0032h", FC04, 0x32, "int16", 981, 0.001, None),          # PF L1, p.8
+    _r("power_factor_l2", "300052 / 0033h", FC04, 0x33, "int16", -972, 0.001, None),         # PF L2 (lead), p.8
+    _r("power_factor_l3", "300053 / 0034h", FC04, 0x34, "int16", 963, 0.001, None),          # PF L3, p.8
+    _r("power_factor_total", "300054 / 0035h", FC04, 0x35, "int16", 958, 0.001, None),       # PF sum, p.8
+    _r("frequency", "300056 / 0037h", FC04, 0x37, "int16", 499, 0.1, "Hz"),                  # Hz, p.8
+    _r("demand_active_power_max", "300057 / 0038h", FC04, 0x38, "int32", 251230, 0.0001, "kW", "CDAB"),  # DMD W max
+    _r("energy_active_import", "300063 / 003Eh", FC04, 0x3E, "int32", 1234567, 0.1, "kWh", "CDAB"),  # kWh(+) TOT
+    _r("energy_reactive_import", "300065 / 0040h", FC04, 0x40, "int32", 234567, 0.1, "kvarh", "CDAB"),  # kvarh(+)
+    _r("energy_active_import_l1", "300071 / 0046h", FC04, 0x46, "int32", 411522, 0.1, "kWh", "CDAB"),  # kWh(+) L1
+    _r("energy_active_import_l2", "300073 / 0048h", FC04, 0x48, "int32", 411523, 0.1, "kWh", "CDAB"),  # kWh(+) L2
+    _r("energy_active_import_l3", "300075 / 004Ah", FC04, 0x4A, "int32", 411524, 0.1, "kWh", "CDAB"),  # kWh(+) L3
+    _r("energy_active_export", "300093 / 005Ch", FC04, 0x5C, "int32", 98765, 0.1, "kWh", "CDAB"),  # kWh(-) TOT
+    _r("energy_reactive_export", "300095 / 005Eh", FC04, 0x5E, "int32", 8765, 0.1, "kvarh", "CDAB"),  # kvarh(-)
 ))
 
 # "RS485 TVOC Sensor (multi-parameter air quality board)" datasheet layout as transcribed in
@@ -298,4 +345,4 @@ EPLUSE_EE872 = MeterMap("epluse_ee872", "E+E User Manual EE872, 5.2.2 Tab. 3, p.
 
 MAPS: dict[str, MeterMap] = {m.profile: m for m in (
     EASTRON_SDM630, LS_GIMAC1000, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
-    CARLO_GAVAZZI_EM24, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872)}
+    CARLO_GAVAZZI_EM24, CARLO_GAVAZZI_EM24_RS485, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872)}

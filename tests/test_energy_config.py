@@ -51,6 +51,18 @@ def test_a_profile_meter_uses_its_energy_points_by_default() -> None:
     assert energy.groups[0].meters == ("incomer-1",) and energy.groups[0].spec.levels_kw == (100.0,)
 
 
+def test_the_em24_rs485_profile_gives_its_total_counters_and_their_int32_wrap() -> None:
+    """kWh(+) TOT and kWh(-) TOT of the RS-485 EM24 are INT32 in 0.1 kWh (V4R0 p.8): the energy stage must take
+    those two by default and know where a 32-bit counter of 0.1 kWh steps wraps."""
+    text = GATEWAY + ('[[devices]]\nname = "em24"\ndriver = "modbus"\nhost = "10.0.0.5"\nunit_id = 3\n'
+                      'profile = "carlo_gavazzi_em24_rs485"\n[devices.energy]\n')
+    config = parse_config(text)
+    spec = plan(config.devices, config.energy).meters["em24"]
+    assert (spec.import_point, spec.export_point) == ("energy_active_import", "energy_active_export")
+    assert spec.wrap == pytest.approx((1 << 32) * 0.1) and spec.resolution == pytest.approx(0.1)
+    assert spec.kwh_per_unit == 1.0
+
+
 @pytest.mark.parametrize(("energy", "points", "expected"), [
     ('import_point = "energy_total"', POINTS, [("devices[0].energy.import_point", "no point 'energy_total'")]),
     ('window = "10m"', POINTS, [("devices[0].energy.window", '"5m", "15m", "30m" or "60m"')]),

@@ -133,6 +133,10 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
 @pytest.mark.parametrize(("profile_id", "point", "change"), [
     ("eastron_sdm630", "energy_active_import", {"word_order": "CDAB"}),
     ("carlo_gavazzi_em24", "active_power_total", {"word_order": "ABCD"}),
+    ("carlo_gavazzi_em24_rs485", "energy_active_import", {"word_order": "ABCD"}),
+    # 0042h is kWh(+) PAR, the resettable partial counter (V4R0 p.8, p.13), which public drivers read as the total
+    ("carlo_gavazzi_em24_rs485", "energy_active_import", {"address": 0x42}),
+    ("carlo_gavazzi_em24_rs485", "frequency", {"address": 0x33}),  # the E1 layout's frequency address
     ("ls_gimac1000", "current_l1", {"address": 2}),      # 30003 (average) instead of 30005: a classic slip
     ("schneider_pm5500", "energy_active_import", {"type": "uint32"}),
     ("schneider_pm5500", "demand_active_power", {"address": 3766}),  # the register number, not the address
