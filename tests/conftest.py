@@ -27,9 +27,13 @@ EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
 
 
 async def edge_agent(*args: str, timeout: float = 30) -> tuple[int, str, str]:
-    """Run the edge-agent command line as a technician would, bounded: exit code, stdout, stderr."""
+    """Run the edge-agent command line as a technician would, bounded: exit code, stdout, stderr.
+
+    The code run is this checkout's: the venv's editable install points at the clone it was made in, which
+    in a git worktree sharing that venv is another checkout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     process = await asyncio.create_subprocess_exec(EDGE_AGENT, *args, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
+                                                   stderr=asyncio.subprocess.PIPE, env=env)
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
     finally:

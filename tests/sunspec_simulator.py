@@ -18,7 +18,7 @@ from drivers.modbus.simulator import HOLDING_REGISTERS, SimulatedDevice
 
 DEFINITIONS = Path(str(resources.files("sunspec2"))) / "models" / "json"
 _NOT_IMPLEMENTED = {"int16": 0x8000, "sunssf": 0x8000, "pad": 0x8000, "uint16": 0xFFFF, "enum16": 0xFFFF,
-                    "bitfield16": 0xFFFF, "count": 0, "acc16": 0, "acc32": 0, "uint32": 0xFFFFFFFF,
+                    "bitfield16": 0xFFFF, "count": 0xFFFF, "acc16": 0, "acc32": 0, "uint32": 0xFFFFFFFF,
                     "int32": 0x80000000, "bitfield32": 0xFFFFFFFF, "enum32": 0xFFFFFFFF, "string": 0,
                     "float32": 0x7FC00000}
 

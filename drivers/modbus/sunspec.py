@@ -45,9 +45,11 @@ KIND = {model: kind for kind, models in POLLED.items() for model in models}
 TABLED = (1, *KIND)
 
 # SunSpec types as the agent's: (agent type, SunSpec's "not implemented" value). Accumulators count from 1:
-# an acc of 0 is "not implemented" in SunSpec, never a reading.
+# an acc of 0 is "not implemented" in SunSpec, never a reading. A count (MPPT's N, the number of DC inputs)
+# is a plain uint16, not an accumulator: 0 inputs is a count, 0xFFFF is "not implemented" (SunSpec's answer
+# in sunspec/models issue 17, and what pysunspec2 does).
 TYPES: dict[str, tuple[str, int | None]] = {
-    "int16": ("int16", 0x8000), "uint16": ("uint16", 0xFFFF), "count": ("uint16", 0),
+    "int16": ("int16", 0x8000), "uint16": ("uint16", 0xFFFF), "count": ("uint16", 0xFFFF),
     "acc16": ("uint16", 0), "enum16": ("uint16", 0xFFFF), "bitfield16": ("uint16", 0xFFFF),
     "int32": ("int32", 0x80000000), "uint32": ("uint32", 0xFFFFFFFF), "acc32": ("uint32", 0),
     "enum32": ("uint32", 0xFFFFFFFF), "bitfield32": ("uint32", 0xFFFFFFFF),
