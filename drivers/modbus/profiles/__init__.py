@@ -27,6 +27,9 @@ NUMBERINGS = ("modicon", "one-based", "protocol")
 _PROFILE_KEYS = {"id", "manufacturer", "model", "description", "source", "verified", "notes", "numbering", "serial",
                  "max_registers", "unreadable"}
 _REQUIRED = ("id", "manufacturer", "model", "source", "verified", "numbering")
+# Point keys that hold another register of the point's own space: written in the profile's numbering, like
+# `address`, so that the file reads like the manual (carry_register = 30531 beside address = 30033).
+_REGISTER_KEYS = ("scale_register", "carry_register")
 
 
 class ProfileError(ValueError):
@@ -102,6 +105,13 @@ def parse(data: dict[str, Any], where: str) -> Profile:
             merged["function"], merged["address"] = to_protocol(numbering, merged["address"], merged.get("function"))
         except ValueError as exc:
             raise ProfileError(f"{where}: points[{index}] ({point['name']}): {exc}") from None
+        for key in _REGISTER_KEYS:
+            if key in merged:
+                try:
+                    merged[key] = to_protocol(numbering, merged[key], merged["function"])[1]
+                except ValueError as exc:
+                    raise ProfileError(f"{where}: points[{index}] ({point['name']}).{key}: {exc} (it must be in the "
+                                       "point's own register space)") from None
         points.append(merged)
     return Profile(
         id=header["id"], manufacturer=header["manufacturer"], model=header["model"],
