@@ -250,7 +250,7 @@ def requests_table() -> str:
     possible (every gap bridged, only the device's request limit and unreadable ranges respected), and
     against one request per point (what a gateway without coalescing sends)."""
     from drivers.modbus.config import ModbusDevice
-    from drivers.modbus.decode import TCP_MAX_GAP, device_plan, line_cost, plan
+    from drivers.modbus.decode import TCP_MAX_GAP, device_plan, line_cost, plan, planned_points
 
     line = {"transport": "rtu", "serial_port": "/dev/ttyUSB0", "baudrate": 9600}
     rows = [f"| Profile | Points | Requests per poll, TCP (max_gap {TCP_MAX_GAP}) | RS-485 9600 baud, derived max_gap "
@@ -273,8 +273,9 @@ def requests_table() -> str:
             seconds = sum(cost.per_request + r.count * cost.per_register for r in requests)
             return f"{seconds * 1000:.0f} ms"
 
-        fewest = plan(tcp.points, tcp.max_registers, 65535, tcp.unreadable, tcp.max_bits)
+        read = planned_points(tcp)  # the points, and the registers read for them (Giga counters, exponents)
+        fewest = plan(read, tcp.max_registers, 65535, tcp.unreadable, tcp.max_bits)
         rows.append(f"| `{profile_id}` | {len(tcp.points)} | {len(device_plan(tcp))} | {len(on_rtu)} "
                     f"(max_gap {cost.max_gap}) | {line_ms(on_rtu)} | {len(device_plan(fixed))}, "
-                    f"{line_ms(device_plan(fixed))} | {len(fewest)} | {len(tcp.points)} |")
+                    f"{line_ms(device_plan(fixed))} | {len(fewest)} | {len(read)} |")
     return "\n".join(rows)
