@@ -125,7 +125,8 @@ class EnergySection(_Demand):
     counter_unit: Literal["Wh", "kWh", "MWh"] | None = Field(
         None, description="Unit of the counters; default the import point's unit.")
     wrap: float | None = Field(None, gt=0, description="Counter value at which it wraps to 0 (in counter_unit); "
-                                                       "default from the register type (uint32: 4294967296 x scale).")
+                                                       "default from the register type (uint32: 4294967296 x scale; "
+                                                       "none for a point with carry_register).")
     max_kw: float | None = Field(None, gt=0, description="Largest power the installation can draw: a rise beyond it "
                                                          "is a meter replacement. Default 10 x target_kw.")
     max_gap: Seconds | None = Field(None, description="Readings further apart leave a gap (coverage, edge_gap). "
@@ -235,7 +236,8 @@ def meter_spec(device: Any, section: EnergySection) -> MeterSpec:
     scale = abs(float(getattr(point, "scale", 1.0)))
     factor = _unit_factor(section.counter_unit) or _unit_factor(getattr(point, "unit", None)) or 1.0
     wrap = section.wrap
-    if wrap is None and kind in _MODULUS:
+    # A counter completed by a roll-over counter (`carry_register`) does not wrap at its register's modulus.
+    if wrap is None and kind in _MODULUS and getattr(point, "carry_register", None) is None:
         wrap = _MODULUS[kind] * scale
     poll = float(getattr(device, "poll_interval", 1.0))
     return MeterSpec(

@@ -11,6 +11,9 @@ with the vendor's map therefore fails a test, whatever the profile file says abo
 "third-party" (public integrations or a data-logger vendor's list, not the manufacturer) or "assumed"
 (the vendor's map leaves it open; the assumption is the profile's and is marked unconfirmed there).
 A profile marked verified must have only "vendor" rows: the test checks that too.
+
+A row may name a `Carry`: a register elsewhere in the map that counts how often the value rolled over (the
+GIMAC1000's "Giga counter"); the meter is served with a count above 0, so a profile that forgets it fails.
 """
 
 from __future__ import annotations
@@ -21,17 +24,27 @@ FC03, FC04 = 3, 4
 
 
 @dataclass(frozen=True, slots=True)
+class Carry:
+    register: str          # the roll-over counter's register as printed in the source document
+    address: int           # its 0-based address, in the row's register space (a uint16)
+    count: int             # what the test meter holds there: above 0
+    per_count: float       # what one count is worth in the row's raw unit
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     name: str              # point name, vocabulary of docs/profiles.md
     register: str          # as printed in the source document
     function: int          # 3 = read holding registers, 4 = read input registers
     address: int           # 0-based address on the wire
-    type: str              # float32, int16, uint16, int32, uint32, int64, uint64
+    type: str              # float32, int16, uint16, int32, uint32, int64, uint64, bool (with `bit`)
     word_order: str        # ABCD (high word first) or CDAB (low word first)
     raw: float             # the value as the meter sends it, in the meter's unit (before any scale)
     factor: float          # meter unit -> normalised unit (W -> kW: 0.001; 0.1 V steps -> V: 0.1)
     unit: str | None       # normalised unit the reading must carry
     source: str = "vendor"  # vendor, third-party or assumed (see the module docstring)
+    carry: Carry | None = None  # the register counting the value's roll-overs, if the map has one
+    bit: int | None = None  # type "bool": the bit of the register (raw is the register's value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +55,9 @@ class MeterMap:
 
 
 def _r(name: str, register: str, function: int, address: int, type_: str, raw: float, factor: float,
-       unit: str | None, word_order: str = "ABCD", source: str = "vendor") -> Row:
-    return Row(name, register, function, address, type_, word_order, raw, factor, unit, source)
+       unit: str | None, word_order: str = "ABCD", source: str = "vendor", *, carry: Carry | None = None,
+       bit: int | None = None) -> Row:
+    return Row(name, register, function, address, type_, word_order, raw, factor, unit, source, carry, bit)
 
 
 # Eastron SDM630-Modbus MID V2 user manual, 1.2.1 "Input Registers" (function 04, every value an IEEE 754
@@ -82,35 +96,76 @@ EASTRON_SDM630 = MeterMap("eastron_sdm630", "Eastron SDM630-Modbus MID V2 user m
     _r("current_n", "30225", FC04, 224, "float32", 0.85, 1, "A"),
 ))
 
-# LS ELECTRIC "Modbus Map - GIMAC1000 (Eng.) - V4.0 - 20210308", page 1, input registers 30001-30035
-# (format F004, SWAP column "O" on every value); same rows in "(GIMAC1000) Modbus Map Tech Data en 202402".
-# Neither copy defines F004 or SWAP: the word order below is the profile's assumption, not the map's.
+# LS ELECTRIC "[GIMAC1000] Modbus Map_KO_V44_202402" (Korean; p. = PDF page, the map prints none), read from a
+# third party's public copy (GitHub uptec-ai/RlcLoadBank_Separate @ c71de1f6, Document/통신자료/); its rows
+# 30001-30035 match page 1 of the English V4.0 20210308 and 202402 copies. Input registers, FC04, format F004
+# ("IEEE754 32bit short float form", p.7), SWAP column "O" on every 32-bit row: the word order follows the
+# meter's swap setting (41009 high byte, 1 = off, the map's default), and the map does not say which order
+# either setting gives. So every float32 row is "assumed" (ABCD); the 16-bit rows have no word order to assume.
+# The energy rows say "전력량 Read 시 Giga 카운터 값(305xx)을 합산 필요" (add the Giga counter when reading energy,
+# p.1); that a count is worth 1e9 Wh is inferred from the ranges (float 0 ~ 999,999,999.9, counter 0 ~ 999,
+# pp.1, 5-6; the catalog's energy range 0.000 Wh ~ 999.9 GWh, printed p.254, fits), another reason those rows
+# are "assumed".
 _GIMAC = "assumed"
-LS_GIMAC1000 = MeterMap("ls_gimac1000", "LS ELECTRIC Modbus Map GIMAC1000 (Eng.) V4.0 20210308, p.1", (
-    _r("voltage_ln_avg", "30001", FC04, 0, "float32", 220.4, 1, "V"),
-    _r("current_avg", "30003", FC04, 2, "float32", 41.5, 1, "A"),
-    _r("current_l1", "30005", FC04, 4, "float32", 40.25, 1, "A"),
-    _r("current_l2", "30007", FC04, 6, "float32", 42.75, 1, "A"),
-    _r("current_l3", "30009", FC04, 8, "float32", 41.5, 1, "A"),
-    _r("voltage_l1_n", "30011", FC04, 10, "float32", 220.1, 1, "V"),
-    _r("voltage_l2_n", "30013", FC04, 12, "float32", 221.3, 1, "V"),
-    _r("voltage_l3_n", "30015", FC04, 14, "float32", 219.8, 1, "V"),
-    _r("voltage_l1_l2", "30017", FC04, 16, "float32", 381.2, 1, "V"),
-    _r("voltage_l2_l3", "30019", FC04, 18, "float32", 382.6, 1, "V"),
-    _r("voltage_l3_l1", "30021", FC04, 20, "float32", 380.9, 1, "V"),
-    _r("power_factor_total", "30023", FC04, 22, "float32", -0.93, 1, None),  # minus = lead
-    _r("active_power_total", "30025", FC04, 24, "float32", 25430.5, 0.001, "kW"),
-    _r("reactive_power_total", "30027", FC04, 26, "float32", -4120.25, 0.001, "kvar"),
-    _r("apparent_power_total", "30029", FC04, 28, "float32", 27390.75, 0.001, "kVA"),
-    _r("frequency", "30031", FC04, 30, "float32", 60.02, 1, "Hz"),
-    _r("energy_active_import", "30033", FC04, 32, "float32", 9876543.0, 0.001, "kWh"),
-    # Unit printed "Var" (cut off in the copy): varh assumed, hence "assumed".
-    _r("energy_reactive_import", "30035", FC04, 34, "float32", 1234567.0, 0.001, "kvarh", source=_GIMAC),
+_GIGA = 1e9
+_GIMAC_COMMON = (
+    _r("voltage_ln_avg", "30001 (p.1)", FC04, 0, "float32", 220.4, 1, "V", source=_GIMAC),  # 평균 전압
+    _r("current_avg", "30003 (p.1)", FC04, 2, "float32", 41.5, 1, "A", source=_GIMAC),  # 평균 전류
+    _r("current_l1", "30005 (p.1)", FC04, 4, "float32", 40.25, 1, "A", source=_GIMAC),  # A상 전류
+    _r("current_l2", "30007 (p.1)", FC04, 6, "float32", 42.75, 1, "A", source=_GIMAC),
+    _r("current_l3", "30009 (p.1)", FC04, 8, "float32", 41.5, 1, "A", source=_GIMAC),
+    _r("voltage_l1_n", "30011 (p.1)", FC04, 10, "float32", 220.1, 1, "V", source=_GIMAC),  # A상 전압
+    _r("voltage_l2_n", "30013 (p.1)", FC04, 12, "float32", 221.3, 1, "V", source=_GIMAC),
+    _r("voltage_l3_n", "30015 (p.1)", FC04, 14, "float32", 219.8, 1, "V", source=_GIMAC),
+    _r("voltage_l1_l2", "30017 (p.1)", FC04, 16, "float32", 381.2, 1, "V", source=_GIMAC),  # AB상 선간전압
+    _r("voltage_l2_l3", "30019 (p.1)", FC04, 18, "float32", 382.6, 1, "V", source=_GIMAC),
+    _r("voltage_l3_l1", "30021 (p.1)", FC04, 20, "float32", 380.9, 1, "V", source=_GIMAC),
+    _r("power_factor_total", "30023 (p.1)", FC04, 22, "float32", -0.93, 1, None, source=_GIMAC),  # 역률, - = lead
+    _r("active_power_total", "30025 (p.1)", FC04, 24, "float32", 25430.5, 0.001, "kW", source=_GIMAC),  # W
+    _r("reactive_power_total", "30027 (p.1)", FC04, 26, "float32", -4120.25, 0.001, "kvar", source=_GIMAC),  # Var
+    _r("apparent_power_total", "30029 (p.1)", FC04, 28, "float32", 27390.75, 0.001, "kVA", source=_GIMAC),  # VA
+    _r("frequency", "30031 (p.1)", FC04, 30, "float32", 60.02, 1, "Hz", source=_GIMAC),
+    # 순방향유효전력량 Wh + 유효전력량 Giga 카운터 30531 (p.5)
+    _r("energy_active_import", "30033 (p.1)", FC04, 32, "float32", 9876543.0, 0.001, "kWh", source=_GIMAC,
+       carry=Carry("30531 (p.5)", 530, 3, _GIGA)),
+    # 순방향무효전력량 Varh + 무효전력량 Giga 카운터 30532 (p.6)
+    _r("energy_reactive_import", "30035 (p.1)", FC04, 34, "float32", 1234567.0, 0.001, "kvarh", source=_GIMAC,
+       carry=Carry("30532 (p.6)", 531, 1, _GIGA)),
+    # 피상전력량 VAh + 피상전력량 Giga 카운터 30533 (p.6)
+    _r("energy_apparent", "30037 (p.1)", FC04, 36, "float32", 876543.0, 0.001, "kVAh", source=_GIMAC,
+       carry=Carry("30533 (p.6)", 532, 4, _GIGA)),
+)
+# Holding registers, FC03 (p.6; 40000번지는 SWAP 적용치 않음, no swap in 4xxxx). 41001 제품 옵션 사양, F224 (p.8):
+# D0 기능 0 = NO, 1 = EX; D3 RS485. 41009 485 통신속도 및 SWAP 여부, F218 (p.7): high byte 1 = swap off, low 3 = 38400.
+_GIMAC_SETTINGS = (
+    _r("rs485_baud_and_swap", "41009 (p.6)", FC03, 1008, "uint16", 0x0103, 1, None),
+)
+LS_GIMAC1000 = MeterMap("ls_gimac1000", "LS ELECTRIC [GIMAC1000] Modbus Map KO V44 202402, pp.1, 5-8", (
+    *_GIMAC_COMMON,
+    _r("ex_model", "41001 (p.6)", FC03, 1000, "bool", 0b01000, 1, None, bit=0),  # a NO model with RS485
+    *_GIMAC_SETTINGS,
 ))
-# Every GIMAC1000 row rests on the assumed word order as well.
-LS_GIMAC1000 = MeterMap(LS_GIMAC1000.profile, LS_GIMAC1000.document, tuple(
-    Row(r.name, r.register, r.function, r.address, r.type, r.word_order, r.raw, r.factor, r.unit, _GIMAC)
-    for r in LS_GIMAC1000.rows))
+# The same map's "EX Model만 지원" (EX model only) rows; a NO model does not have them (catalog p.254: '-').
+LS_GIMAC1000_EX = MeterMap("ls_gimac1000_ex", "LS ELECTRIC [GIMAC1000] Modbus Map KO V44 202402, pp.1-2, 5-8", (
+    *_GIMAC_COMMON,
+    # 역방향유효전력량 Wh + 역유효전력량 Giga 카운터 30534 (p.6), both EX only
+    _r("energy_active_export", "30045 (p.1)", FC04, 44, "float32", 345678.0, 0.001, "kWh", source=_GIMAC,
+       carry=Carry("30534 (p.6)", 533, 2, _GIGA)),
+    # 역방향무효전력량 Varh + 역무효전력량 Giga 카운터 30535 (p.6)
+    _r("energy_reactive_export", "30047 (p.1)", FC04, 46, "float32", 45678.0, 0.001, "kvarh", source=_GIMAC,
+       carry=Carry("30535 (p.6)", 534, 1, _GIGA)),
+    _r("active_power_l1", "30049 (p.1)", FC04, 48, "float32", 8450.5, 0.001, "kW", source=_GIMAC),  # A상 유효전력 W
+    _r("active_power_l2", "30051 (p.1)", FC04, 50, "float32", 8610.25, 0.001, "kW", source=_GIMAC),
+    _r("active_power_l3", "30053 (p.1)", FC04, 52, "float32", 8369.75, 0.001, "kW", source=_GIMAC),
+    _r("demand_active_power", "30111 (p.2)", FC04, 110, "float32", 24100.0, 0.001, "kW", source=_GIMAC),  # 전력 디멘드
+    # MAX 디멘드 유효전력 W
+    _r("demand_active_power_max", "30147 (p.2)", FC04, 146, "float32", 31250.0, 0.001, "kW", source=_GIMAC),
+    _r("ex_model", "41001 (p.6)", FC03, 1000, "bool", 0b01001, 1, None, bit=0),  # an EX model with RS485
+    *_GIMAC_SETTINGS,
+))
+# What a NO (basic) model lacks, as (function, first, last) 0-based: the rows marked "EX Model만 지원" on pp.1-6
+# (30045-30519 and 30537-30541, two registers each) and the EX Giga counters 30534-30535 (p.6).
+GIMAC1000_EX_ONLY = ((FC04, 44, 519), (FC04, 533, 534), (FC04, 536, 541))
 
 # Rootech Accura 2300S/2350 Communication User Guide rev 1.41 (2015-07-20), chapter 2 p.29: register number
 # minus one, function 03. The module 0 block (11201...) comes from two public integrations (an OpenEMS
@@ -344,5 +399,5 @@ EPLUSE_EE872 = MeterMap("epluse_ee872", "E+E User Manual EE872, 5.2.2 Tab. 3, p.
 ))
 
 MAPS: dict[str, MeterMap] = {m.profile: m for m in (
-    EASTRON_SDM630, LS_GIMAC1000, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
+    EASTRON_SDM630, LS_GIMAC1000, LS_GIMAC1000_EX, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
     CARLO_GAVAZZI_EM24, CARLO_GAVAZZI_EM24_RS485, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872)}

@@ -29,6 +29,7 @@ CLI_TIMEOUT_S = 30
 
 GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'
 POINT = '{ name = "voltage", function = "input", address = 0, type = "float32" }'
+CARRIED = '{{ name = "energy", function = "input", address = 32, type = "float32"{} }}'
 
 
 def tcp(extra: str = "", name: str = "meter-1", points: str = POINT) -> str:
@@ -79,6 +80,19 @@ CASES: list[tuple[str, str, list[str]]] = [
     ('scale = "0.1"', GATEWAY + tcp(points='{ name = "v", function = "input", address = 0, type = "int16", '
                                            'scale = "0.1" }'),
      ["devices[0].points[0].scale: Input should be a valid number (got '0.1')"]),
+    # a counter split over two registers: both keys, a factor that counts
+    ("carry_register without carry_factor", GATEWAY + tcp(points=CARRIED.format(", carry_register = 530")),
+     ["devices[0].points[0]: carry_register needs carry_factor: what one count is worth in the value's raw unit, "
+      "e.g. 1e9 for a Wh counter that restarts from 0 after 999,999,999.9 Wh"]),
+    ("carry_factor 0", GATEWAY + tcp(points=CARRIED.format(", carry_register = 530, carry_factor = 0")),
+     ["devices[0].points[0].carry_factor: expected a number greater than 0: what one count of carry_register is "
+      "worth in the value's raw unit (got 0)"]),
+    ('carry_factor = "1e9"', GATEWAY + tcp(points=CARRIED.format(', carry_register = 530, carry_factor = "1e9"')),
+     ["devices[0].points[0].carry_factor: Input should be a valid number (got '1e9')"]),
+    ("carry_register on the point itself", GATEWAY + tcp(points=CARRIED.format(", carry_register = 33, "
+                                                                              "carry_factor = 1e9")),
+     ["devices[0].points[0].carry_register: input register 33 is the point's own (it spans 32..33); the carry is "
+      "another register"]),
     ("stop_bits = true", GATEWAY + rtu("stop_bits = true\n"),
      ["devices[0].stop_bits: expected an integer, not true or false (got True)"]),
     ("max_bytes = 1e9, a float", GATEWAY + "[buffer]\nmax_bytes = 1e9\n" + tcp(),

@@ -63,6 +63,28 @@ def test_the_em24_rs485_profile_gives_its_total_counters_and_their_int32_wrap() 
     assert spec.kwh_per_unit == 1.0
 
 
+@pytest.mark.parametrize(("profile", "export", "wrap"), [
+    ("ls_gimac1000", None, None),  # a float32 with its Giga counter: no register modulus applies
+    ("ls_gimac1000_ex", "energy_active_export", None),
+])
+def test_a_gimac1000_meter_reads_energy_with_its_giga_counter_and_no_wrap(profile: str, export: str | None,
+                                                                           wrap: float | None) -> None:
+    text = GATEWAY + ('[[devices]]\nname = "incomer-1"\ndriver = "modbus"\nhost = "10.0.0.5"\n'
+                      f'profile = "{profile}"\n[devices.energy]\ntarget_kw = 500\n')
+    config = parse_config(text)
+    spec = plan(config.devices, config.energy).meters["incomer-1"]
+    assert (spec.import_point, spec.export_point, spec.wrap, spec.kwh_per_unit) == (
+        "energy_active_import", export, wrap, 1.0)
+    assert spec.max_kw == 5000.0  # what tells a torn read after a restart from real energy (docs/config.md)
+
+
+def test_a_carried_integer_counter_gets_no_wrap_from_its_register() -> None:
+    points = ('{ name = "energy_active_import", function = "input", address = 2, type = "uint32", '
+              'carry_register = 10, carry_factor = 4294967296, scale = 0.01, unit = "kWh" }')
+    config = parse_config(GATEWAY + meter("incomer-1", "target_kw = 500", points))
+    assert plan(config.devices, config.energy).meters["incomer-1"].wrap is None
+
+
 @pytest.mark.parametrize(("energy", "points", "expected"), [
     ('import_point = "energy_total"', POINTS, [("devices[0].energy.import_point", "no point 'energy_total'")]),
     ('window = "10m"', POINTS, [("devices[0].energy.window", '"5m", "15m", "30m" or "60m"')]),

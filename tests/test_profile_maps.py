@@ -4,7 +4,8 @@ The meter is a real pymodbus server whose registers are filled from tests/profil
 transcribed by hand from each vendor's document (never from the profile under test). The agent reads it
 through the profile with the real driver; every point must come back good, with the value the map's raw
 registers mean after the map's conversion, and the map's unit. An address one register off, a swapped
-word order, a wrong type or scale in a profile fails here. The registers are encoded by this module
+word order, a wrong type or scale in a profile fails here, and so does a counter read without the register
+that counts its roll-overs (the map's `Carry`, served above 0). The registers are encoded by this module
 (struct, big-endian words) rather than by the driver's decoder, so the two cannot share a mistake.
 """
 
@@ -23,7 +24,7 @@ from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.profiles import available, expand_profile, load
 from drivers.modbus.simulator import SimServer
 from tests.conftest import FixedRegisters
-from tests.profile_maps import MAPS, MeterMap, Row
+from tests.profile_maps import GIMAC1000_EX_ONLY, MAPS, MeterMap, Row
 
 _STRUCT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "int64": ">q", "uint64": ">Q",
            "float32": ">f", "float64": ">d"}
@@ -32,6 +33,8 @@ _FUNCTION = {3: "holding", 4: "input"}
 
 def encode(row: Row) -> list[int]:
     """The registers the meter sends for `row.raw`: ABCD high word first, CDAB the words reversed."""
+    if row.type == "bool":
+        return [int(row.raw)]  # the register holding the bit
     raw: Any = row.raw if row.type.startswith("float") else int(row.raw)
     data = struct.pack(_STRUCT[row.type], raw)
     words = [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
@@ -43,20 +46,29 @@ def encode(row: Row) -> list[int]:
 
 
 def expected(row: Row) -> float:
-    """What the reading must be: the raw value as the wire holds it, times the map's conversion."""
-    if row.type == "float32":
-        return struct.unpack(">f", struct.pack(">f", row.raw))[0] * row.factor
-    return row.raw * row.factor
+    """What the reading must be: the raw value as the wire holds it, plus its carry, times the map's
+    conversion (a bool: its bit, as 0 or 1)."""
+    if row.type == "bool":
+        assert row.bit is not None
+        return float(int(row.raw) >> row.bit & 1)
+    raw = struct.unpack(">f", struct.pack(">f", row.raw))[0] if row.type == "float32" else row.raw
+    if row.carry is not None:
+        raw += row.carry.count * row.carry.per_count
+    return raw * row.factor
 
 
 def meter(table: MeterMap) -> FixedRegisters:
     sizes = {3: 0, 4: 0}
     for row in table.rows:
         sizes[row.function] = max(sizes[row.function], row.address + len(encode(row)) + 1)
+        if row.carry is not None:
+            sizes[row.function] = max(sizes[row.function], row.carry.address + 2)
     # Unused registers hold a value no row expects, so a point read one register off reads nonsense.
     device = FixedRegisters(holding=[0x7A7A] * sizes[3], inputs=[0x7A7A] * sizes[4])
     for row in table.rows:
         device.set(row.function, row.address, encode(row))
+        if row.carry is not None:
+            device.set(row.function, row.carry.address, [row.carry.count])
     return device
 
 
@@ -81,9 +93,13 @@ async def mismatches(profile_id: str, **entry: Any) -> dict[str, str]:
     """Points of the profile that disagree with the vendor's map, with what was read against what the map
     means; empty when the profile reads the map's meter correctly."""
     table = MAPS[profile_id]
+    return disagreements(table, await poll(profile_id, meter(table), **entry))
+
+
+def disagreements(table: MeterMap, readings: list[Reading]) -> dict[str, str]:
     rows = {row.name: row for row in table.rows}
     problems: dict[str, str] = {}
-    for reading in await poll(profile_id, meter(table), **entry):
+    for reading in readings:
         row = rows[reading.point]
         want = expected(row)
         if reading.quality is not Quality.GOOD:
@@ -112,6 +128,9 @@ def test_the_profile_has_exactly_the_maps_points_with_the_maps_types(profile_id:
         assert (point.function, point.address, point.type) == (_FUNCTION[row.function], row.address, row.type), where
         if len(encode(row)) > 1:  # the order of the words of a one-register value is meaningless
             assert point.word_order == row.word_order, where
+        assert point.bit == row.bit, where
+        carry = (row.carry.address, row.carry.per_count) if row.carry else (None, None)
+        assert (point.carry_register, point.carry_factor) == carry, where
 
 
 @pytest.mark.parametrize("profile_id", sorted(MAPS))
@@ -138,6 +157,10 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("carlo_gavazzi_em24_rs485", "energy_active_import", {"address": 0x42}),
     ("carlo_gavazzi_em24_rs485", "frequency", {"address": 0x33}),  # the E1 layout's frequency address
     ("ls_gimac1000", "current_l1", {"address": 2}),      # 30003 (average) instead of 30005: a classic slip
+    ("ls_gimac1000", "energy_active_import", {"carry_register": None, "carry_factor": None}),  # Giga counter left out
+    ("ls_gimac1000", "energy_apparent", {"carry_register": 530}),  # the active energy's Giga counter
+    ("ls_gimac1000_ex", "energy_active_export", {"carry_factor": 1e6}),
+    ("ls_gimac1000", "ex_model", {"bit": 3}),  # the RS485 flag
     ("schneider_pm5500", "energy_active_import", {"type": "uint32"}),
     ("schneider_pm5500", "demand_active_power", {"address": 3766}),  # the register number, not the address
     ("abb_m4m30", "voltage_l1_n", {"scale": 1.0}),
@@ -180,3 +203,54 @@ async def test_an_energy_the_pm5500_marks_not_available_is_sent_bad_not_as_a_hug
     assert readings["energy_active_import"].quality is Quality.BAD
     assert readings["energy_active_import"].value is None
     assert readings["energy_active_export"].quality is Quality.GOOD
+
+
+def no_model(table: MeterMap) -> FixedRegisters:
+    """A GIMAC1000 NO (basic) model: the map's meter, refusing what the map marks "EX Model만 지원" with
+    exception 02 (ILLEGAL DATA ADDRESS), as it says a meter answers for an address it does not define."""
+    device = meter(table)
+    for function, first, last in GIMAC1000_EX_ONLY:
+        device.refuse(function, first, last)
+    device.longest_read = 124  # "MAX register read count : 124" (p.16): exception 03 beyond
+    return device
+
+
+async def test_the_ex_profile_on_a_basic_no_model_loses_only_the_ex_points() -> None:
+    """What a technician gets who picks ls_gimac1000_ex for a NO model: every point both models have reads
+    right in every poll, the first one included; the EX points come back bad, each with the refusal as the
+    reason, and the polls after the first leave them out (fewer requests)."""
+    table = MAPS["ls_gimac1000_ex"]
+    ex_only = {row.name for row in table.rows
+               if any(f == row.function and first <= row.address <= last for f, first, last in GIMAC1000_EX_ONLY)}
+    assert ex_only == {"energy_active_export", "energy_reactive_export", "active_power_l1", "active_power_l2",
+                       "active_power_l3", "demand_active_power", "demand_active_power_max"}
+    async with SimServer({1: no_model(table)}, update_interval=None) as server:
+        driver = ModbusDriver(device_for("ls_gimac1000_ex", server.port))
+        try:
+            first = await driver.poll()
+            sent_first = driver.sent_last_poll
+            second = await driver.poll()
+            sent_second = driver.sent_last_poll
+        finally:
+            await driver.close()
+    for readings in (first, second):
+        problems = disagreements(table, readings)
+        assert set(problems) == ex_only, problems
+        reasons = {r.point: r.reason for r in readings if r.point in ex_only}
+        assert reasons["energy_active_export"] is not None and reasons["energy_active_export"].startswith(
+            "the meter refuses it: Modbus exception 2 (illegal data address) for FC04 44..45 (30045)")
+        assert reasons["demand_active_power_max"] is not None and reasons["demand_active_power_max"].startswith(
+            "the meter refuses it: Modbus exception 2 (illegal data address) for FC04 146..147 (30147)")
+    assert sent_second == 3 < sent_first  # 30001-30038, the three Giga counters, 41001-41009
+
+
+async def test_the_basic_profile_reads_a_no_model_whole() -> None:
+    table = MAPS["ls_gimac1000"]
+    async with SimServer({1: no_model(table)}, update_interval=None) as server:
+        driver = ModbusDriver(device_for("ls_gimac1000", server.port))
+        try:
+            readings = await driver.poll()
+        finally:
+            await driver.close()
+    assert disagreements(table, readings) == {}
+    assert driver.sent_last_poll == 3 and len(readings) == len(table.rows)

@@ -57,6 +57,8 @@ def describe(config: DeviceConfig) -> list[str]:
             scale = f" x{point.scale:g}" if point.scale != 1 else ""
             if point.scaled_by_register:  # the exponent read in the same poll
                 scale = f" x10^{point.scale_from or point.scale_register}{scale}"
+            if point.carry_register is not None:  # the roll-over counter read in the same poll
+                scale = f" +carry({point.carry_register})x{point.carry_factor:g}{scale}"
             offset = f" {point.offset:+g}" if point.offset else ""
             kind = point.type + (f"[{point.count}]" if point.type == "string" else "") + \
                 (f" bit {point.bit}" if point.bit is not None else "")

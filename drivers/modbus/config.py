@@ -96,6 +96,13 @@ class ModbusPoint:
     scale_register: _Int | None = Field(
         None, ge=0, le=65535, description="As `scale_from`, but the exponent's 0-based address in the point's own "
         "register space, read without being sent as a point.")
+    carry_register: _Int | None = Field(
+        None, ge=0, le=65535, description="0-based address, in the point's own register space, of a uint16 that "
+        "counts how often the value rolled over (a meter's \"giga counter\"); read in the same poll, not sent: "
+        "value = (raw + carry x carry_factor) x scale + offset.")
+    carry_factor: _Number | None = Field(
+        None, description="With `carry_register`: what one count is worth in the value's raw unit (1e9 for a Wh "
+        "counter that restarts from 0 after 999,999,999.9 Wh).")
     not_available: Annotated[tuple[_RawValue, ...], BeforeValidator(_as_tuple)] = Field(
         (), description="Raw values the meter sends for 'no value' (0xFFFF = 65535, 0x8000 = "
         "32768, 0x7FFFFFFF ...), compared before scaling: such a reading is sent with quality bad.")
@@ -114,6 +121,14 @@ class ModbusPoint:
     def _non_zero(cls, value: float) -> float:
         if value == 0:
             raise ValueError("must not be 0 (every value would read 0)")
+        return value
+
+    @field_validator("carry_factor")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError("expected a number greater than 0: what one count of carry_register is worth in the "
+                             "value's raw unit")
         return value
 
     @model_validator(mode="before")
@@ -158,12 +173,34 @@ class ModbusPoint:
                 raise ValueError(f"{key} applies to integer values, not to a {self.type}")
             if self.scale_from == self.name:
                 raise ValueError("scale_from names the point itself; it must name the exponent's point")
+        self._check_carry()
         return self
+
+    def _check_carry(self) -> None:
+        if self.carry_register is None:
+            if self.carry_factor is not None:
+                raise ValueError("carry_factor applies with carry_register (the register that counts the "
+                                 "roll-overs): give both, or neither")
+            return
+        if self.carry_factor is None:
+            raise ValueError("carry_register needs carry_factor: what one count is worth in the value's raw unit, "
+                             "e.g. 1e9 for a Wh counter that restarts from 0 after 999,999,999.9 Wh")
+        if self.type in ("bool", "string"):
+            raise ValueError(f"carry_register applies to numbers, not to a {self.type}")
+        if self.scaled_by_register:
+            raise ValueError("carry_register together with scale_from or scale_register is not supported: no meter "
+                             "known to the agent needs both; give one of them")
 
     @property
     def scaled_by_register(self) -> bool:
         """Whether the scale's exponent is read from a register (`scale_from` or `scale_register`) each poll."""
         return self.scale_from is not None or self.scale_register is not None
+
+    @property
+    def uses_other_register(self) -> bool:
+        """Whether the value needs another register of the same poll (an exponent or a carry): its scale and
+        offset are then applied once the whole poll is read (drivers/modbus/decode.py `Scaling`)."""
+        return self.scaled_by_register or self.carry_register is not None
 
     @property
     def register_count(self) -> int:
@@ -286,6 +323,7 @@ class ModbusDevice(DeviceBase):
     def problems(self) -> list[tuple[str, str]]:
         out = _point_problems(list(enumerate(self.points)), self.unreadable)
         out += _scale_problems(self.points, self.unreadable)
+        out += _carry_problems(self.points, self.unreadable)
         # Modbus over serial line v1.02, 2.2: 0 is broadcast (no meter answers it), 248-255 are reserved. On
         # TCP (Modbus messaging on TCP/IP v1.0b, 4.4.2) 0 and 255 address the device itself.
         if self.transport != "tcp" and not 1 <= self.unit_id <= 247:
@@ -388,7 +426,7 @@ def scale_point(function: str, address: int) -> ModbusPoint:
 
 def _is_exponent(point: ModbusPoint) -> bool:
     return point.type == "int16" and point.function not in BIT_FUNCTIONS and point.scale == 1.0 \
-        and point.offset == 0.0 and not point.scaled_by_register
+        and point.offset == 0.0 and not point.uses_other_register
 
 
 def _scale_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]) -> list[tuple[str, str]]:
@@ -428,5 +466,56 @@ def _scale_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]
     for index, point in enumerate(points):
         if point.name in hidden:
             out.append((f"points[{index}].name", f"{point.name!r} is the name the agent gives a scale_register it "
+                        "reads; choose another name"))
+    return out
+
+
+def carry_point(function: str, address: int) -> ModbusPoint:
+    """The roll-over counter a `carry_register` names, as the planner reads it: a uint16 point of its own, read
+    in the same poll as its dependants and never sent."""
+    return ModbusPoint(name=f"carry.{function}.{address}", function=function, address=address,  # type: ignore[arg-type]
+                       type="uint16")
+
+
+def _is_carry(point: ModbusPoint) -> bool:
+    return point.type == "uint16" and point.function not in BIT_FUNCTIONS and point.scale == 1.0 \
+        and point.offset == 0.0 and not point.uses_other_register
+
+
+def _carry_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]) -> list[tuple[str, str]]:
+    """`carry_register` must be a register that is free or is an unscaled uint16 point starting there, and
+    readable."""
+    out: list[tuple[str, str]] = []
+    starts = {(p.function, p.address): p for p in points}
+    covered: dict[tuple[str, int], int] = {}
+    for index, point in enumerate(points):
+        for register in range(point.address, point.address + point.register_count):
+            covered.setdefault((point.function, register), index)
+    hidden: set[str] = set()
+    for index, point in enumerate(points):
+        if point.carry_register is None:
+            continue
+        key = (point.function, point.carry_register)
+        path = f"points[{index}].carry_register"
+        if covered.get(key) == index:
+            out.append((path, f"{point.function} register {point.carry_register} is the point's own (it spans "
+                        f"{point.address}..{point.address + point.register_count - 1}); the carry is another "
+                        "register"))
+            continue
+        if key in covered:
+            owner = points[covered[key]]
+            if starts.get(key) is not owner or not _is_carry(owner):
+                out.append((path, f"{point.function} register {point.carry_register} belongs to points"
+                            f"[{covered[key]}] ({owner.name!r}), which is not an unscaled uint16 starting there "
+                            "(a roll-over counter)"))
+            continue
+        if any(r.function == point.function and r.first <= point.carry_register <= r.last for r in unreadable):
+            out.append((path, f"{point.function} register {point.carry_register} lies in a range declared "
+                        "unreadable"))
+            continue
+        hidden.add(carry_point(point.function, point.carry_register).name)
+    for index, point in enumerate(points):
+        if point.name in hidden:
+            out.append((f"points[{index}].name", f"{point.name!r} is the name the agent gives a carry_register it "
                         "reads; choose another name"))
     return out

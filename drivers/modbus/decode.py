@@ -35,7 +35,9 @@ from drivers.modbus.config import (
     SCALE_EXPONENT_RANGE,
     ModbusDevice,
     ModbusPoint,
+    carry_point,
     scale_point,
+    vendor_address,
 )
 
 _STRUCT_CODE = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q",
@@ -284,64 +286,139 @@ def device_plan(device: ModbusDevice, unreadable: Iterable[Span] = (), breaks: I
 
 
 def planned_points(device: ModbusDevice) -> list[ModbusPoint]:
-    """The device's points and the exponent registers its `scale_register`s name (those no point reads
-    already), so that the planner joins each exponent to its neighbours in the same poll."""
+    """The device's points, then the registers its `scale_register`s (exponents) and `carry_register`s
+    (roll-over counters) name that no point reads already, so that the planner reads each in the same poll as
+    its dependants, joined to its neighbours."""
     points = list(device.points)
     taken = {(p.function, p.address) for p in points}
     for point in device.points:
-        if point.scale_register is not None and (point.function, point.scale_register) not in taken:
-            taken.add((point.function, point.scale_register))
-            points.append(scale_point(point.function, point.scale_register))
+        for register, make in ((point.scale_register, scale_point), (point.carry_register, carry_point)):
+            if register is not None and (point.function, register) not in taken:
+                taken.add((point.function, register))
+                points.append(make(point.function, register))
     return points
 
 
+@dataclass(frozen=True, slots=True)
+class _Carry:
+    source: str  # the roll-over counter's point name (a hidden `carry.<function>.<address>` or the device's own)
+    what: str  # the counter as the reason names it
+    factor: Decimal  # raw units per count
+    float32: bool  # the raw value is a float32: taken as its shortest decimal
+    integral: bool  # an integer value with a whole factor: the result stays an integer when unscaled
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    """What a carried point read in its last poll, to tell a roll-over read in two halves."""
+
+    count: int
+    raw: float
+    rejected: bool  # that reading was sent bad as torn: the next one is taken as it comes
+
+
 class Scaling:
-    """Applies exponents read from registers (`scale_from`, `scale_register`) to the poll's raw readings, after
-    every request of the poll is decoded: value = raw * 10^exponent * scale + offset, in decimal. An exponent
-    that is bad, missing, 0x8000 (SunSpec's "not implemented") or outside -10..10 makes its dependants bad
-    with the reason: a reading is sent bad, never with a guessed scale. The exponent registers that no point
-    reads (`scale_register`) are dropped from the readings."""
+    """Completes, once every request of a poll is decoded, the values that need another register of the same
+    poll, and drops the registers read only for that (`scale_register`, `carry_register`) from the readings:
+
+    - an exponent (`scale_from`, `scale_register`): value = raw * 10^exponent * scale + offset, in decimal. An
+      exponent that is bad, missing, 0x8000 (SunSpec's "not implemented") or outside -10..10 makes its
+      dependants bad with the reason.
+    - a carry (`carry_register`, a meter's roll-over counter, e.g. the GIMAC1000's "Giga counter"): value =
+      (raw + carry * carry_factor) * scale + offset, in decimal. A carry that is bad or missing makes its
+      dependants bad with the reason.
+
+    A reading is sent bad, never with a guessed scale or a wrong carry. A counter and its carry are often far
+    apart (two requests): when the counter rolls over between the two, one poll reads the old value with the
+    new carry (one carry_factor too much) or the new value with the old carry (one too little). Such a pair
+    disagrees with the last poll's (the carry rose while the value did not restart, or the value fell while the
+    carry stayed): it is sent bad once, and the next reading is taken as it comes, so a reset of the counter or
+    a long outage costs one reading, never more. The first poll has no last pair to compare with."""
 
     def __init__(self, device: ModbusDevice) -> None:
         by_start = {(p.function, p.address): p.name for p in device.points}
         self._source: dict[str, str] = {}  # dependant -> exponent's point name
+        self._carry: dict[str, _Carry] = {}  # dependant -> its roll-over counter
         self._scale: dict[str, tuple[Decimal, Decimal, bool]] = {}
         for point in device.points:
             if point.scale_from is not None:
-                source = point.scale_from
+                self._source[point.name] = point.scale_from
             elif point.scale_register is not None:
                 key = (point.function, point.scale_register)
-                source = by_start.get(key) or scale_point(*key).name
+                self._source[point.name] = by_start.get(key) or scale_point(*key).name
+            elif point.carry_register is not None and point.carry_factor is not None:
+                key = (point.function, point.carry_register)
+                named = by_start.get(key)
+                where = f"{point.function} register {point.carry_register}, " \
+                        f"{vendor_address(point.function, point.carry_register)}"
+                factor = Decimal(repr(point.carry_factor))
+                integral = not point.type.startswith("float") and factor == factor.to_integral()
+                self._carry[point.name] = _Carry(
+                    named or carry_point(*key).name, f"carry {named} ({where})" if named else f"carry ({where})",
+                    factor, point.type == "float32", integral)
             else:
                 continue
-            self._source[point.name] = source
             self._scale[point.name] = (Decimal(repr(point.scale)), Decimal(repr(point.offset)),
                                        point.scale == 1.0 and point.offset == 0.0)
+        self._inputs = frozenset(self._source.values()) | {c.source for c in self._carry.values()}
         self._hidden = frozenset(p.name for p in planned_points(device)[len(device.points):])
+        self._last: dict[str, _Pair] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._source)
+        return bool(self._source or self._carry)
 
     def apply(self, readings: list[Reading]) -> list[Reading]:
-        exponents = {r.point: r for r in readings if r.point in self._hidden}
-        sources = set(self._source.values())
-        exponents.update((r.point, r) for r in readings if r.point in sources)
+        inputs = {r.point: r for r in readings if r.point in self._inputs}
         out: list[Reading] = []
         for reading in readings:
             if reading.point in self._hidden:
                 continue
-            source = self._source.get(reading.point)
-            if source is None or reading.quality is not Quality.GOOD:
+            if reading.quality is not Quality.GOOD:
                 out.append(reading)
                 continue
-            problem, exponent = _exponent(source, exponents.get(source))
-            if problem is not None:
-                out.append(Reading(reading.point, None, reading.unit, Quality.BAD, problem))
+            source = self._source.get(reading.point)
+            if source is not None:
+                out.append(self._scaled(reading, source, inputs.get(source)))
                 continue
-            scale, offset, plain = self._scale[reading.point]
-            value = Decimal(reading.value).scaleb(exponent) * scale + offset  # type: ignore[arg-type]
-            out.append(Reading(reading.point, int(value) if plain and exponent >= 0 else float(value), reading.unit))
+            carry = self._carry.get(reading.point)
+            out.append(reading if carry is None else self._carried(reading, carry, inputs.get(carry.source)))
         return out
+
+    def _scaled(self, reading: Reading, source: str, exponent_reading: Reading | None) -> Reading:
+        problem, exponent = _exponent(source, exponent_reading)
+        if problem is not None:
+            return Reading(reading.point, None, reading.unit, Quality.BAD, problem)
+        scale, offset, plain = self._scale[reading.point]
+        value = Decimal(reading.value).scaleb(exponent) * scale + offset  # type: ignore[arg-type]
+        return Reading(reading.point, int(value) if plain and exponent >= 0 else float(value), reading.unit)
+
+    def _carried(self, reading: Reading, carry: _Carry, counter: Reading | None) -> Reading:
+        name, raw = reading.point, reading.value
+        if counter is None:
+            return Reading(name, None, reading.unit, Quality.BAD, f"{carry.what} was not read in this poll")
+        count = counter.value
+        if counter.quality is not Quality.GOOD or not isinstance(count, int) or isinstance(count, bool):
+            return Reading(name, None, reading.unit, Quality.BAD, f"{carry.what} unavailable: {counter.reason}")
+        assert isinstance(raw, int | float)  # a good reading of a number (the config allows nothing else)
+        last = self._last.get(name)
+        if last is not None and not last.rejected and (
+                (count > last.count and raw >= last.raw) or (count == last.count and raw < last.raw)):
+            self._last[name] = _Pair(last.count, last.raw, True)
+            return Reading(name, None, reading.unit, Quality.BAD,
+                           f"read either side of a roll-over: {_show_raw(raw, carry)} with {carry.what} = {count}, "
+                           f"after {_show_raw(last.raw, carry)} with {last.count} in the last poll (the counter "
+                           "and its carry are read in separate requests); sent bad once, the next poll is taken "
+                           "as read")
+        self._last[name] = _Pair(count, raw, False)
+        exact = Decimal(repr(shortest_float32(raw))) if carry.float32 else Decimal(repr(raw)) \
+            if isinstance(raw, float) else Decimal(raw)
+        scale, offset, plain = self._scale[name]
+        value = (exact + count * carry.factor) * scale + offset
+        return Reading(name, int(value) if plain and carry.integral else float(value), reading.unit)
+
+
+def _show_raw(raw: float, carry: _Carry) -> str:
+    return repr(shortest_float32(raw)) if carry.float32 else repr(raw)
 
 
 def _exponent(source: str, reading: Reading | None) -> tuple[str | None, int]:
@@ -449,8 +526,9 @@ _PLAIN_KIND = {"float32": 0, "float64": 1, "int16": 2, "uint16": 2, "int32": 2, 
 
 
 def _is_plain(point: ModbusPoint) -> bool:
-    # A point scaled by a register is decoded raw here and scaled by `Scaling` once its exponent is known.
-    return point.type in _PLAIN_KIND and (point.scaled_by_register or (point.scale == 1.0 and point.offset == 0.0)) \
+    # A point that needs another register (an exponent, a carry) is decoded raw here and completed by
+    # `Scaling` once the whole poll is read.
+    return point.type in _PLAIN_KIND and (point.uses_other_register or (point.scale == 1.0 and point.offset == 0.0)) \
         and not point.not_available
 
 
@@ -524,7 +602,7 @@ def _converter(point: ModbusPoint) -> Callable[[int | float | bytes], Reading]:
 
 def _number_converter(point: ModbusPoint) -> Callable[[int | float], Reading]:
     name, unit, scale, offset = point.name, point.unit, point.scale, point.offset
-    scaled = (scale != 1.0 or offset != 0.0) and not point.scaled_by_register  # those are scaled by `Scaling`
+    scaled = (scale != 1.0 or offset != 0.0) and not point.uses_other_register  # those are completed by `Scaling`
     if point.type in ("float32", "float64"):
         shorten = point.type == "float32"
         exact_scale, exact_offset = (Decimal(repr(scale)), Decimal(repr(offset))) if scaled else (None, None)

@@ -119,7 +119,7 @@ class ModbusDriver:
     def __init__(self, config: ModbusDevice, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.base: tuple[ReadRequest, ...] = device_plan(config)  # the plan without what the meter refused
-        self.scaling = Scaling(config)  # exponents read from registers, applied once the whole poll is read
+        self.scaling = Scaling(config)  # exponents and carries read from registers, applied once the poll is read
         self._planned = planned_points(config)
         self.requests: tuple[ReadRequest, ...] = self.base
         self.refusals = Refusals()
