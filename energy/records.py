@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.model import PollResult, Quality, Reading
 from energy.history import StoredWindow
-from energy.windows import AlarmEvent, LiveDemand, WindowRecord, flag_text, local_iso
+from energy.windows import EXPORT_ONLY, AlarmEvent, LiveDemand, WindowRecord, flag_text, local_iso
 
 WINDOW_STREAM = "demand"
 ALARM_STREAM = "alarm"
@@ -41,7 +41,7 @@ def window_poll(record: WindowRecord) -> PollResult:
         quality, reason = Quality.GOOD, None
     else:
         quality = Quality.UNCERTAIN
-        reason = ", ".join(part for part in (flags, f"coverage {record.coverage:.3f}"
+        reason = ", ".join(part for part in (flag_text(record.flags - EXPORT_ONLY), f"coverage {record.coverage:.3f}"
                                              if record.coverage < 0.999 else "") if part)
     readings = [
         Reading("window_start", record.start_local),
@@ -50,7 +50,12 @@ def window_poll(record: WindowRecord) -> PollResult:
         Reading("demand", round(record.demand_kw, 4), "kW", quality, reason),
     ]
     if record.export_kwh is not None:
-        readings.append(Reading("export_energy", round(record.export_kwh, 6), "kWh", quality, reason))
+        if record.export_complete:
+            readings.append(Reading("export_energy", round(record.export_kwh, 6), "kWh"))
+        else:  # a lower bound when the export counter went unread (the import may still be complete)
+            why = ", ".join(part for part in (flags, f"coverage {record.coverage:.3f}"
+                                              if record.coverage < 0.999 else "") if part)
+            readings.append(Reading("export_energy", round(record.export_kwh, 6), "kWh", Quality.UNCERTAIN, why))
     readings += [Reading("coverage", record.coverage), Reading("longest_gap", record.longest_gap_s, "s"),
                  Reading("flags", flags)]
     if record.counter_start is not None and record.counter_end is not None:

@@ -158,6 +158,7 @@ class EnergyStage:
         self._zones = {name: spec.zone for name, spec in self._specs.items()}
         self._outbox: list[dict[str, Any]] = []
         self._seen_mono: dict[str, float] = {}
+        self._export_unread: set[str] = set()  # meters whose export counter is not being read (logged once)
         self._saved_at = 0.0
         self._live_sent: dict[str, tuple[float, tuple[float, ...]]] = {}  # (monotonic time, alarms) per name
         # For the status page (agent/webpage.py): the latest live demand and windows (newest first) per name.
@@ -300,22 +301,38 @@ class EnergyStage:
         await self._flush()
         self._outbox = []
 
-    @staticmethod
-    def _counters(spec: MeterSpec, result: PollResult) -> tuple[float | None, ...] | None:
+    def _counters(self, spec: MeterSpec, result: PollResult) -> tuple[float | None, ...] | None:
+        """The poll's counters (import, and export when configured), or None when the import was not read
+        well: a missed poll, which the edges interpolate over. An export not read well is None on its own
+        (energy/windows.py invariant 4), so a meter whose export register fails still gets its windows;
+        logged once when it starts failing and once when it is read again."""
         found: dict[str, float] = {}
+        why: dict[str, str] = {}
         for reading in result.readings:
             point = reading.point
             if point == spec.import_point or point == spec.export_point:
                 value = reading.value
                 if reading.quality is not Quality.GOOD or not isinstance(value, int | float) or \
                         isinstance(value, bool) or value != value or value in (float("inf"), float("-inf")):
-                    return None  # a counter not read well is a missed poll: the edges interpolate over it
+                    why[point] = reading.reason or f"quality {reading.quality.value}"
+                    continue
                 found[point] = float(value)
         if spec.import_point not in found:
             return None
         if spec.export_point is None:
             return (found[spec.import_point],)
-        return (found[spec.import_point], found.get(spec.export_point))
+        export = found.get(spec.export_point)
+        unread = export is None
+        if unread != (spec.name in self._export_unread):
+            if unread:
+                self._export_unread.add(spec.name)
+                log.warning("energy: %s export counter %s not read (%s); its windows carry export_unread and "
+                            "their export energy is short until it is read again", spec.name, spec.export_point,
+                            why.get(spec.export_point, "not in the poll"))
+            else:
+                self._export_unread.discard(spec.name)
+                log.info("energy: %s export counter %s read again", spec.name, spec.export_point)
+        return (found[spec.import_point], export)
 
     # --- state file ---
 

@@ -20,6 +20,9 @@ Invariants:
    before the first reading estimated from the present power and marked `estimated_s`); after a restart the
    tracker resumes from its saved state (energy/stage.py) and the window open at the restart is completed
    and flagged.
+4. An export counter not read well does not stop the import: its energy stays flat until it is read again
+   (what it counted meanwhile is lost, never guessed), and every window that span touches is flagged
+   `export_unread`; the import figures keep their own quality.
 """
 
 from __future__ import annotations
@@ -42,9 +45,13 @@ class Flag(StrEnum):
     CLOCK_UNSYNCED = "clock_unsynced"  # the kernel said the clock was not synchronised during the window
     CLOCK_STEP = "clock_step"  # the wall clock was stepped during the window: its length is not what it says
     RESTART = "restart"  # the agent was stopped during the window; completed from the counters at both ends
+    # The export counter was not read well for part of the window: its export energy is short by what it
+    # counted meanwhile (import, energy and demand, is not affected).
+    EXPORT_UNREAD = "export_unread"
 
 
 FLAG_ORDER = tuple(Flag)
+EXPORT_ONLY = frozenset({Flag.EXPORT_UNREAD})  # flags that concern the export figure alone
 
 
 def flag_text(flags: frozenset[Flag]) -> str:
@@ -131,7 +138,12 @@ class WindowRecord:
 
     @property
     def complete(self) -> bool:
-        return not self.flags and self.coverage >= 0.999
+        """The import figures (energy, demand) are a complete, undisturbed measurement."""
+        return not (self.flags - EXPORT_ONLY) and self.coverage >= 0.999
+
+    @property
+    def export_complete(self) -> bool:
+        return self.complete and Flag.EXPORT_UNREAD not in self.flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +273,8 @@ class MeterTracker:
         window = self.window
         noted = set(self._pending_flags)  # a clock step or restart concerns every window this span crosses
         self._pending_flags.clear()
+        if len(counters) > 1 and (counters[1] is None or last.raw[1] is None):
+            noted.add(Flag.EXPORT_UNREAD)  # what export counted over this span is not known (invariant 4)
         gap = dt > spec.max_gap_s or Flag.REPLACEMENT in kinds
         while True:
             window.flags |= noted

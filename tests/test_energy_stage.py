@@ -205,6 +205,43 @@ async def test_a_group_sums_its_meters_minus_export_and_alarms_on_the_sum(tmp_pa
     assert alarms[0].ts < start + 1800
 
 
+async def test_an_export_counter_that_fails_does_not_stop_the_import_windows(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A meter whose export register is refused (an EX-only register on a basic model, a decode problem) still
+    gets every import window, good; the windows the export outage touches carry `export_unread` and their
+    export energy is marked uncertain, a lower bound. Logged once when it fails, once when it reads again."""
+    caplog.set_level("INFO", logger="energy.stage")
+    start = window_start(T0, 900, SEOUL) + 900
+    grid, pv = SimMeter(Profile(T0, base=400.0)), SimMeter(Profile(T0, base=40.0))
+    plan = EnergyPlan({"incomer-1": meter_spec("incomer-1", export_point="energy_active_export")}, ())
+    sink = Sink()
+    energy = stage(tmp_path, sink, plan)
+    await energy.start()
+    outage = (start + 1000, start + 1300)  # inside the second window
+    refused = Reading("energy_active_export", None, "kWh", Quality.BAD, "the meter refuses it: Modbus exception 2")
+    for t in poll_times(T0, start + 2705, 1.0):
+        energy.clocks.at(t)  # type: ignore[attr-defined]
+        export = refused if outage[0] <= t < outage[1] else Reading("energy_active_export", pv.counter(t), "kWh")
+        await energy.submit(PollResult("incomer-1", t, (Reading("energy_active_import", grid.counter(t), "kWh"),
+                                                        export)))
+    windows = sink.stream("incomer-1/demand")
+    assert [w.ts - 900 for w in windows] == [start, start + 900, start + 1800]
+    for window in windows:  # the import is complete in every window, outage or not
+        energy_reading = next(r for r in window.readings if r.point == "energy")
+        assert energy_reading.quality is Quality.GOOD, energy_reading
+        assert energy_reading.value == pytest.approx(grid.analytic_kwh(window.ts - 900, window.ts), abs=2 * RES)
+    exports = [next(r for r in w.readings if r.point == "export_energy") for w in windows]
+    assert [value(w, "flags") for w in windows] == ["", "export_unread", ""]
+    assert [e.quality for e in exports] == [Quality.GOOD, Quality.UNCERTAIN, Quality.GOOD]
+    assert exports[1].reason == "export_unread"
+    # What the export counted while refused is missing, never guessed: 300 s of 40 kW less, about.
+    full = pv.analytic_kwh(start + 900, start + 1800)
+    assert exports[1].value == pytest.approx(full - 40.0 * 300 / 3600, abs=40.0 / 3600 + 2 * RES)
+    assert exports[2].value == pytest.approx(pv.analytic_kwh(start + 1800, start + 2700), abs=2 * RES)
+    said = [r.getMessage() for r in caplog.records if "export counter" in r.getMessage()]
+    assert len(said) == 2 and "not read (the meter refuses it" in said[0] and "read again" in said[1], said
+
+
 async def test_a_clock_step_and_an_unsynchronised_clock_are_flagged(tmp_path: Path) -> None:
     meter = SimMeter(Profile(T0, base=200.0))
     clocks = Clocks(T0)

@@ -45,7 +45,7 @@ const LABELS = {
     flag_none: "complete", flag_edge_gap: "edge interpolated across a gap", flag_wrap: "counter wrapped",
     flag_reset: "counter reset", flag_replacement: "meter replaced? (estimated)",
     flag_clock_unsynced: "clock not synchronised", flag_clock_step: "clock stepped",
-    flag_restart: "agent restarted in the window", flag_coverage: (p, g) => `readings missing: ${p} covered, longest gap ${g}`,
+    flag_restart: "agent restarted in the window", flag_export_unread: "export counter not read (export short)", flag_coverage: (p, g) => `readings missing: ${p} covered, longest gap ${g}`,
     ago: (s) => `${s} ago`, never: "never",
   },
   ko: {
@@ -86,7 +86,7 @@ const LABELS = {
     flag_none: "정상", flag_edge_gap: "경계 보간 (수집 공백)", flag_wrap: "적산값 순환 (wrap)",
     flag_reset: "적산값 초기화", flag_replacement: "계량기 교체 추정 (추정값)",
     flag_clock_unsynced: "시계 동기화 안 됨", flag_clock_step: "시각 점프",
-    flag_restart: "구간 중 에이전트 재시작", flag_coverage: (p, g) => `측정값 누락: 수집률 ${p}, 최장 공백 ${g}`,
+    flag_restart: "구간 중 에이전트 재시작", flag_export_unread: "역방향 전력량 미수집 (송전량 누락)", flag_coverage: (p, g) => `측정값 누락: 수집률 ${p}, 최장 공백 ${g}`,
     ago: (s) => `${s} 전`, never: "없음",
   },
 };
