@@ -155,6 +155,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     print(f"{config.source}: OK")
+    for warning in config.metrics.warnings():
+        print(f"warning: {warning}")
     print(f"gateway {config.gateway.id} at site {config.gateway.site}")
     print(f"buffer {config.buffer.path} (cap {config.buffer.max_bytes} bytes, durability {config.buffer.durability})")
     tls = "TLS" if config.mqtt.tls_enabled else "no TLS"
@@ -180,22 +182,41 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("edge-agent: [metrics] enabled = false in the config: the running agent cannot be asked",
               file=sys.stderr)
         return 1
-    url = f"http://{config.metrics.host}:{config.metrics.port}/status.json"
+    settings = config.metrics
+    # The listener's own address: this command runs on the gateway, so the request does not leave it.
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"{'https' if settings.tls_enabled else 'http'}://{host}:{settings.port}/status.json"
     request = urllib.request.Request(url)
-    if config.metrics.password_file is not None:
+    if settings.password_file is not None:
         import base64
 
         from agent.config import read_first_line
 
-        token = base64.b64encode(b"edge-agent:" + read_first_line(config.metrics.password_file).encode()).decode()
+        token = base64.b64encode(b"edge-agent:" + read_first_line(settings.password_file).encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
+    import ssl
+
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        # With HTTPS, the certificate is verified, pinned to the agent's own tls_cert_file: a self-signed
+        # certificate made for the gateway's plant-side IP has no CA and no name this address would match
+        # (agent/metrics.py local_client_tls says why that is no weaker).
+        context = None
+        if settings.tls_enabled:
+            from agent.metrics import local_client_tls
+
+            assert settings.tls_cert_file is not None
+            context = local_client_tls(settings.tls_cert_file)
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
             status = json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"edge-agent: no answer from the agent at {url} ({reason}): is it running "
-              "(systemctl status edge-agent)?", file=sys.stderr)
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, ssl.SSLError):
+            print(f"edge-agent: the agent at {url} answered, but TLS failed ({reason}): it must serve the "
+                  f"certificate in {settings.tls_cert_file}, and it reads [metrics] only at start: restart it "
+                  "after changing the certificate or the tls keys (systemctl restart edge-agent)", file=sys.stderr)
+        else:
+            print(f"edge-agent: no answer from the agent at {url} ({reason}): is it running "
+                  "(systemctl status edge-agent)?", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(status))

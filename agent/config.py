@@ -8,7 +8,9 @@ validated by their driver's own model, looked up in `drivers.REGISTRY`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import grp
 import ipaddress
 import math
 import os
@@ -427,13 +429,66 @@ class TlsConfig(StrictModel):
         except (ssl.SSLError, OSError, ValueError) as exc:
             return [("ca_file", f"not a PEM certificate bundle ({_ssl_reason(exc)}): {self.ca_file}")]
         if self.cert_file is not None and self.key_file is not None:
-            try:
-                # An empty password: an encrypted key fails here instead of asking on a terminal.
-                context.load_cert_chain(str(self.cert_file), str(self.key_file), password="")
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                return [("cert_file", f"cannot load the certificate and key ({_ssl_reason(exc)}); expected a PEM "
-                                      "certificate and its unencrypted PEM key")]
+            return certificate_and_key_problems(("cert_file", self.cert_file), ("key_file", self.key_file))
         return []
+
+
+def certificate_and_key_problems(cert: tuple[str, Path], key: tuple[str, Path]) -> list[tuple[str, str]]:
+    """Load a certificate and its private key as the TLS code will, each given as (its key in the config, the
+    file); what is wrong is named at the file to fix: the certificate, or the key (not a key, encrypted, or
+    not the certificate's). Used by [mqtt.tls] and [metrics]."""
+    (cert_key, cert_file), (key_key, key_file) = cert, key
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        # Only certificates load here, so a key or a text file given as the certificate is named as such.
+        context.load_verify_locations(cafile=str(cert_file))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return [(cert_key, f"not a PEM certificate ({_ssl_reason(exc)}): {cert_file}")]
+    try:
+        # An empty password: an encrypted key fails here instead of asking on a terminal.
+        context.load_cert_chain(str(cert_file), str(key_file), password="")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return [(key_key, f"not the key of the certificate {cert_file} (the first certificate in that file "
+                              f"must be the one this key was made with): {key_file}")]
+        return [(key_key, "expected an unencrypted PEM private key (a key with a passphrase cannot be loaded "
+                          f"unattended): {key_file}")]
+    except (OSError, ValueError) as exc:
+        return [(key_key, f"cannot load the key ({_ssl_reason(exc)}): {key_file}")]
+    return []
+
+
+# The group the unit runs the agent in (systemd/edge-agent.service, Group=).
+SERVICE_GROUP = "edge-agent"
+
+
+def key_exposure(path: Path) -> str | None:
+    """Who besides the agent can read a private key file, in words, or None. The key of the status page's
+    certificate lets whoever holds it pose as the page and read the password a browser sends. Readable by
+    the agent's own group is fine: that is how a key owned by root reaches the service (root:edge-agent,
+    0640, as docs/install.md does it); that group is the service's, or this process's when `check` runs as
+    another user."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None  # the config check names a missing or unreadable file
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & stat.S_IROTH:
+        return f"every user of this machine (mode {mode:04o})"
+    if mode & stat.S_IRGRP and info.st_gid not in _agent_groups():
+        try:
+            group = grp.getgrgid(info.st_gid).gr_name
+        except KeyError:
+            group = str(info.st_gid)
+        return f"the members of group {group} (mode {mode:04o})"
+    return None
+
+
+def _agent_groups() -> set[int]:
+    groups = {os.getegid(), *os.getgroups()}
+    with contextlib.suppress(KeyError):
+        groups.add(grp.getgrnam(SERVICE_GROUP).gr_gid)
+    return groups
 
 
 def _ssl_reason(exc: Exception) -> str:
@@ -545,6 +600,15 @@ class MetricsConfig(StrictModel):
     password_file: FilePath | None = Field(
         None, description="File holding the password (first line) that the status page, /metrics and "
         "/status.json ask for (HTTP Basic, any user name). Required when host is not a loopback address.")
+    tls_cert_file: FilePath | None = Field(
+        None, description="Certificate (PEM) to serve HTTPS with, with tls_key_file: off loopback the password "
+        "and the figures are then encrypted. Read at start.")
+    tls_key_file: FilePath | None = Field(
+        None, description="The certificate's private key (PEM, unencrypted). Read at start.")
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
     def problems(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -558,6 +622,35 @@ class MetricsConfig(StrictModel):
             out.append(("host", f"listening on {self.host} makes the status page reachable from the network: set "
                                 "metrics.password_file to a file holding a password, or keep host = "
                                 "\"127.0.0.1\" and use an SSH tunnel"))
+        out.extend(self._tls_problems())
+        return out
+
+    def _tls_problems(self) -> list[tuple[str, str]]:
+        # As [mqtt.tls] cert_file and key_file: each file must exist, the two go together, and they are loaded
+        # here as the listener will load them at start.
+        out = [(key, problem) for key, path in (("tls_cert_file", self.tls_cert_file),
+                                                ("tls_key_file", self.tls_key_file))
+               if path is not None and (problem := file_problem(path))]
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            out.append(("tls_key_file" if self.tls_key_file is None else "tls_cert_file",
+                        "HTTPS needs both tls_cert_file and tls_key_file"))
+        if not out and self.tls_cert_file is not None and self.tls_key_file is not None:
+            out.extend(certificate_and_key_problems(("tls_cert_file", self.tls_cert_file),
+                                                    ("tls_key_file", self.tls_key_file)))
+        return out
+
+    def warnings(self) -> list[str]:
+        """What works but should not stay as it is: logged at start and printed by `check`."""
+        out: list[str] = []
+        if self.enabled and self.password_file is not None and not self.tls_enabled and not is_loopback(self.host):
+            out.append(f"metrics: listening on {self.host} over plain HTTP: the status page's password and the "
+                       "figures cross the network unencrypted, readable by anyone who can capture its traffic; "
+                       "set [metrics] tls_cert_file and tls_key_file to serve HTTPS "
+                       "(docs/troubleshooting.md, The status page)")
+        if self.enabled and self.tls_key_file is not None and (who := key_exposure(self.tls_key_file)):
+            out.append(f"metrics.tls_key_file: {self.tls_key_file} can be read by {who}: whoever reads it can "
+                       "pose as this status page; chmod 0640 and chown root:edge-agent (or 0600, owned by the "
+                       "agent's user)")
         return out
 
 
@@ -728,7 +821,8 @@ def _shape_problem(raw: dict[str, Any]) -> tuple[tuple[str | int, ...], str] | N
 # Keys that name files: relative values are taken from the config file's folder, not from the working
 # directory (which is / under systemd).
 _PATH_KEYS = (("buffer", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
-              ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"), ("metrics", "password_file"))
+              ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"), ("metrics", "password_file"),
+              ("metrics", "tls_cert_file"), ("metrics", "tls_key_file"))
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:

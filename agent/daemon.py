@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import ssl
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,7 +23,7 @@ from agent.compact import CborEncoder
 from agent.config import AgentConfig, DeviceBase, load_config, read_first_line
 from agent.errors import ConfigError
 from agent.health import DeviceHealth, FailureLog
-from agent.metrics import MetricsServer
+from agent.metrics import MetricsServer, server_tls
 from agent.payload import Encoder
 from agent.scheduler import poll_loop, stream_loop
 from agent.status import StatusReporter
@@ -261,7 +262,18 @@ class Agent:
             log.error("metrics: %s has no password on its first line; running without the status page and "
                       "metrics endpoint", settings.password_file)
             return None
-        server = MetricsServer(settings.host, settings.port, snapshot, page, password)
+        for warning in settings.warnings():
+            log.warning(warning)
+        tls = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            try:  # checked by the config validation; the files may have changed since
+                tls = server_tls(settings.tls_cert_file, settings.tls_key_file)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                # Never fall back to plain HTTP: the password would go out in clear where HTTPS was asked for.
+                log.error("metrics: cannot load %s and %s (%s); running without the status page and metrics "
+                          "endpoint", settings.tls_cert_file, settings.tls_key_file, exc)
+                return None
+        server = MetricsServer(settings.host, settings.port, snapshot, page, password, tls)
         try:
             await server.start()
         except OSError as exc:

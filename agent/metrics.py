@@ -11,6 +11,12 @@ most 32 connections are served at once (more are closed unanswered), every error
 reply. With a password (required off loopback, config.py), every path asks for it (HTTP Basic); it is
 compared as a digest in constant time, and a wrong one is answered only after a pause taken one at a time,
 so guessing runs at two tries a second however many connections try.
+
+With a certificate ([metrics] tls_cert_file and tls_key_file) the listener speaks HTTPS only: off loopback,
+the password and the figures are then encrypted on the plant network. A plain-HTTP request to it is never
+answered: its bytes are not a TLS handshake, so the connection is closed before anything is read, and no
+password prompt or figure goes out in clear. A handshake gets HEADER_TIMEOUT, as the headers do. The
+certificate and key are read once, at start: replacing the files takes a restart.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import hashlib
 import hmac
 import json
 import logging
+import re
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from agent.webpage import load_assets
@@ -137,12 +146,47 @@ def _clock_and_energy(status: dict[str, Any],
                [("", energy["alarms_active"])])
 
 
+def server_tls(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """The listener's HTTPS: the standard library's server defaults (its cipher list, the server's order of
+    preference, no compression), never below TLS 1.2 (already its default; said here so that it stays).
+    Raises ssl.SSLError or OSError when the files cannot be loaded."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file), password="")
+    return context
+
+
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def local_client_tls(cert_file: Path) -> ssl.SSLContext:
+    """How a client on the gateway itself (`edge-agent status`) trusts the agent's HTTPS listener.
+
+    It cannot check the certificate the usual way: it connects to the listener's address as configured
+    (0.0.0.0, the plant-side IP, a host name), which need not be a name the certificate carries, and a
+    self-signed certificate has no authority to check it against. So it trusts exactly one certificate, the
+    first of tls_cert_file, which is the one the agent serves: the handshake then proves the listener holds
+    that certificate's key. That is narrower than a CA and a name check, not weaker: verification stays on
+    (a different certificate, or this one expired, is refused); only the name check is off, because the
+    pinned certificate replaces it. For the agent's own listener only: any other server is checked the
+    ordinary way, by its CA and its name. Raises OSError or ssl.SSLError when the file holds no certificate."""
+    match = _PEM_CERTIFICATE.search(cert_file.read_text(encoding="ascii", errors="replace"))
+    if match is None:
+        raise ssl.SSLError(f"no PEM certificate in {cert_file}")
+    context = ssl.create_default_context(cadata=match.group(0))  # this certificate only, not the system store
+    # The pinned certificate is the trust anchor itself, even when a CA issued it.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    return context
+
+
 class MetricsServer:
     def __init__(self, host: str, port: int, snapshot: Snapshot, page: Snapshot | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         """`page`: the status page's snapshot (/page.json); without it, no page. `password`: asked of every
-        request (HTTP Basic, any user name)."""
+        request (HTTP Basic, any user name). `tls`: serve HTTPS only (server_tls)."""
         self.host, self.port = host, port
+        self._tls = tls
         self._snapshot = snapshot
         self._page = page
         self._assets = load_assets() if page is not None else {}
@@ -153,9 +197,12 @@ class MetricsServer:
         self.refused = 0  # connections closed unanswered because MAX_CONNECTIONS were open
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_HEADER_BYTES)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=MAX_HEADER_BYTES, ssl=self._tls,
+            ssl_handshake_timeout=HEADER_TIMEOUT if self._tls is not None else None)
         self.port = self._server.sockets[0].getsockname()[1]
-        where = f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        where = f"{'https' if self._tls is not None else 'http'}://{host}:{self.port}"
         log.info("%s on %s/ (/metrics, /status.json)%s", "status page" if self._page else "metrics", where,
                  "; password required" if self._password else "")
 

@@ -1,5 +1,6 @@
 """Throwaway certificates for the TLS tests: a test CA, a broker certificate for 127.0.0.1 and localhost,
-a client certificate for mutual TLS, and an unrelated "wrong" CA, written as PEM files.
+a client certificate for mutual TLS, and an unrelated "wrong" CA, written as PEM files; and a self-signed
+certificate such as a technician makes for the status page's HTTPS.
 
 EC P-256 keys keep generation fast (milliseconds); the certificates are valid for one day.
 """
@@ -110,3 +111,26 @@ def make_test_certificates(directory: Path) -> CertificateSet:
         client_key=_write_key(directory / "client.key", client.key),
         wrong_ca_file=_write_cert(directory / "wrong-ca.pem", wrong_ca.cert),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SelfSigned:
+    cert: Path       # a self-signed certificate for 127.0.0.1, as a technician makes one for the gateway's IP
+    key: Path        # its key (mode 0600)
+    other_key: Path  # a key of no certificate here
+
+
+def make_self_signed(directory: Path, ip: str = "127.0.0.1") -> SelfSigned:
+    """What `openssl req -x509 ... -addext subjectAltName=IP:...` makes (docs/troubleshooting.md): its own
+    issuer, CA:TRUE as openssl's default, the IP as its subject alternative name, for server authentication."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(f"edge-agent {ip}")
+    cert = (_builder(f"edge-agent {ip}", name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return SelfSigned(cert=_write_cert(directory / "page.pem", cert), key=_write_key(directory / "page.key", key),
+                      other_key=_write_key(directory / "other.key", ec.generate_private_key(ec.SECP256R1())))

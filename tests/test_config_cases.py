@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.cli import main
 from agent.config import parse_config
 from agent.errors import EX_CONFIG, ConfigError
+from tests.certs import SelfSigned, make_self_signed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 30
@@ -53,6 +56,9 @@ DOT = "'.' is not allowed: NATS refuses it in a topic, RabbitMQ turns it into '/
 TOPIC_CHARS = "topic levels are letters, digits, '_' and '-'"
 PLACEHOLDER = "a placeholder is written {device}, without a format or conversion; allowed: {prefix}, {site}, " \
               "{gateway}, {device}"
+
+TLS_PAGE = '[metrics]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+NOT_A_KEY = "expected an unencrypted PEM private key (a key with a passphrase cannot be loaded unattended)"
 
 # (case, TOML text, every line of the error but the count line)
 CASES: list[tuple[str, str, list[str]]] = [
@@ -144,6 +150,31 @@ CASES: list[tuple[str, str, list[str]]] = [
      ["buffer.path: ~nosuchuser: no such user on this machine; write the full path (got '~nosuchuser/buffer.db')"]),
     ("a ca_file that is not a certificate", GATEWAY + '[mqtt.tls]\nca_file = "notes.txt"\n' + tcp(),
      ["mqtt.tls.ca_file: not a PEM certificate bundle (no certificate or crl found): {tmp}/notes.txt"]),
+    # the status page's HTTPS: the files exist, go together and are what they say ({tmp}/page.pem, page.key,
+    # other.key and locked.key are written by the test)
+    ("metrics.tls_cert_file without its key", GATEWAY + '[metrics]\ntls_cert_file = "page.pem"\n' + tcp(),
+     ["metrics.tls_key_file: HTTPS needs both tls_cert_file and tls_key_file"]),
+    ("metrics.tls_key_file without its certificate", GATEWAY + '[metrics]\ntls_key_file = "page.key"\n' + tcp(),
+     ["metrics.tls_cert_file: HTTPS needs both tls_cert_file and tls_key_file"]),
+    ("metrics.tls_cert_file missing", GATEWAY + TLS_PAGE.format(cert="none.pem", key="page.key") + tcp(),
+     ["metrics.tls_cert_file: file not found: {tmp}/none.pem"]),
+    ("metrics.tls_cert_file not a certificate", GATEWAY + TLS_PAGE.format(cert="notes.txt", key="page.key") + tcp(),
+     ["metrics.tls_cert_file: not a PEM certificate (no certificate or crl found): {tmp}/notes.txt"]),
+    ("metrics.tls_cert_file given the key", GATEWAY + TLS_PAGE.format(cert="page.key", key="page.key") + tcp(),
+     ["metrics.tls_cert_file: not a PEM certificate (no certificate or crl found): {tmp}/page.key"]),
+    ("metrics.tls_key_file not a key", GATEWAY + TLS_PAGE.format(cert="page.pem", key="notes.txt") + tcp(),
+     [f"metrics.tls_key_file: {NOT_A_KEY}: {{tmp}}/notes.txt"]),
+    ("metrics.tls_key_file given the certificate", GATEWAY + TLS_PAGE.format(cert="page.pem", key="page.pem")
+     + tcp(), [f"metrics.tls_key_file: {NOT_A_KEY}: {{tmp}}/page.pem"]),
+    ("metrics.tls_key_file with a passphrase", GATEWAY + TLS_PAGE.format(cert="page.pem", key="locked.key")
+     + tcp(), [f"metrics.tls_key_file: {NOT_A_KEY}: {{tmp}}/locked.key"]),
+    ("metrics.tls_key_file of another certificate", GATEWAY + TLS_PAGE.format(cert="page.pem", key="other.key")
+     + tcp(), ["metrics.tls_key_file: not the key of the certificate {tmp}/page.pem (the first certificate in "
+               "that file must be the one this key was made with): {tmp}/other.key"]),
+    ("mqtt.tls.key_file of another certificate (the same check)",
+     GATEWAY + '[mqtt.tls]\ncert_file = "page.pem"\nkey_file = "other.key"\n' + tcp(),
+     ["mqtt.tls.key_file: not the key of the certificate {tmp}/page.pem (the first certificate in that file must "
+      "be the one this key was made with): {tmp}/other.key"]),
     ("buffer.path a folder", GATEWAY + '[buffer]\npath = "{tmp}"\n' + tcp(),
      ["buffer.path: {tmp} is a folder: give the buffer file's path, e.g. {tmp}/buffer.db"]),
     ("buffer.path empty", GATEWAY + '[buffer]\npath = ""\n' + tcp(),
@@ -209,9 +240,21 @@ CASES: list[tuple[str, str, list[str]]] = [
 ]
 
 
+@pytest.fixture(scope="module")
+def page_certificate(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
+    return make_self_signed(tmp_path_factory.mktemp("page-tls"))
+
+
 @pytest.mark.parametrize(("text", "expected"), [pytest.param(text, lines, id=case) for case, text, lines in CASES])
-def test_a_bad_config_gets_exactly_its_error_lines(tmp_path: Path, text: str, expected: list[str]) -> None:
+def test_a_bad_config_gets_exactly_its_error_lines(tmp_path: Path, text: str, expected: list[str],
+                                                   page_certificate: SelfSigned) -> None:
     (tmp_path / "notes.txt").write_text("not a certificate\n")
+    for made in (page_certificate.cert, page_certificate.key, page_certificate.other_key):
+        shutil.copy(made, tmp_path / made.name)
+    key = serialization.load_pem_private_key(page_certificate.key.read_bytes(), password=None)
+    (tmp_path / "locked.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase")))
     text = text.replace("{tmp}", str(tmp_path))
     with pytest.raises(ConfigError) as caught:
         parse_config(text, source="c.toml", base_dir=tmp_path)

@@ -8,24 +8,35 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
+import json
+import logging
 import os
+import re
+import shlex
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.config import parse_config
+from agent.cli import main
+from agent.config import key_exposure, parse_config
 from agent.demo.mosquitto import MosquittoProcess, free_port
 from agent.errors import ConfigError
+from agent.metrics import MetricsServer, local_client_tls, server_tls
 from agent.model import PollResult, Quality, Reading
 from agent.webpage import LatestReadings
 from drivers.modbus.simulator import PowerMeter, SimServer
+from tests.certs import SelfSigned, make_self_signed, make_test_certificates
 from tests.conftest import REPO, agent_config
 from tests.test_end_to_end import eventually, start_agent, stop_agent
 
@@ -251,6 +262,271 @@ def test_loopback_needs_no_password_and_a_password_file_is_accepted_anywhere(tmp
     for metrics in ('host = "127.0.0.1"', 'host = "::1"', 'host = "localhost"',
                     f'host = "0.0.0.0"\npassword_file = "{tmp_path}/pw"'):
         parse_config(GATEWAY + "[metrics]\n" + metrics + "\n" + DEVICE, source="c.toml")
+
+
+# --- HTTPS: [metrics] tls_cert_file and tls_key_file ---------------------------------------------------------
+
+PAGE_PASSWORD = "s3cret plant pass"
+UNENCRYPTED = "cross the network unencrypted"
+
+
+def with_tls_metrics(tmp_path: Path, config: Path, port: int) -> SelfSigned:
+    """The listener on `port` with a password and a self-signed certificate for 127.0.0.1, as a technician
+    sets it up for the gateway's address (docs/troubleshooting.md)."""
+    made = make_self_signed(tmp_path / "tls")
+    (tmp_path / "page-password").write_text(PAGE_PASSWORD + "\n")
+    with_metrics(config, f'port = {port}\npassword_file = "page-password"\ntls_cert_file = "{made.cert}"\n'
+                         f'tls_key_file = "{made.key}"')
+    return made
+
+
+def https_get(port: int, path: str, context: ssl.SSLContext, password: str | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+    headers = {"Authorization": "Basic " + base64.b64encode(f"x:{password}".encode()).decode()} if password else {}
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def plain_http_reply(port: int, path: str, password: str) -> bytes:
+    try:
+        return get(port, path, password)
+    except ConnectionResetError:
+        return b""
+
+
+async def test_with_a_certificate_the_listener_speaks_https_only(
+        tmp_path: Path, mosquitto: MosquittoProcess, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with SimServer({1: PowerMeter(seed=1)}, update_interval=0.2) as meter:
+        config = agent_config(tmp_path, mosquitto.port, device("main-incomer", meter.port))
+        made = with_tls_metrics(tmp_path, config, free_port())
+        agent, stop, task = await start_agent(config)
+        try:
+            assert agent.metrics is not None
+            port = agent.metrics.port
+            await eventually(lambda: agent.health["main-incomer"].polls_ok >= 1, 10, "a first poll")
+
+            def check() -> None:
+                # A client that checks the ordinary way, host name included: the certificate as its only CA.
+                trusting = ssl.create_default_context(cafile=str(made.cert))
+                code, body = https_get(port, "/status.json", trusting, PAGE_PASSWORD)
+                assert code == 200 and json.loads(body)["devices"]["main-incomer"]["polls_ok"] >= 1
+                code, body = https_get(port, "/status.json", trusting)
+                assert (code, body) == (401, b"password required\n")
+                # Plain HTTP on the TLS port, even with the right password: no reply at all, no figure.
+                assert plain_http_reply(port, "/status.json", PAGE_PASSWORD) == b""
+                assert plain_http_reply(port, "/", PAGE_PASSWORD) == b""
+                # A client that trusts only the system's authorities refuses the certificate: the listener
+                # presents the configured one, and what verifies it above is real.
+                with pytest.raises(ssl.SSLCertVerificationError, match=r"self.signed"):
+                    https_get(port, "/status.json", ssl.create_default_context(), PAGE_PASSWORD)
+                # TLS 1.1 is refused by the listener; the same client allowed TLS 1.2 gets in.
+                old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                old.load_verify_locations(cafile=str(made.cert))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # naming TLS 1.0 and 1.1 is deprecated
+                    old.minimum_version = ssl.TLSVersion.TLSv1
+                    old.maximum_version = ssl.TLSVersion.TLSv1_1
+                old.set_ciphers("DEFAULT:@SECLEVEL=0")  # the client's own floor must not be what refuses
+                with pytest.raises(ssl.SSLError):
+                    https_get(port, "/status.json", old, PAGE_PASSWORD)
+                old.maximum_version = ssl.TLSVersion.TLSv1_2
+                assert https_get(port, "/status.json", old, PAGE_PASSWORD)[0] == 200
+
+            await asyncio.to_thread(check)
+            # `edge-agent status` reads it over HTTPS, pinned to tls_cert_file (no name of the certificate's to
+            # match the listener's address by in general).
+            human = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agent", "status", "--config",
+                                                            str(config)], cwd=REPO, capture_output=True,
+                                            text=True, timeout=30)
+            assert human.returncode == 0 and "main-incomer" in human.stdout, human.stderr
+            await eventually(lambda: agent.metrics is not None and agent.metrics.connections == 0, 5,
+                             "every connection closed")
+            assert not task.done()
+        finally:
+            await stop_agent(stop, task)
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"status page on https://127.0.0.1:{port}/ (/metrics, /status.json); password required" in messages
+    assert not [m for m in messages if UNENCRYPTED in m]
+    # Failed handshakes (the plain-HTTP requests, TLS 1.1) are the clients' business: nothing logged.
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_status_refuses_a_certificate_other_than_its_own(
+        tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    """`edge-agent status` verifies: with tls_cert_file replaced by another certificate while the agent
+    runs (it read the first at start), it says so instead of trusting whatever answers."""
+    config = agent_config(tmp_path, mosquitto.port, device("main-incomer", free_port()))
+    made = with_tls_metrics(tmp_path, config, free_port())
+    _, stop, task = await start_agent(config)
+    try:
+        replaced = make_self_signed(tmp_path / "renewed")
+        made.cert.write_bytes(replaced.cert.read_bytes())
+        made.key.write_bytes(replaced.key.read_bytes())
+        human = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agent", "status", "--config",
+                                                        str(config)], cwd=REPO, capture_output=True,
+                                        text=True, timeout=30)
+    finally:
+        await stop_agent(stop, task)
+    assert human.returncode == 1 and "TLS failed" in human.stderr and "restart it" in human.stderr, human.stderr
+    assert "certificate verify failed" in human.stderr, human.stderr
+
+
+async def test_the_page_loads_over_https_in_chromium(
+        tmp_path: Path, mosquitto: MosquittoProcess, browser: Any) -> None:
+    from playwright.async_api import Error as BrowserError
+
+    async with SimServer({1: PowerMeter(seed=1)}, update_interval=0.2) as meter:
+        config = agent_config(tmp_path, mosquitto.port, device("main-incomer", meter.port))
+        with_tls_metrics(tmp_path, config, free_port())
+        agent, stop, task = await start_agent(config)
+        try:
+            assert agent.metrics is not None
+            url = f"https://127.0.0.1:{agent.metrics.port}/"
+            # What the technician does once: accept the self-signed certificate at the browser's warning.
+            accepted = await browser.new_context(ignore_https_errors=True, locale="en-US", http_credentials={
+                "username": "technician", "password": PAGE_PASSWORD})
+            page = await accepted.new_page()
+            await page.goto(url)
+            await page.wait_for_selector('[data-device="main-incomer"][data-state="ok"] tr[data-point="voltage_avg"]',
+                                         timeout=10_000)
+            assert await page.inner_text("#uplink-state") == "connected"
+            assert page.url == url
+            await page.screenshot(path=str(tmp_path / "status-page-https.png"), full_page=True)
+            # The warning itself: Chromium knows no authority for the certificate; and http:// gets nothing.
+            fresh = await (await browser.new_context()).new_page()
+            with pytest.raises(BrowserError, match="ERR_CERT_AUTHORITY_INVALID"):
+                await fresh.goto(url)
+            with pytest.raises(BrowserError, match=r"ERR_EMPTY_RESPONSE|ERR_CONNECTION_RESET"):
+                await fresh.goto(url.replace("https://", "http://"))
+            await accepted.close()
+        finally:
+            await stop_agent(stop, task)
+
+
+async def test_a_password_over_plain_http_off_loopback_is_warned_once(
+        tmp_path: Path, mosquitto: MosquittoProcess, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    (tmp_path / "page-password").write_text(PAGE_PASSWORD + "\n")
+    config = agent_config(tmp_path, mosquitto.port, device("main-incomer", free_port()))
+    # "127.1" is 127.0.0.1 to the resolver, so the test listens on this machine only; to the config it is a
+    # host name, which may resolve to any address, so it stands for a plant-side address here.
+    with_metrics(config, f'host = "127.1"\nport = {free_port()}\npassword_file = "page-password"')
+    agent, stop, task = await start_agent(config)
+    try:
+        assert agent.metrics is not None  # plain HTTP still serves: existing configs keep working
+        code = await asyncio.to_thread(lambda: get(agent.metrics.port, "/status.json", PAGE_PASSWORD)[:12])
+        assert code == b"HTTP/1.1 200"
+    finally:
+        await stop_agent(stop, task)
+    warned = [record for record in caplog.records if UNENCRYPTED in record.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "set [metrics] tls_cert_file and tls_key_file" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize(("metrics", "warned"), [
+    ('host = "0.0.0.0"\npassword_file = "{tmp}/pw"', [UNENCRYPTED]),
+    ('host = "192.168.10.5"\npassword_file = "{tmp}/pw"', [UNENCRYPTED]),
+    ('host = "0.0.0.0"\npassword_file = "{tmp}/pw"\ntls_cert_file = "{tmp}/page.pem"\n'
+     'tls_key_file = "{tmp}/page.key"', []),
+    ('host = "0.0.0.0"\npassword_file = "{tmp}/pw"\nenabled = false', []),
+    ('host = "127.0.0.1"\npassword_file = "{tmp}/pw"', []),
+    ('host = "::1"\npassword_file = "{tmp}/pw"', []),
+    ('host = "localhost"\npassword_file = "{tmp}/pw"', []),
+    ('host = "127.0.0.1"', []),
+    ('tls_cert_file = "{tmp}/page.pem"\ntls_key_file = "{tmp}/other.key"', ["other.key can be read by every user"]),
+])
+def test_what_check_and_the_start_warn_about(tmp_path: Path, metrics: str, warned: list[str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    made = make_self_signed(tmp_path)
+    made.other_key.write_bytes(made.key.read_bytes())
+    made.other_key.chmod(0o644)  # every user can read it
+    (tmp_path / "pw").write_text("x\n")
+    text = GATEWAY + "[metrics]\n" + metrics.format(tmp=tmp_path) + "\n" + DEVICE
+    warnings_given = parse_config(text, source="c.toml").metrics.warnings()
+    assert len(warnings_given) == len(warned) and all(w in g for w, g in zip(warned, warnings_given, strict=True)), \
+        warnings_given
+    (tmp_path / "c.toml").write_text(text)
+    assert main(["check", "--config", str(tmp_path / "c.toml")]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert printed == [f"warning: {w}" for w in warnings_given]
+
+
+def test_a_key_readable_by_the_agents_group_only_is_not_warned_about(tmp_path: Path) -> None:
+    made = make_self_signed(tmp_path)
+    os.chown(made.key, -1, os.getegid())
+    for mode in (0o600, 0o640, 0o400):
+        made.key.chmod(mode)
+        assert key_exposure(made.key) is None, oct(mode)
+    made.key.chmod(0o604)
+    assert key_exposure(made.key) == "every user of this machine (mode 0604)"
+
+
+def test_the_certificate_command_of_the_docs_makes_what_the_listener_and_its_clients_accept(tmp_path: Path) -> None:
+    """The openssl command of docs/troubleshooting.md, run as written for 127.0.0.1 instead of the example
+    address: `check` accepts the pair, and a client verifying the ordinary way (the certificate as its CA,
+    the address as the name) connects to the listener serving it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command on this machine")
+    docs = (REPO / "docs" / "troubleshooting.md").read_text()
+    block = re.search(r"```sh\n(sudo openssl req -x509 .+?)\n(?=sudo chown)", docs, re.S)
+    assert block, "the openssl command is gone from docs/troubleshooting.md"
+    command = block.group(1).replace("\\\n", " ").removeprefix("sudo ").replace("192.168.10.5", "127.0.0.1") \
+        .replace("/etc/edge-agent/", f"{tmp_path}/")
+    subprocess.run(shlex.split(command), check=True, capture_output=True, timeout=60)
+    cert, key = tmp_path / "page.pem", tmp_path / "page.key"
+    assert key_exposure(key) is None  # openssl writes the key for its owner only
+    (tmp_path / "pw").write_text("x\n")
+    settings = parse_config(GATEWAY + f'[metrics]\nhost = "0.0.0.0"\npassword_file = "{tmp_path}/pw"\n'
+                            f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n' + DEVICE).metrics
+    assert settings.tls_enabled and settings.warnings() == []
+
+    async def serve() -> tuple[int, bytes]:
+        async def snapshot() -> dict[str, Any]:
+            return {"devices": {}}
+
+        server = MetricsServer("127.0.0.1", 0, snapshot, tls=server_tls(cert, key))
+        await server.start()
+        try:
+            return await asyncio.to_thread(https_get, server.port, "/status.json",
+                                           ssl.create_default_context(cafile=str(cert)))
+        finally:
+            await server.stop()
+
+    assert asyncio.run(serve()) == (200, b'{"devices": {}}')
+
+
+def test_the_status_command_trusts_exactly_the_configured_certificate(tmp_path: Path) -> None:
+    """local_client_tls, what `edge-agent status` connects with: a self-signed certificate and one a CA
+    issued (the CA unknown to the client, the file holding the certificate and then its chain) are both
+    accepted as the pinned certificate; another certificate is refused."""
+    self_signed, other = make_self_signed(tmp_path / "own"), make_self_signed(tmp_path / "other")
+    issued = make_test_certificates(tmp_path / "ca")
+    chain = tmp_path / "ca" / "chain.pem"
+    chain.write_bytes(issued.server_cert.read_bytes() + issued.ca_file.read_bytes())
+
+    async def serve(cert: Path, key: Path, pinned: Path) -> tuple[int, bytes]:
+        async def snapshot() -> dict[str, Any]:
+            return {"devices": {}}
+
+        server = MetricsServer("127.0.0.1", 0, snapshot, tls=server_tls(cert, key))
+        await server.start()
+        try:
+            return await asyncio.to_thread(https_get, server.port, "/status.json", local_client_tls(pinned))
+        finally:
+            await server.stop()
+
+    for cert, key in ((self_signed.cert, self_signed.key), (issued.server_cert, issued.server_key),
+                      (chain, issued.server_key)):
+        assert asyncio.run(serve(cert, key, cert)) == (200, b'{"devices": {}}'), cert
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(serve(self_signed.cert, self_signed.key, other.cert))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(serve(issued.server_cert, issued.server_key, self_signed.cert))
 
 
 def test_last_readings_keep_one_poll_per_device_and_merge_what_a_stream_changed() -> None:
