@@ -145,6 +145,8 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("rootech_accura2350", "active_power_total", {"address": 11267}),  # the register number, not the address
     ("delta_ohm_pmsense", "pm2_5", {"address": 1}),  # PM2.5 as a particle count (N°/ml), not µg/m³ (V1.3 p.15)
     ("delta_ohm_pmsense", "pm10", {"address": 6}),   # the register number (V1.0), not the address
+    ("vaisala_gmp252", "co2", {"word_order": "ABCD"}),  # Vaisala sends the low word first (p.118)
+    ("vaisala_gmp252", "co2", {"address": 1}),          # register number 1 used as the address
 ])
 async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, point: str,
                                                            change: dict[str, Any]) -> None:
@@ -182,3 +184,16 @@ async def test_an_energy_the_pm5500_marks_not_available_is_sent_bad_not_as_a_hug
     assert readings["energy_active_import"].quality is Quality.BAD
     assert readings["energy_active_import"].value is None
     assert readings["energy_active_export"].quality is Quality.GOOD
+
+
+async def test_a_co2_value_the_gmp252_marks_unavailable_is_sent_bad_not_as_a_number() -> None:
+    """Vaisala's GMP252 guide (M211897EN-D p.113): a temporarily missing measurement answers normally, with a
+    quiet NaN (7FC00000h) in the float registers. It must reach the platform as a bad reading."""
+    table = MAPS["vaisala_gmp252"]
+    co2 = next(row for row in table.rows if row.name == "co2")
+    device = meter(table)
+    device.set(co2.function, co2.address, encode(replace(co2, raw=math.nan)))
+    readings = {reading.point: reading for reading in await poll("vaisala_gmp252", device)}
+    assert readings["co2"].quality is Quality.BAD
+    assert readings["co2"].value is None
+    assert readings["temperature"].quality is Quality.GOOD
