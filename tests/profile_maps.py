@@ -398,6 +398,24 @@ EPLUSE_EE872 = MeterMap("epluse_ee872", "E+E User Manual EE872, 5.2.2 Tab. 3, p.
     _r("dew_point", "4053 (0xFD4)", FC03, 0xFD4, "int16", 1142, 0.01, "°C"),
 ))
 
+# Delta OHM operating manual "PM[B]sense" V1.3, 6 MODBUS-RTU PROTOCOL, Input Registers p.15 (the same
+# addresses in "PMsense" V1.0 p.15, number = address + 1): "PM2.5 in µg/m3 (x10)", "16-bit Integer"; the
+# table gives the 0-based address; function 04 (Input Registers).
+DELTA_OHM_PMSENSE = MeterMap("delta_ohm_pmsense", "Delta OHM PM[B]sense manual V1.3, 6 Input Registers, p.15", (
+    _r("pm1_0", "3", FC04, 3, "int16", 87, 0.1, "µg/m³"),     # PM1.0 in µg/m3 (x10), p.15
+    _r("pm2_5", "4", FC04, 4, "int16", 253, 0.1, "µg/m³"),    # PM2.5 in µg/m3 (x10), p.15
+    _r("pm10", "5", FC04, 5, "int16", 418, 0.1, "µg/m³"),     # PM10 in µg/m3 (x10), p.15
+))
+
+# Vaisala "GMP252 User Guide" M211897EN-D, Appendix A: Table 52 Measurement Data Registers p.113 (register
+# number, address in hex, 32-bit float, unit); registers numbered from 1; function 03 (Table 51, no 04);
+# floats least significant word first (A.3 example p.118: 43E8D47Ah sent as D47A 43E8).
+VAISALA_GMP252 = MeterMap("vaisala_gmp252", "Vaisala GMP252 User Guide M211897EN-D, Table 52, p.113", (
+    _r("co2", "1 (0000hex)", FC03, 0x0000, "float32", 465.66, 1, "ppm", "CDAB"),     # Measured CO2 value, p.113
+    _r("temperature", "5 (0004hex)", FC03, 0x0004, "float32", 23.75, 1, "°C", "CDAB"),  # Measured T, p.113
+))
+
 MAPS: dict[str, MeterMap] = {m.profile: m for m in (
     EASTRON_SDM630, LS_GIMAC1000, LS_GIMAC1000_EX, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
-    CARLO_GAVAZZI_EM24, CARLO_GAVAZZI_EM24_RS485, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872)}
+    CARLO_GAVAZZI_EM24, CARLO_GAVAZZI_EM24_RS485, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872,
+    DELTA_OHM_PMSENSE, VAISALA_GMP252)}

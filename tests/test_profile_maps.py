@@ -166,6 +166,10 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("abb_m4m30", "voltage_l1_n", {"scale": 1.0}),
     ("abb_m4m30", "voltage_l1_n", {"address": 0x5B00}),  # ABB's EQ-meter address: the M4M's system voltage
     ("rootech_accura2350", "active_power_total", {"address": 11267}),  # the register number, not the address
+    ("delta_ohm_pmsense", "pm2_5", {"address": 1}),  # PM2.5 as a particle count (N°/ml), not µg/m³ (V1.3 p.15)
+    ("delta_ohm_pmsense", "pm10", {"address": 6}),   # the register number (V1.0), not the address
+    ("vaisala_gmp252", "co2", {"word_order": "ABCD"}),  # Vaisala sends the low word first (p.118)
+    ("vaisala_gmp252", "co2", {"address": 1}),          # register number 1 used as the address
 ])
 async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, point: str,
                                                            change: dict[str, Any]) -> None:
@@ -254,3 +258,16 @@ async def test_the_basic_profile_reads_a_no_model_whole() -> None:
             await driver.close()
     assert disagreements(table, readings) == {}
     assert driver.sent_last_poll == 3 and len(readings) == len(table.rows)
+
+
+async def test_a_co2_value_the_gmp252_marks_unavailable_is_sent_bad_not_as_a_number() -> None:
+    """Vaisala's GMP252 guide (M211897EN-D p.113): a temporarily missing measurement answers normally, with a
+    quiet NaN (7FC00000h) in the float registers. It must reach the platform as a bad reading."""
+    table = MAPS["vaisala_gmp252"]
+    co2 = next(row for row in table.rows if row.name == "co2")
+    device = meter(table)
+    device.set(co2.function, co2.address, encode(replace(co2, raw=math.nan)))
+    readings = {reading.point: reading for reading in await poll("vaisala_gmp252", device)}
+    assert readings["co2"].quality is Quality.BAD
+    assert readings["co2"].value is None
+    assert readings["temperature"].quality is Quality.GOOD
