@@ -32,6 +32,7 @@ class Row:
     factor: float          # meter unit -> normalised unit (W -> kW: 0.001; 0.1 V steps -> V: 0.1)
     unit: str | None       # normalised unit the reading must carry
     source: str = "vendor"  # vendor, third-party or assumed (see the module docstring)
+    bit: int | None = None  # type "bool": the bit (0 = least significant) of the register, whose whole value is raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +43,8 @@ class MeterMap:
 
 
 def _r(name: str, register: str, function: int, address: int, type_: str, raw: float, factor: float,
-       unit: str | None, word_order: str = "ABCD", source: str = "vendor") -> Row:
-    return Row(name, register, function, address, type_, word_order, raw, factor, unit, source)
+       unit: str | None, word_order: str = "ABCD", source: str = "vendor", bit: int | None = None) -> Row:
+    return Row(name, register, function, address, type_, word_order, raw, factor, unit, source, bit)
 
 
 # Eastron SDM630-Modbus MID V2 user manual, 1.2.1 "Input Registers" (function 04, every value an IEEE 754

@@ -31,7 +31,10 @@ _FUNCTION = {3: "holding", 4: "input"}
 
 
 def encode(row: Row) -> list[int]:
-    """The registers the meter sends for `row.raw`: ABCD high word first, CDAB the words reversed."""
+    """The registers the meter sends for `row.raw`: ABCD high word first, CDAB the words reversed; for a bool,
+    the whole register its bit is in."""
+    if row.type == "bool":
+        return [int(row.raw)]
     raw: Any = row.raw if row.type.startswith("float") else int(row.raw)
     data = struct.pack(_STRUCT[row.type], raw)
     words = [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
@@ -44,6 +47,9 @@ def encode(row: Row) -> list[int]:
 
 def expected(row: Row) -> float:
     """What the reading must be: the raw value as the wire holds it, times the map's conversion."""
+    if row.type == "bool":
+        assert row.bit is not None, f"{row.name}: a bool row names its bit"
+        return (int(row.raw) >> row.bit) & 1
     if row.type == "float32":
         return struct.unpack(">f", struct.pack(">f", row.raw))[0] * row.factor
     return row.raw * row.factor
@@ -55,7 +61,10 @@ def meter(table: MeterMap) -> FixedRegisters:
         sizes[row.function] = max(sizes[row.function], row.address + len(encode(row)) + 1)
     # Unused registers hold a value no row expects, so a point read one register off reads nonsense.
     device = FixedRegisters(holding=[0x7A7A] * sizes[3], inputs=[0x7A7A] * sizes[4])
+    written: dict[tuple[int, int], list[int]] = {}
     for row in table.rows:
+        # Bools of one register share it: their rows must agree on what the register holds.
+        assert written.setdefault((row.function, row.address), encode(row)) == encode(row), row.name
         device.set(row.function, row.address, encode(row))
     return device
 
@@ -110,6 +119,7 @@ def test_the_profile_has_exactly_the_maps_points_with_the_maps_types(profile_id:
         point = points[row.name]
         where = f"{profile_id}.{row.name} ({row.register})"
         assert (point.function, point.address, point.type) == (_FUNCTION[row.function], row.address, row.type), where
+        assert point.bit == row.bit, where
         if len(encode(row)) > 1:  # the order of the words of a one-register value is meaningless
             assert point.word_order == row.word_order, where
 
