@@ -153,6 +153,11 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("abb_m4m30", "voltage_l1_n", {"scale": 1.0}),
     ("abb_m4m30", "voltage_l1_n", {"address": 0x5B00}),  # ABB's EQ-meter address: the M4M's system voltage
     ("rootech_accura2350", "active_power_total", {"address": 11267}),  # the register number, not the address
+    # 302 is "L1 Current (Trip n-0)", the record of the last trip, which a public program reads as the live current
+    ("schneider_eocr_isem2", "current_l1", {"address": 302}),
+    ("schneider_eocr_isem2", "energy_active_import", {"address": 142}),  # the map's numbers taken as one-based
+    ("schneider_eocr_isem2", "energy_active_import", {"word_order": "CDAB"}),
+    ("schneider_eocr_isem2", "motor_trip", {"bit": 4}),  # "System Tripped" (a stopped motor's trip) for System Fault
 ])
 async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, point: str,
                                                            change: dict[str, Any]) -> None:
