@@ -415,7 +415,43 @@ VAISALA_GMP252 = MeterMap("vaisala_gmp252", "Vaisala GMP252 User Guide M211897EN
     _r("temperature", "5 (0004hex)", FC03, 0x0004, "float32", 23.75, 1, "°C", "CDAB"),  # Measured T, p.113
 ))
 
+# Schneider Electric Korea "EOCR-iSEM2 Register map" Rev. 1.4.0 (2025-02-10, RD24-03-005), sheet "Map": the
+# "Address" column in decimal, function 03 (row 3: "supports the following MODBUS function codes 03, 06, 16"), every
+# register typed u16; a 32-bit value is a ": MSB" row followed by its ": LSB" row (high word first). Units as printed:
+# 0.01 A, 0.1 V, 0.1 Hz, 0.01 (PF), 1 W, 1 Var, 0.01 kWh, 0.01 kVARh, 0.1 hour. Bit fields from the cells' notes
+# (column L). Read from the public copy in github uptec-ai/RlcLoadBank_Separate @c71de1f, Document/통신자료/. The
+# sheet's Excel row follows each entry. The raw values are one running moment of a 440 V motor of about 480 kW on
+# an external CT, caught starting into a stall trip (status 8086h: System On, System Fault, Motor Running, Motor
+# starting; fault number 9, FLT_LONG_START), so the 32-bit values have both words set and each bit its neighbours
+# cleared or set the other way.
+_EOCR_STATUS = 0x8086  # Reg455 bits 1, 2, 7, 15
+SCHNEIDER_EOCR_ISEM2 = MeterMap("schneider_eocr_isem2", "Schneider EOCR-iSEM2 Register map Rev. 1.4.0, sheet Map", (
+    _r("run_hours_total", "119", FC03, 119, "uint32", 456_789, 0.1, "h"),             # rows 42-43, 0.1 hour
+    _r("contactor_operations", "132", FC03, 132, "uint32", 87_654, 1, None),          # rows 46-47, MC ON/OFF count
+    _r("energy_active_import", "143", FC03, 143, "uint32", 123_456_789, 0.01, "kWh"),     # rows 51-52, 0.01 kWh
+    _r("energy_reactive_import", "145", FC03, 145, "uint32", 45_678_901, 0.01, "kvarh"),  # rows 53-54, 0.01 kVARh
+    _r("trip_code", "451", FC03, 451, "uint16", 9, 1, None),                          # row 121, Fault number
+    _r("motor_running", "455.1", FC03, 455, "bool", _EOCR_STATUS, 1, None, bit=1),    # row 125, System On
+    _r("motor_trip", "455.2", FC03, 455, "bool", _EOCR_STATUS, 1, None, bit=2),       # row 125, System Fault
+    _r("motor_starting", "455.15", FC03, 455, "bool", _EOCR_STATUS, 1, None, bit=15),  # row 125, Motor starting
+    _r("warning_status_1", "462", FC03, 462, "uint16", 0x0080, 1, None),              # row 130, under current
+    _r("warning_status_2", "463", FC03, 463, "uint16", 0x0400, 1, None),              # row 131, under voltage
+    _r("frequency", "474", FC03, 474, "uint16", 600, 0.1, "Hz"),                      # row 138, Frequency of Voltage
+    _r("voltage_ll_avg", "476", FC03, 476, "uint16", 4405, 0.1, "V"),                 # row 139, Average Voltage
+    _r("voltage_l3_l1", "477", FC03, 477, "uint16", 4398, 0.1, "V"),                  # row 140, L3-L1 Voltage
+    _r("voltage_l1_l2", "478", FC03, 478, "uint16", 4402, 0.1, "V"),                  # row 141, L1-L2 Voltage
+    _r("voltage_l2_l3", "479", FC03, 479, "uint16", 4415, 0.1, "V"),                  # row 142, L2-L3 Voltage
+    _r("power_factor_total", "481", FC03, 481, "uint16", 87, 0.01, None),             # row 144, PowerFactor 0.01
+    _r("power_factor_leading", "482", FC03, 482, "bool", 0, 1, None, bit=0),          # row 145, 0 lag / 1 lead
+    _r("active_power_total", "486", FC03, 486, "uint32", 476_612, 0.001, "kW"),       # rows 149-150, 1 W
+    _r("reactive_power_total", "488", FC03, 488, "uint32", 270_105, 0.001, "kvar"),   # rows 151-152, 1 Var
+    _r("current_avg", "500", FC03, 500, "uint32", 71_883, 0.01, "A"),                 # rows 154-155, Avg Rms Current
+    _r("current_l1", "502", FC03, 502, "uint32", 71_825, 0.01, "A"),                  # rows 156-157
+    _r("current_l2", "504", FC03, 504, "uint32", 72_250, 0.01, "A"),                  # rows 158-159
+    _r("current_l3", "506", FC03, 506, "uint32", 71_575, 0.01, "A"),                  # rows 160-161
+))
+
 MAPS: dict[str, MeterMap] = {m.profile: m for m in (
     EASTRON_SDM630, LS_GIMAC1000, LS_GIMAC1000_EX, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
     CARLO_GAVAZZI_EM24, CARLO_GAVAZZI_EM24_RS485, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872,
-    DELTA_OHM_PMSENSE, VAISALA_GMP252)}
+    DELTA_OHM_PMSENSE, VAISALA_GMP252, SCHNEIDER_EOCR_ISEM2)}

@@ -85,6 +85,19 @@ def test_a_carried_integer_counter_gets_no_wrap_from_its_register() -> None:
     assert plan(config.devices, config.energy).meters["incomer-1"].wrap is None
 
 
+def test_the_eocr_isem2_profile_gives_its_consumption_counter_and_no_export() -> None:
+    """A motor feeder's relay counts consumption only: 'Active Power Consumption', two u16 words of 0.01 kWh
+    (EOCR-iSEM2 register map 1.4.0, Map rows 51-52). The energy stage takes it by default, knows where a 32-bit
+    counter of 0.01 kWh steps wraps, and looks for no export counter."""
+    text = GATEWAY + ('[[devices]]\nname = "pump-3"\ndriver = "modbus"\nhost = "10.0.0.5"\nunit_id = 3\n'
+                      'profile = "schneider_eocr_isem2"\n[devices.energy]\n')
+    config = parse_config(text)
+    spec = plan(config.devices, config.energy).meters["pump-3"]
+    assert (spec.import_point, spec.export_point) == ("energy_active_import", None)
+    assert spec.wrap == pytest.approx((1 << 32) * 0.01) and spec.resolution == pytest.approx(0.01)
+    assert spec.kwh_per_unit == 1.0
+
+
 @pytest.mark.parametrize(("energy", "points", "expected"), [
     ('import_point = "energy_total"', POINTS, [("devices[0].energy.import_point", "no point 'energy_total'")]),
     ('window = "10m"', POINTS, [("devices[0].energy.window", '"5m", "15m", "30m" or "60m"')]),

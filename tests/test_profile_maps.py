@@ -65,7 +65,10 @@ def meter(table: MeterMap) -> FixedRegisters:
             sizes[row.function] = max(sizes[row.function], row.carry.address + 2)
     # Unused registers hold a value no row expects, so a point read one register off reads nonsense.
     device = FixedRegisters(holding=[0x7A7A] * sizes[3], inputs=[0x7A7A] * sizes[4])
+    written: dict[tuple[int, int], list[int]] = {}
     for row in table.rows:
+        # Bools of one register share it: their rows must agree on what the register holds.
+        assert written.setdefault((row.function, row.address), encode(row)) == encode(row), row.name
         device.set(row.function, row.address, encode(row))
         if row.carry is not None:
             device.set(row.function, row.carry.address, [row.carry.count])
@@ -126,6 +129,7 @@ def test_the_profile_has_exactly_the_maps_points_with_the_maps_types(profile_id:
         point = points[row.name]
         where = f"{profile_id}.{row.name} ({row.register})"
         assert (point.function, point.address, point.type) == (_FUNCTION[row.function], row.address, row.type), where
+        assert point.bit == row.bit, where
         if len(encode(row)) > 1:  # the order of the words of a one-register value is meaningless
             assert point.word_order == row.word_order, where
         assert point.bit == row.bit, where
@@ -170,6 +174,11 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("delta_ohm_pmsense", "pm10", {"address": 6}),   # the register number (V1.0), not the address
     ("vaisala_gmp252", "co2", {"word_order": "ABCD"}),  # Vaisala sends the low word first (p.118)
     ("vaisala_gmp252", "co2", {"address": 1}),          # register number 1 used as the address
+    # 302 is "L1 Current (Trip n-0)", the record of the last trip, which a public program reads as the live current
+    ("schneider_eocr_isem2", "current_l1", {"address": 302}),
+    ("schneider_eocr_isem2", "energy_active_import", {"address": 142}),  # the map's numbers taken as one-based
+    ("schneider_eocr_isem2", "energy_active_import", {"word_order": "CDAB"}),
+    ("schneider_eocr_isem2", "motor_trip", {"bit": 4}),  # "System Tripped" (a stopped motor's trip) for System Fault
 ])
 async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, point: str,
                                                            change: dict[str, Any]) -> None:
