@@ -176,6 +176,26 @@ async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, poi
     assert list(problems) == [point], problems
 
 
+async def test_the_mb350uc_is_read_in_one_request_within_its_limits() -> None:
+    """ELT Sensor's MB-350U-C as its Modbus chapter describes it (printed p.10): holding registers only (code 03),
+    no read longer than 4 registers (exception 03, "Exception of Quantity of Registers"), nothing outside
+    0x0050-0x0053 (exception 02, "Exception of Starting Address"). The profile must get all four values, a
+    temperature below 0 ℃ included, in one request."""
+    table = MAPS["elt_mb350uc"]
+    device = meter(table)
+    device.longest_read = 4
+    device.refuse(3, 0, 0x004F)
+    device.refuse(3, 0x0054, len(device.registers(3)) - 1)
+    async with SimServer({1: device}, update_interval=None) as server:
+        driver = ModbusDriver(device_for("elt_mb350uc", server.port))
+        try:
+            readings = await driver.poll()
+        finally:
+            await driver.close()
+    assert disagreements(table, readings) == {}
+    assert len(readings) == len(table.rows) and driver.sent_last_poll == 1
+
+
 async def test_abb_m4m_no_value_marks_are_sent_bad_not_as_numbers() -> None:
     """ABB's M4M manual (2CSG445050D0201 V1.05, p.12): a quantity missing in the connected meter answers
     normally, with FFFF in every register if the table types it unsigned, the largest positive number if
@@ -205,26 +225,6 @@ async def test_an_energy_the_pm5500_marks_not_available_is_sent_bad_not_as_a_hug
     assert readings["energy_active_import"].quality is Quality.BAD
     assert readings["energy_active_import"].value is None
     assert readings["energy_active_export"].quality is Quality.GOOD
-
-
-async def test_the_mb350uc_is_read_in_one_request_within_its_limits() -> None:
-    """ELT Sensor's MB-350U-C as its Modbus chapter describes it (printed p.10): holding registers only (code 03),
-    no read longer than 4 registers (exception 03, "Exception of Quantity of Registers"), nothing outside
-    0x0050-0x0053 (exception 02, "Exception of Starting Address"). The profile must get all four values, a
-    temperature below 0 ℃ included, in one request."""
-    table = MAPS["elt_mb350uc"]
-    device = meter(table)
-    device.longest_read = 4
-    device.refuse(3, 0, 0x004F)
-    device.refuse(3, 0x0054, len(device.registers(3)) - 1)
-    async with SimServer({1: device}, update_interval=None) as server:
-        driver = ModbusDriver(device_for("elt_mb350uc", server.port))
-        try:
-            readings = await driver.poll()
-        finally:
-            await driver.close()
-    assert disagreements(table, readings) == {}
-    assert len(readings) == len(table.rows) and driver.sent_last_poll == 1
 
 
 def no_model(table: MeterMap) -> FixedRegisters:
