@@ -380,6 +380,17 @@ GENERIC_ENV_SENSOR = MeterMap("generic_env_sensor", "RS485 TVOC multi-parameter 
     _r("pm10", "0x0009", FC03, 9, "uint16", 58, 1, "µg/m³", source=_ENV),
 ))
 
+# ELT Sensor "MB-350U-C" manual, 2 Modbus Protocol, 2.1 Hold Register Specifications, printed p.10 (copy read:
+# manualshive elt-sensor/mb-350u-c 2396938, page 11): "Mapping Base Address : 0x0050", "Register Address" in
+# hex, function 03 only (2.2), "2 Byte Integer" (CO2, temperature) or "2 Byte WORD" (humidity, CO). The
+# temperature is served below 0 ℃, so a profile reading it unsigned fails.
+ELT_MB350UC = MeterMap("elt_mb350uc", "ELT Sensor MB-350U-C manual, 2.1 Hold Register Specifications, p.10", (
+    _r("co2", "0x0050", FC03, 0x0050, "int16", 812, 1, "ppm"),            # Co2, PPM, "800 -> 800 PPM", p.10
+    _r("temperature", "0x0051", FC03, 0x0051, "int16", -103, 0.1, "°C"),  # "255 -> 255 / 10 : 25.5 ℃", p.10
+    _r("humidity", "0x0052", FC03, 0x0052, "uint16", 75, 1, "%RH"),       # Humidity, %, "75 -> 75%", p.10
+    _r("co", "0x0053", FC03, 0x0053, "uint16", 25, 1, "ppm"),             # CO, PPM, "25 -> 25 PPM", p.10
+))
+
 # E+E Elektronik "User Manual EE072 Humidity and Temperature Probe with Modbus RTU", 5.2, INTEGER (read
 # register) table p.9: register number, register address (hex), scale 100; function 03 / 04.
 EPLUSE_EE072 = MeterMap("epluse_ee072", "E+E User Manual EE072, 5.2 INTEGER read registers, p.9", (
@@ -452,6 +463,7 @@ SCHNEIDER_EOCR_ISEM2 = MeterMap("schneider_eocr_isem2", "Schneider EOCR-iSEM2 Re
 ))
 
 MAPS: dict[str, MeterMap] = {m.profile: m for m in (
+    ELT_MB350UC,
     EASTRON_SDM630, LS_GIMAC1000, LS_GIMAC1000_EX, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
     CARLO_GAVAZZI_EM24, CARLO_GAVAZZI_EM24_RS485, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872,
     DELTA_OHM_PMSENSE, VAISALA_GMP252, SCHNEIDER_EOCR_ISEM2)}

@@ -18,6 +18,7 @@ from drivers.modbus.profiles import available, expand_profile, load, modicon, re
 REPO = Path(__file__).resolve().parent.parent
 UNITS = {"V", "A", "kW", "kvar", "kVA", "Hz", "kWh", "kvarh", "kVAh", "°C", "%RH", "ppm", "µg/m³", "hPa", "h", None}
 REQUIRED_MODELS = {"ls_gimac1000", "rootech_accura2350", "schneider_pm5500", "eastron_sdm630", "abb_m4m30",
+                   "elt_mb350uc",
                    "janitza_umg604", "carlo_gavazzi_em24", "carlo_gavazzi_em24_rs485", "generic_env_sensor",
                    "epluse_ee072", "epluse_ee872", "delta_ohm_pmsense", "vaisala_gmp252", "schneider_eocr_isem2"}
 GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'

@@ -155,6 +155,8 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
 
 @pytest.mark.parametrize(("profile_id", "point", "change"), [
     ("eastron_sdm630", "energy_active_import", {"word_order": "CDAB"}),
+    ("elt_mb350uc", "co2", {"address": 0x4F}),  # 0x0050 taken for a one-based number: the manual prints addresses
+    ("elt_mb350uc", "temperature", {"type": "uint16"}),  # -10.3 ℃ read unsigned is 6543.3 ℃
     ("carlo_gavazzi_em24", "active_power_total", {"word_order": "ABCD"}),
     ("carlo_gavazzi_em24_rs485", "energy_active_import", {"word_order": "ABCD"}),
     # 0042h is kWh(+) PAR, the resettable partial counter (V4R0 p.8, p.13), which public drivers read as the total
@@ -185,6 +187,26 @@ async def test_a_mistake_in_a_profile_fails_against_the_map(profile_id: str, poi
     """The check above is not vacuous: one wrong key in one point is caught, and only that point."""
     problems = await mismatches(profile_id, overrides={point: change})
     assert list(problems) == [point], problems
+
+
+async def test_the_mb350uc_is_read_in_one_request_within_its_limits() -> None:
+    """ELT Sensor's MB-350U-C as its Modbus chapter describes it (printed p.10): holding registers only (code 03),
+    no read longer than 4 registers (exception 03, "Exception of Quantity of Registers"), nothing outside
+    0x0050-0x0053 (exception 02, "Exception of Starting Address"). The profile must get all four values, a
+    temperature below 0 ℃ included, in one request."""
+    table = MAPS["elt_mb350uc"]
+    device = meter(table)
+    device.longest_read = 4
+    device.refuse(3, 0, 0x004F)
+    device.refuse(3, 0x0054, len(device.registers(3)) - 1)
+    async with SimServer({1: device}, update_interval=None) as server:
+        driver = ModbusDriver(device_for("elt_mb350uc", server.port))
+        try:
+            readings = await driver.poll()
+        finally:
+            await driver.close()
+    assert disagreements(table, readings) == {}
+    assert len(readings) == len(table.rows) and driver.sent_last_poll == 1
 
 
 async def test_abb_m4m_no_value_marks_are_sent_bad_not_as_numbers() -> None:
