@@ -137,9 +137,16 @@ class WindowRecord:
     counter_end: float | None = None  # None when a wrap/reset/replacement makes the raw edges meaningless
 
     @property
+    def energy_flags(self) -> frozenset[Flag]:
+        """The flags that concern `energy_kwh` and `demand_kw`. A meter's `export_unread` concerns its export
+        figure alone; a record without one (a group) keeps it only when its energy is net of that export
+        (`minus_export`), and then the energy is too high by what the export counter missed."""
+        return self.flags - EXPORT_ONLY if self.export_kwh is not None else self.flags
+
+    @property
     def complete(self) -> bool:
-        """The import figures (energy, demand) are a complete, undisturbed measurement."""
-        return not (self.flags - EXPORT_ONLY) and self.coverage >= 0.999
+        """The energy figures (energy, demand) are a complete, undisturbed measurement."""
+        return not self.energy_flags and self.coverage >= 0.999
 
     @property
     def export_complete(self) -> bool:
