@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.model import PollResult, Quality, Reading
 from energy.history import StoredWindow
-from energy.windows import EXPORT_ONLY, AlarmEvent, LiveDemand, WindowRecord, flag_text, local_iso
+from energy.windows import AlarmEvent, LiveDemand, WindowRecord, flag_text, local_iso
 
 WINDOW_STREAM = "demand"
 ALARM_STREAM = "alarm"
@@ -41,7 +41,7 @@ def window_poll(record: WindowRecord) -> PollResult:
         quality, reason = Quality.GOOD, None
     else:
         quality = Quality.UNCERTAIN
-        reason = ", ".join(part for part in (flag_text(record.flags - EXPORT_ONLY), f"coverage {record.coverage:.3f}"
+        reason = ", ".join(part for part in (flag_text(record.energy_flags), f"coverage {record.coverage:.3f}"
                                              if record.coverage < 0.999 else "") if part)
     readings = [
         Reading("window_start", record.start_local),

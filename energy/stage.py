@@ -47,6 +47,7 @@ from energy.config import EnergyPlan, GroupSpec
 from energy.history import History, StoredWindow
 from energy.records import alarm_poll, live_payload, poll_from_json, poll_to_json, window_poll
 from energy.windows import (
+    EXPORT_ONLY,
     Alarm,
     AlarmEvent,
     Event,
@@ -107,6 +108,8 @@ class GroupTracker:
             energy -= sum(p.export_kwh or 0.0 for p in parts)
         length = record.end - record.start
         flags = frozenset().union(*(p.flags for p in parts))
+        if not self.group.minus_export:
+            flags -= EXPORT_ONLY  # the members' export enters no figure of this group
         return WindowRecord(self.spec.name, record.start, record.end, local_iso(record.start, self.spec.zone),
                             record.window_s, energy, energy * 3600 / length, None,
                             min(p.coverage for p in parts), max(p.longest_gap_s for p in parts), flags)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -137,9 +138,16 @@ class WindowRecord:
     counter_end: float | None = None  # None when a wrap/reset/replacement makes the raw edges meaningless
 
     @property
+    def energy_flags(self) -> frozenset[Flag]:
+        """The flags that concern `energy_kwh` and `demand_kw`. A meter's `export_unread` concerns its export
+        figure alone; a record without one (a group) keeps it only when its energy is net of that export
+        (`minus_export`), and then the energy is too high by what the export counter missed."""
+        return self.flags - EXPORT_ONLY if self.export_kwh is not None else self.flags
+
+    @property
     def complete(self) -> bool:
-        """The import figures (energy, demand) are a complete, undisturbed measurement."""
-        return not (self.flags - EXPORT_ONLY) and self.coverage >= 0.999
+        """The energy figures (energy, demand) are a complete, undisturbed measurement."""
+        return not self.energy_flags and self.coverage >= 0.999
 
     @property
     def export_complete(self) -> bool:
@@ -436,14 +444,24 @@ class MeterTracker:
         and flagged `restart` (the readings of the outage are missing)."""
         last, window = state.get("last"), state.get("window")
         if isinstance(last, dict) and isinstance(window, dict):
-            self.last = Sample(float(last["ts"]), tuple(last["raw"]), tuple(float(e) for e in last["energy"]))
+            # The counters as this spec reads them (import, and export when configured): a state saved before
+            # an export counter was added gets one that was never read, so the spans until it is read carry
+            # export_unread (invariant 4); one saved with an export counter since removed drops it.
+            n = 1 if self.spec.export_point is None else 2
+
+            def fit(values: Sequence[float | None], fill: float | None) -> tuple[float | None, ...]:
+                return (*values[:n], *(fill,) * (n - len(values[:n])))
+
+            self.last = Sample(float(last["ts"]), fit(last["raw"], None),
+                               fit([float(e) for e in last["energy"]], 0.0))
             start_energy = window["start_energy"]
+            first_seen = _first_seen(window.get("first_seen"))
             self.window = OpenWindow(
                 float(window["start"]), float(window["end"]),
-                None if start_energy is None else tuple(float(e) for e in start_energy),
+                None if start_energy is None else fit([float(e) for e in start_energy], 0.0),
                 window["counter_start"], float(window["covered_s"]), float(window["longest_gap_s"]),
                 {Flag(f) for f in window["flags"]} | {Flag.RESTART}, bool(window["raw_ok"]),
-                _first_seen(window.get("first_seen")))
+                None if first_seen is None else (first_seen[0], fit(first_seen[1], 0.0)))
             self._recent.clear()
             energy = self.last.energy
             self._recent.append((self.last.ts, energy[0], energy[1] if len(energy) > 1 else 0.0))

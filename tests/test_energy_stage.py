@@ -242,6 +242,38 @@ async def test_an_export_counter_that_fails_does_not_stop_the_import_windows(tmp
     assert len(said) == 2 and "not read (the meter refuses it" in said[0] and "read again" in said[1], said
 
 
+async def test_a_group_net_of_an_unread_export_is_uncertain_and_a_gross_group_is_not_touched(tmp_path: Path) -> None:
+    """A group with `minus_export` subtracts its members' export: while one member's export counter is not
+    read, the group's own energy and demand are too high by what that counter missed, so they are uncertain
+    (flag export_unread). A group that only adds imports does not use the export at all: its windows stay
+    complete, without the flag."""
+    start = window_start(T0, 900, SEOUL) + 900
+    grid, pv = SimMeter(Profile(T0, base=400.0)), SimMeter(Profile(T0, base=40.0))
+    group = MeterSpec("plant", "", target_kw=800.0)
+    plan = EnergyPlan({"incomer-1": meter_spec("incomer-1", export_point="energy_active_export")},
+                      (GroupSpec(group, ("incomer-1",), True),
+                       GroupSpec(MeterSpec("gross", "", target_kw=800.0), ("incomer-1",), False)))
+    sink = Sink()
+    energy = stage(tmp_path, sink, plan)
+    await energy.start()
+    outage = (start + 1000, start + 1300)  # inside the second window
+    refused = Reading("energy_active_export", None, "kWh", Quality.BAD, "the meter refuses it: Modbus exception 2")
+    for t in poll_times(T0, start + 1805, 1.0):
+        energy.clocks.at(t)  # type: ignore[attr-defined]
+        export = refused if outage[0] <= t < outage[1] else Reading("energy_active_export", pv.counter(t), "kWh")
+        await energy.submit(PollResult("incomer-1", t, (Reading("energy_active_import", grid.counter(t), "kWh"),
+                                                        export)))
+    net, gross = sink.stream("plant/demand"), sink.stream("gross/demand")
+    assert [w.ts - 900 for w in net] == [w.ts - 900 for w in gross] == [start, start + 900]
+    net_energy = [next(r for r in w.readings if r.point == "energy") for w in net]
+    assert [value(w, "flags") for w in net] == ["", "export_unread"]
+    assert [e.quality for e in net_energy] == [Quality.GOOD, Quality.UNCERTAIN]
+    assert net_energy[1].reason == "export_unread"
+    gross_energy = [next(r for r in w.readings if r.point == "energy") for w in gross]
+    assert [value(w, "flags") for w in gross] == ["", ""]
+    assert [e.quality for e in gross_energy] == [Quality.GOOD, Quality.GOOD]
+
+
 async def test_a_clock_step_and_an_unsynchronised_clock_are_flagged(tmp_path: Path) -> None:
     meter = SimMeter(Profile(T0, base=200.0))
     clocks = Clocks(T0)

@@ -276,6 +276,34 @@ def test_the_first_window_after_commissioning_has_an_estimated_live_demand_but_i
     assert nxt and all(e.estimated_s == 0.0 for e in nxt)  # the next window is read from its edge
 
 
+@pytest.mark.parametrize("added", [True, False])
+def test_a_state_saved_before_the_export_counter_was_added_or_removed_resumes(added: bool) -> None:
+    """The energy table changed between two runs: an export counter added (profile ls_gimac1000 replaced by
+    ls_gimac1000_ex) or removed (`export_point = false` for the EX profile on a basic model). The import goes
+    on from the saved state, its window completed across the restart; an export added has nothing to count
+    from before the restart, so that window carries export_unread, and the next one is read from its edge."""
+    start = window_start(T0, 900, SEOUL) + 900
+    grid, pv = SimMeter(Profile(T0, base=400.0)), SimMeter(Profile(T0, base=40.0))
+    before = MeterTracker(spec(export_point=None if added else "energy_active_export"))
+    for t in poll_times(T0, start + 880, 1.0):
+        before.observe(t, (grid.counter(t),) if added else (grid.counter(t), pv.counter(t)))
+    after = MeterTracker(spec(export_point="energy_active_export" if added else None))
+    after.restore(before.snapshot())
+    events: list[Event] = []
+    for t in poll_times(start + 910, start + 2705, 1.0):  # stopped across the edge at start + 900
+        events += after.observe(t, (grid.counter(t), pv.counter(t)) if added else (grid.counter(t),))
+    records = windows(events)
+    assert [r.start for r in records] == [start, start + 900, start + 1800]
+    assert_analytic(grid, records, tolerance=0.5)  # the outage's 30 s are interpolated at the edge
+    assert_analytic(grid, records[2:])
+    unread = {Flag.EXPORT_UNREAD} if added else set()
+    assert [r.flags for r in records] == [{Flag.RESTART, Flag.EDGE_GAP} | unread, {Flag.EDGE_GAP} | unread, set()]
+    if added:
+        assert records[2].export_kwh == pytest.approx(pv.analytic_kwh(start + 1800, start + 2700), abs=2 * RES)
+    else:
+        assert all(r.export_kwh is None for r in records)
+
+
 def test_the_alarm_does_not_flap_around_its_level() -> None:
     start = window_start(T0, 900, SEOUL) + 900
     # Power oscillating +-20 kW around the 1000 kW level every 40 s: hysteresis 50 kW keeps one alarm.

@@ -57,6 +57,44 @@ def test_docs_show_the_current_requests_per_poll() -> None:
         assert f"`{profile_id}`" in text
 
 
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def test_docs_list_every_profile_once_with_its_verified_claim_and_point_count() -> None:
+    """The "Shipped profiles" table is what a technician reads first: profiles written in parallel branches
+    each edit it, so it is held to the files (a row per profile, verified and points as the file says)."""
+    text = (REPO / "docs" / "profiles.md").read_text(encoding="utf-8")
+    rows: dict[str, list[str]] = {}
+    for line in _section(text, "Shipped profiles").splitlines():
+        if line.startswith("| [`"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            profile_id = cells[0].split("`")[1]
+            assert profile_id not in rows, f"{profile_id} listed twice"
+            rows[profile_id] = cells
+    assert set(rows) == set(available())
+    for profile_id, cells in rows.items():
+        profile = load(profile_id)
+        assert cells[2] == ("**yes**" if profile.verified else "no"), profile_id
+        assert cells[3] == str(len(profile.points)), profile_id
+
+
+def test_docs_name_every_point_name_and_unit_the_profiles_use() -> None:
+    """Every point name of a shipped profile is in "Point names" (a phase's siblings `_l2`, `_l3` go with the
+    `_l1` listed there) and every unit in the "Units" table."""
+    text = (REPO / "docs" / "profiles.md").read_text(encoding="utf-8")
+    names = _section(text, "Point names")
+    units = {unit.strip() for line in _section(text, "Units").splitlines() if line.startswith("| ")
+             for unit in line.split("|")[2].replace(" / ", ",").split(",")}
+    for profile_id in available():
+        for point in as_device(profile_id).points:
+            name = point.name.removesuffix("_l2").removesuffix("_l3")
+            assert f"`{point.name}`" in names or f"`{name}_l1`" in names, (profile_id, point.name)
+            assert point.unit is None or point.unit in units, (profile_id, point.unit)
+
+
 @pytest.mark.parametrize(("number", "expected"), [
     (1, ("coil", 0)), (10001, ("discrete", 0)), (30001, ("input", 0)), (40001, ("holding", 0)),
     (40101, ("holding", 100)), (49999, ("holding", 9998)), (300001, ("input", 0)), (465536, ("holding", 65535)),

@@ -132,7 +132,6 @@ def test_the_profile_has_exactly_the_maps_points_with_the_maps_types(profile_id:
         assert point.bit == row.bit, where
         if len(encode(row)) > 1:  # the order of the words of a one-register value is meaningless
             assert point.word_order == row.word_order, where
-        assert point.bit == row.bit, where
         carry = (row.carry.address, row.carry.per_count) if row.carry else (None, None)
         assert (point.carry_register, point.carry_factor) == carry, where
 

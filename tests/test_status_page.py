@@ -529,6 +529,18 @@ def test_the_status_command_trusts_exactly_the_configured_certificate(tmp_path: 
         asyncio.run(serve(issued.server_cert, issued.server_key, self_signed.cert))
 
 
+def test_every_window_flag_has_words_in_both_languages() -> None:
+    """The page shows a window's flags in words (`flag_<value>`); a flag added to energy/windows.py without
+    them would show as a bare key in one language or both."""
+    from energy.windows import Flag
+
+    page = (REPO / "agent" / "web" / "page.js").read_text(encoding="utf-8")
+    labels = page[page.index("const LABELS = {"):page.index("\n};", page.index("const LABELS = {"))]
+    english, korean = labels[labels.index("  en: {"):labels.index("  ko: {")], labels[labels.index("  ko: {"):]
+    for language in (english, korean):
+        assert {f.value for f in Flag} <= set(re.findall(r"\bflag_(\w+):", language))
+
+
 def test_last_readings_keep_one_poll_per_device_and_merge_what_a_stream_changed() -> None:
     latest = LatestReadings()
     latest.record(PollResult("opc", 10.0, (Reading("a", 1.0), Reading("b", 2.0))))
