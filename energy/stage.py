@@ -161,6 +161,7 @@ class EnergyStage:
         self._zones = {name: spec.zone for name, spec in self._specs.items()}
         self._outbox: list[dict[str, Any]] = []
         self._seen_mono: dict[str, float] = {}
+        self._failing: set[str] = set()  # meters whose derivation raised (logged once until it works again)
         self._export_unread: set[str] = set()  # meters whose export counter is not being read (logged once)
         self._saved_at = 0.0
         self._live_sent: dict[str, tuple[float, tuple[float, ...]]] = {}  # (monotonic time, alarms) per name
@@ -225,13 +226,29 @@ class EnergyStage:
     # --- the data path ---
 
     async def submit(self, result: PollResult) -> None:
-        await self._submit(result)
-        tracker = self.trackers.get(result.device)
-        if tracker is None:
+        await self._submit(result)  # the poll is the writer's first: nothing below can lose it
+        if result.device not in self.trackers:
             return
+        try:
+            derived = self._derive(result)
+        except Exception:  # a bug here must cost windows, never the meter's poll task or its readings
+            if result.device not in self._failing:
+                self._failing.add(result.device)
+                log.exception("energy: %s: demand windows stopped by an internal error (its readings are still "
+                              "stored and sent); please report this with the lines above", result.device)
+            return
+        self._failing.discard(result.device)
+        if derived:
+            await self._hand_over(derived)  # the writer's own errors are the agent's to handle, as for a poll
+        elif self._monotonic() - self._saved_at >= self._save_interval:
+            self._save()
+
+    def _derive(self, result: PollResult) -> list[PollResult]:
+        """The windows and alarms this poll closes or raises, as polls of their own (none for most polls)."""
+        tracker = self.trackers[result.device]
         counters = self._counters(tracker.spec, result)
         if counters is None:
-            return
+            return []
         now_mono = self._monotonic()
         if self.clock.check() != self._steps_seen:  # found here or by the status message: flagged all the same
             self._steps_seen = self.clock.steps
@@ -246,10 +263,7 @@ class EnergyStage:
         derived: list[PollResult] = []
         for event in events:
             self._handle(event, derived)
-        if derived:
-            await self._hand_over(derived)
-        elif now_mono - self._saved_at >= self._save_interval:
-            self._save()
+        return derived
 
     def _handle(self, event: Event, derived: list[PollResult]) -> None:
         if isinstance(event, WindowRecord):

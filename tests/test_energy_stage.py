@@ -274,6 +274,35 @@ async def test_a_group_net_of_an_unread_export_is_uncertain_and_a_gross_group_is
     assert [e.quality for e in gross_energy] == [Quality.GOOD, Quality.GOOD]
 
 
+async def test_a_bug_in_the_stage_costs_windows_never_the_poll_or_its_readings(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An internal error while deriving (a fault no real meter can provoke, hence the patched tracker) is
+    logged once with its traceback; the poll still reaches the writer and submit returns, so the meter's
+    poll task goes on; windows resume when the error does."""
+    plan = EnergyPlan({"incomer-1": meter_spec("incomer-1")}, ())
+    sink = Sink()
+    energy = stage(tmp_path, sink, plan)
+    await energy.start()
+    broken = energy.trackers["incomer-1"]
+    real = broken.observe
+
+    def fail(*args: object, **kwargs: object) -> list[object]:
+        raise IndexError("tuple index out of range")
+
+    broken.observe = fail  # type: ignore[method-assign]
+    meter = SimMeter(Profile(T0, base=400.0))
+    polls = [PollResult("incomer-1", t, (Reading("energy_active_import", meter.counter(t), "kWh"),))
+             for t in poll_times(T0, T0 + 5, 1.0)]
+    await run(energy, polls)
+    assert [p.ts for p in sink.stream("incomer-1")] == [p.ts for p in polls]
+    said = [r for r in caplog.records if "demand windows stopped" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is not None
+    broken.observe = real  # type: ignore[method-assign]
+    await run(energy, [PollResult("incomer-1", T0 + 6, (Reading("energy_active_import", meter.counter(T0 + 6),
+                                                                 "kWh"),))])
+    assert "incomer-1" not in energy._failing  # type: ignore[attr-defined]
+
+
 async def test_a_clock_step_and_an_unsynchronised_clock_are_flagged(tmp_path: Path) -> None:
     meter = SimMeter(Profile(T0, base=200.0))
     clocks = Clocks(T0)
