@@ -185,8 +185,10 @@ class _LiveView:
                     if meter.projected_kw is not None:
                         alarm = f"  ALARM at {', '.join(f'{a:g}' for a in meter.alarms_kw)} kW" if meter.alarms_kw \
                             else ""
+                        estimated = f" (its first {meter.live_estimated_s:.0f} s estimated: read from the next " \
+                            "edge on)" if meter.live_estimated_s else ""
                         print(f"{'':9} {meter.meter:<12} demand now: {meter.live_energy_kwh:.3f} kWh so far in the "
-                              f"window from {str(meter.live_window_start)[11:19]}, projected "
+                              f"window from {str(meter.live_window_start)[11:19]}{estimated}, projected "
                               f"{meter.projected_kw:.1f} kW{alarm}", flush=True)
         pending, self._pending = self._pending, {}
         width = max(60, shutil.get_terminal_size((120, 24)).columns)
@@ -218,8 +220,9 @@ def _demand_intro(config: AgentConfig) -> str:
     closes = datetime.fromtimestamp(first, ZoneInfo(energy.timezone)).strftime("%H:%M:%S")
     return (f"demand: {meters[0].name}, {energy.window // 60}-minute windows (demo only: 15 minutes on a real "
             f"plant) in {energy.timezone}, target {energy.target_kw:g} kW; the first full window closes at "
-            f"{closes}, in {first - now:.0f} s; the projection starts with the first edge, in "
-            f"{first - energy.window - now:.0f} s; the press line starts in {DEMO_MACHINES_START[0]:.0f} s and "
+            f"{closes}, in {first - now:.0f} s (the window open now started before the agent: its projection is "
+            f"estimated in part until the first edge, in {first - energy.window - now:.0f} s); the press line "
+            f"starts in {DEMO_MACHINES_START[0]:.0f} s and "
             f"the compressor in {DEMO_MACHINES_START[1]:.0f} s: watch the alarm")
 
 
