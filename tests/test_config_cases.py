@@ -222,6 +222,14 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("max_message_bytes beyond an MQTT packet", GATEWAY + '[mqtt]\nmax_message_bytes = "256MiB"\n' + tcp(),
      ["mqtt.max_message_bytes: expected a size from 1 KiB to 255 MiB (an MQTT packet is at most 256 MiB with its "
       "topic) (got '256MiB')"]),
+    # a device-wide word order is a profile's (the meter's own setting, e.g. the GIMAC1000's SWAP)
+    ("word_order on a device without a profile", GATEWAY + tcp('word_order = "CDAB"\n'),
+     ["devices[0].word_order: a device's word_order applies to the points of its profile; without a profile, set "
+      "word_order on each point"]),
+    ("a word order that is none", GATEWAY + '[[devices]]\nname = "m"\ndriver = "modbus"\nhost = "10.0.0.5"\n'
+     'profile = "ls_gimac1000"\nword_order = "DCAB"\n',
+     ["devices[0].word_order: expected one of 'ABCD', 'CDAB', 'BADC', 'DCBA' (the order of the profile's 32- and "
+      "64-bit values on this meter), got 'DCAB'"]),
     # what is printed is bounded
     ("a 1 MB value is not echoed whole", GATEWAY + tcp(name="x" * 1_000_000),
      [f"devices[0].name: {NAME_RULE}; 1000000 characters is too long; rename it to '{'x' * 64}' "

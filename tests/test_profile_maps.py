@@ -239,6 +239,19 @@ async def test_an_energy_the_pm5500_marks_not_available_is_sent_bad_not_as_a_hug
     assert readings["energy_active_export"].quality is Quality.GOOD
 
 
+async def test_a_meter_set_to_swap_words_is_read_right_with_one_device_key() -> None:
+    """The GIMAC1000's word order is a setting of the meter (SWAP, holding 41009). A meter set to send the low
+    word first is read wrong by the profile as shipped, every float; `word_order = "CDAB"` on the device puts
+    all of them right, and leaves the 16-bit points (Giga counters, settings) alone."""
+    table = MAPS["ls_gimac1000"]
+    swapped = MeterMap(table.profile, table.document, tuple(
+        replace(row, word_order="CDAB") if len(encode(row)) > 1 else row for row in table.rows))
+    floats = {row.name for row in table.rows if row.type == "float32"}
+    wrong = set(disagreements(swapped, await poll("ls_gimac1000", meter(swapped))))
+    assert wrong == floats
+    assert disagreements(swapped, await poll("ls_gimac1000", meter(swapped), word_order="CDAB")) == {}
+
+
 def no_model(table: MeterMap) -> FixedRegisters:
     """A GIMAC1000 NO (basic) model: the map's meter, refusing what the map marks "EX Model만 지원" with
     exception 02 (ILLEGAL DATA ADDRESS), as it says a meter answers for an address it does not define."""

@@ -336,6 +336,10 @@ class ModbusDevice(DeviceBase):
         """Resolve `profile`, `select` and `overrides` into plain points before validation. The device's own
         points come first, so their indices in error messages are the ones in the file."""
         if "profile" not in raw:
+            if "word_order" in raw:  # a profile's key: say so rather than "unknown key"
+                return {k: v for k, v in raw.items() if k != "word_order"}, [
+                    ("word_order", "a device's word_order applies to the points of its profile; without a profile, "
+                                   "set word_order on each point")]
             return raw, []
         from drivers.modbus.profiles import expand_profile
 

@@ -56,6 +56,11 @@ class Profile:
         return [point["name"] for point in self.points]
 
 
+WORD_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
+# Values spanning two or four registers: a device's `word_order` (for meters whose word order is a setting,
+# such as the GIMAC1000's SWAP) applies to these; a 16-bit value has no word order, a string its own.
+MULTI_REGISTER_NUMBERS = frozenset({"int32", "uint32", "float32", "int64", "uint64", "float64"})
+
 def available() -> list[str]:
     return sorted(path.stem for path in PROFILE_DIR.glob("*.toml"))
 
@@ -193,6 +198,11 @@ def expand_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
         elif "name" in change:
             problems.append((f"overrides.{name}.name", "a profile point keeps its name (add your own point instead)"))
 
+    order = raw.get("word_order")
+    if order is not None and order not in WORD_ORDERS:
+        problems.append(("word_order", f"expected one of {', '.join(map(repr, WORD_ORDERS))} (the order of the "
+                                       f"profile's 32- and 64-bit values on this meter), got {order!r}"))
+
     own = raw.get("points", [])
     if not isinstance(own, list):
         return raw, problems  # the device's validation names this
@@ -212,6 +222,8 @@ def expand_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
             continue
         change = overrides.get(point["name"], {})
         merged = {**point, **change}
+        if order is not None and point.get("type") in MULTI_REGISTER_NUMBERS and "word_order" not in change:
+            merged["word_order"] = order  # the meter's setting, for every value that has a word order
         if change:
             try:
                 point_adapter.validate_python(merged)
@@ -222,7 +234,7 @@ def expand_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
                     problems.append((path, _override_message(error, point_keys)))
                 continue
         merged_points.append(merged)
-    expanded = {**raw, "points": merged_points}
+    expanded = {**{k: v for k, v in raw.items() if k != "word_order"}, "points": merged_points}
     if profile.max_registers is not None and "max_registers" not in raw:
         expanded["max_registers"] = profile.max_registers
     if profile.unreadable:
