@@ -101,6 +101,8 @@ async def test_a_named_exponent_marked_not_available_makes_its_points_bad() -> N
     ({"scale_from": "nothing"}, "points[0].scale_from", "names no point of this device ('nothing')"),
     ({"scale_from": "hz"}, "points[0].scale_from", "'hz' must be an int16 holding or input point"),
     ({"scale_register": 6}, "points[0].scale_register", "holding register 6 belongs to points[1] ('hz')"),
+    ({"scale_register": 4}, "points[0].scale_register",
+     "holding register 4 is the point's own (it spans 4..4); the exponent is another register"),
     ({"type": "float32", "scale_register": 9}, "points[0]", "scale_register applies to integer values, not to a "
                                                             "float32"),
     ({"scale_register": 9, "scale_from": "hz"}, "points[0]", "scale_from and scale_register both name the exponent"),

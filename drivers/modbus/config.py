@@ -13,6 +13,7 @@ the whole file.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
@@ -438,12 +439,6 @@ def _scale_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]
     is free or is such a point, and readable."""
     out: list[tuple[str, str]] = []
     by_name = {p.name: p for p in points}
-    starts = {(p.function, p.address): p for p in points}
-    covered: dict[tuple[str, int], int] = {}
-    for index, point in enumerate(points):
-        for register in range(point.address, point.address + point.register_count):
-            covered.setdefault((point.function, register), index)
-    hidden: set[str] = set()
     for index, point in enumerate(points):
         if point.scale_from is not None:
             source = by_name.get(point.scale_from)
@@ -453,23 +448,46 @@ def _scale_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]
             elif not _is_exponent(source):
                 out.append((f"points[{index}].scale_from", f"{point.scale_from!r} must be an int16 holding or input "
                             "point without scale, offset or a scale of its own (a power-of-ten exponent)"))
-        elif point.scale_register is not None:
-            key = (point.function, point.scale_register)
-            path = f"points[{index}].scale_register"
-            if key in covered:
-                owner = points[covered[key]]
-                if starts.get(key) is not owner or not _is_exponent(owner):
-                    out.append((path, f"{point.function} register {point.scale_register} belongs to points"
-                                f"[{covered[key]}] ({owner.name!r}), which is not an unscaled int16 starting there"))
-                continue
-            if any(r.function == point.function and r.first <= point.scale_register <= r.last for r in unreadable):
-                out.append((path, f"{point.function} register {point.scale_register} lies in a range declared "
-                            "unreadable"))
-                continue
-            hidden.add(scale_point(point.function, point.scale_register).name)
+    return out + _companion_problems(points, unreadable, "scale_register", scale_point, _is_exponent,
+                                     "an unscaled int16 starting there", "the exponent")
+
+
+def _companion_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange], key: str,
+                        companion: Callable[[str, int], ModbusPoint], fits: Callable[[ModbusPoint], bool],
+                        wanted: str, noun: str) -> list[tuple[str, str]]:
+    """A register another point reads beside its own (`scale_register`, `carry_register`) must be another
+    register than the point's, free or a point of the kind the reader needs (`fits`) starting there, and
+    readable; the name the agent gives it when it reads it itself must be free."""
+    out: list[tuple[str, str]] = []
+    starts = {(p.function, p.address): p for p in points}
+    covered: dict[tuple[str, int], int] = {}
+    for index, point in enumerate(points):
+        for register in range(point.address, point.address + point.register_count):
+            covered.setdefault((point.function, register), index)
+    hidden: set[str] = set()
+    for index, point in enumerate(points):
+        register = getattr(point, key)
+        if register is None:
+            continue
+        where = (point.function, register)
+        path = f"points[{index}].{key}"
+        if covered.get(where) == index:
+            out.append((path, f"{point.function} register {register} is the point's own (it spans "
+                        f"{point.address}..{point.address + point.register_count - 1}); {noun} is another register"))
+            continue
+        if where in covered:
+            owner = points[covered[where]]
+            if starts.get(where) is not owner or not fits(owner):
+                out.append((path, f"{point.function} register {register} belongs to points[{covered[where]}] "
+                            f"({owner.name!r}), which is not {wanted}"))
+            continue
+        if any(r.function == point.function and r.first <= register <= r.last for r in unreadable):
+            out.append((path, f"{point.function} register {register} lies in a range declared unreadable"))
+            continue
+        hidden.add(companion(point.function, register).name)
     for index, point in enumerate(points):
         if point.name in hidden:
-            out.append((f"points[{index}].name", f"{point.name!r} is the name the agent gives a scale_register it "
+            out.append((f"points[{index}].name", f"{point.name!r} is the name the agent gives a {key} it "
                         "reads; choose another name"))
     return out
 
@@ -489,37 +507,5 @@ def _is_carry(point: ModbusPoint) -> bool:
 def _carry_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]) -> list[tuple[str, str]]:
     """`carry_register` must be a register that is free or is an unscaled uint16 point starting there, and
     readable."""
-    out: list[tuple[str, str]] = []
-    starts = {(p.function, p.address): p for p in points}
-    covered: dict[tuple[str, int], int] = {}
-    for index, point in enumerate(points):
-        for register in range(point.address, point.address + point.register_count):
-            covered.setdefault((point.function, register), index)
-    hidden: set[str] = set()
-    for index, point in enumerate(points):
-        if point.carry_register is None:
-            continue
-        key = (point.function, point.carry_register)
-        path = f"points[{index}].carry_register"
-        if covered.get(key) == index:
-            out.append((path, f"{point.function} register {point.carry_register} is the point's own (it spans "
-                        f"{point.address}..{point.address + point.register_count - 1}); the carry is another "
-                        "register"))
-            continue
-        if key in covered:
-            owner = points[covered[key]]
-            if starts.get(key) is not owner or not _is_carry(owner):
-                out.append((path, f"{point.function} register {point.carry_register} belongs to points"
-                            f"[{covered[key]}] ({owner.name!r}), which is not an unscaled uint16 starting there "
-                            "(a roll-over counter)"))
-            continue
-        if any(r.function == point.function and r.first <= point.carry_register <= r.last for r in unreadable):
-            out.append((path, f"{point.function} register {point.carry_register} lies in a range declared "
-                        "unreadable"))
-            continue
-        hidden.add(carry_point(point.function, point.carry_register).name)
-    for index, point in enumerate(points):
-        if point.name in hidden:
-            out.append((f"points[{index}].name", f"{point.name!r} is the name the agent gives a carry_register it "
-                        "reads; choose another name"))
-    return out
+    return _companion_problems(points, unreadable, "carry_register", carry_point, _is_carry,
+                               "an unscaled uint16 starting there (a roll-over counter)", "the carry")
