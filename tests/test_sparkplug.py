@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -358,9 +360,11 @@ class _Collect:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes]] = []
+        self.qos: list[int] = []
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         self.messages.append((topic, payload))
+        self.qos.append(qos)
 
     def message_callback_add(self, topic: str, callback: object) -> None:
         pass
@@ -504,3 +508,60 @@ async def test_the_device_death_watch_ends_with_the_uplink_also_when_the_broker_
         mosquitto.stop()
         await eventually(lambda: uplink.last_error is not None, 10, "the link to drop")  # waiting to reconnect
     assert not _watchers()
+
+
+async def test_live_state_is_born_first_sent_by_exception_at_qos_0_and_only_while_the_device_lives(
+        tmp_path: Path, tahu: Path) -> None:
+    """Live demand (agent/sparkplug invariant 7): nothing before the session is up; its first values inside a
+    DBIRTH that names them beside the buffered metrics; then DDATA at QoS 0 with only what changed and no seq
+    property; nothing while the device is dead; the node's seq runs on through all of it."""
+    from agent.health import DeviceHealth, FailureLog
+    from agent.model import PollResult, Reading
+    from agent.payload import Encoder
+    from agent.sparkplug import SparkplugSession
+    from buffer.store import StoredBatch
+    from energy.records import live_poll
+    from energy.windows import LiveDemand
+
+    zone = ZoneInfo("Asia/Seoul")
+    start = 1_764_000_000.0
+
+    def live(ts: float, kwh: float, alarms: tuple[float, ...]) -> PollResult:
+        return live_poll(LiveDemand("m", ts, start, start + 900, kwh, 400.0, kwh * 4 + 100, alarms), zone, 500.0)
+
+    encoder = Encoder("gw", "site", "buf")
+    poll = PollResult("m", start + 1, (Reading("energy_active_import", 1000.0, "kWh"),))
+    wire = _Collect()
+    session = SparkplugSession("g", "node", None, "buf", tmp_path / "bdseq", "test", lambda: None)
+    session.attach(wire)
+    assert not session.publish_live(live(start + 1, 0.1, ()))  # not connected: dropped, not held
+    session.connected()  # NBIRTH
+    session.publish(wire, "m", [StoredBatch(1, 1, "m", poll.ts, encoder.encode(poll, 1))], historical=False)
+    assert session.publish_live(live(start + 2, 0.2, ()))  # new metrics: a DBIRTH with them, no DDATA
+    assert session.publish_live(live(start + 3, 0.3, (450.0,)))  # DDATA: energy, projection and the alarm
+    health = DeviceHealth("m", FailureLog("device m", logging.getLogger("tests.sparkplug")))
+    session.health = {"m": health}
+    health.failures.failed("no answer")
+    assert not session.publish_live(live(start + 4, 0.4, (450.0,)))  # the meter is dead
+    session.stop()
+    decoded = decode(tahu, wire.messages)
+    assert [d["kind"] for d in decoded] == ["NBIRTH", "DBIRTH", "DDATA", "DBIRTH", "DDATA", "NDEATH"]
+    check_seq(decoded)
+    check_births(decoded)
+    birth = {m["name"]: m for m in decoded[3]["payload"]["metrics"]}
+    assert "energy_active_import" in birth  # the device's readings stay in its birth
+    live_birth = {name[len("demand/live/"):]: m for name, m in birth.items() if name.startswith("demand/live/")}
+    assert {name: (m["type"], m["value"]) for name, m in live_birth.items()} == {
+        "energy_kwh": ("Double", 0.2), "power_kw": ("Double", 400.0), "projected_kw": ("Double", 100.8),
+        "alarms_raised": ("Int64", "0"), "alarm_level_kw": ("Double", 0.0), "estimated_s": ("Double", 0.0),
+        "window_start": ("String", "2025-11-25T01:00:00+09:00"), "target_kw": ("Double", 500.0)}
+    assert live_birth["projected_kw"]["properties"]["engUnit"]["value"] == "kW"
+    assert all(int(m["timestamp"]) == (start + 2) * 1000 for m in live_birth.values())
+    by_alias = {int(m["alias"]): name for name, m in live_birth.items()}
+    changed = {by_alias[int(m["alias"])]: m for m in decoded[4]["payload"]["metrics"]}
+    assert {name: m["value"] for name, m in changed.items()} == {
+        "energy_kwh": 0.3, "projected_kw": 101.2, "alarms_raised": "1", "alarm_level_kw": 450.0}
+    assert all("properties" not in m or "seq" not in m["properties"] for m in changed.values())
+    assert all(int(m["timestamp"]) == (start + 3) * 1000 for m in changed.values())
+    assert wire.qos[wire.messages.index(next(m for m in wire.messages if "/DDATA/" in m[0]))] == 1  # buffered
+    assert wire.qos[4] == 0  # live
