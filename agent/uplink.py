@@ -51,7 +51,9 @@ Invariants:
 9. Sparkplug (`encoding = "sparkplug"`, agent/sparkplug): JSON rows go out as DDATA framed by the session
    (backlog rows with is_historical), and nothing is sent while the session is not ready (no NBIRTH yet,
    primary host offline). A Sparkplug session ends with its connection: what was in flight goes again in the
-   next one (invariant 5), after its births, with the new session's seq.
+   next one (invariant 5), after its births, with the new session's seq. Live states (`publish_state`:
+   energy's live demand) also go to the Sparkplug host, as DDATA at QoS 0 while the session is ready, and
+   are dropped while it is not: they are stale a second later.
 
 paho-mqtt's network loop runs in the connection's thread, the only one that writes to the socket; its
 callbacks only note facts on the connection (`_Session`) and hand events to the event loop with
@@ -83,6 +85,7 @@ from agent.compact import CONTENT_TYPE as CBOR_CONTENT_TYPE
 from agent.compact import CborEncoder, meta_message
 from agent.config import GatewayConfig, MqttConfig
 from agent.health import FailureLog
+from agent.model import PollResult
 from agent.payload import CONTENT_TYPE as JSON_CONTENT_TYPE
 from agent.payload import STATUS_SCHEMA, Encoder, Topics, iso_utc
 from agent.sparkplug import SparkplugSession
@@ -810,12 +813,17 @@ class MqttUplink:
             return None
         return self._publish_status("online", details)
 
-    def publish_state(self, topic: str, payload: bytes) -> bool:
+    def publish_state(self, topic: str, payload: bytes, state: PollResult | None = None) -> bool:
         """A retained current-state message that is not buffered (live demand, out of date a second later;
-        energy/records.py), if connected; QoS 0: the next one replaces it anyway."""
+        energy/records.py), if connected; QoS 0: the next one replaces it anyway. With Sparkplug, `state` (the
+        same figures as readings of a device's stream) also goes to the Sparkplug host as DDATA, when its
+        session is ready (agent/sparkplug, invariant 7); the JSON topic stays for its other consumers.
+        Called on the event loop, like every publish (invariant 9's seq is counted here, in one order)."""
         if not self._connected or self._stopping or self._client is None:
             return False
         self._client.publish(topic, payload, qos=0, retain=True)
+        if self.sparkplug is not None and state is not None:
+            self.sparkplug.publish_live(state)
         return True
 
     def _status_payload(self, state: str, stamped: bool = True, details: dict[str, Any] | None = None) -> bytes:

@@ -8,7 +8,8 @@ encoding by the same encoders, with no change to the writer or the uplink. The s
 readings, so `data/+` subscribers see readings only and `data/+/demand` windows only (docs/payload.md).
 
 Live demand is not buffered: it is out of date a second later. It is published, retained, on the demand
-state topic by the uplink when connected (`live_payload`).
+state topic by the uplink when connected (`live_payload`); with Sparkplug also as metrics of the meter's
+device in the folder "demand/live" (`live_poll`: the same figures, rounded alike).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 from typing import Any
 
 from agent.model import PollResult, Quality, Reading
+from agent.sparkplug import LIVE_FOLDER  # a stream below the windows': "incomer-1/demand/live"
 from energy.history import StoredWindow
 from energy.windows import AlarmEvent, LiveDemand, WindowRecord, flag_text, local_iso
 
@@ -92,6 +94,25 @@ def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: S
                                   "energy_kwh": round(latest.energy_kwh, 6), "coverage": latest.coverage,
                                   "flags": latest.flags}
     return json.dumps(state, separators=(",", ":")).encode()
+
+
+def live_poll(live: LiveDemand, zone: Any, target_kw: float | None) -> PollResult:
+    """The live state as readings of the stream "<meter>/demand/live", never buffered: what a Sparkplug host
+    charts and alarms on (docs/payload.md, "Sparkplug B"). A host keeps one value per metric, so the alarm
+    levels raised are two numbers rather than a list: how many are raised, and the highest (0 when none);
+    each keeps its type whatever the alarms do. Rounded as `live_payload` rounds the same figures."""
+    readings = [
+        Reading("energy_kwh", round(live.energy_kwh, 6), "kWh"),
+        Reading("power_kw", round(live.power_kw, 3), "kW"),
+        Reading("projected_kw", round(live.projected_kw, 3), "kW"),
+        Reading("alarms_raised", len(live.alarms)),
+        Reading("alarm_level_kw", float(max(live.alarms, default=0.0)), "kW"),
+        Reading("estimated_s", round(live.estimated_s, 1), "s"),
+        Reading("window_start", local_iso(live.start, zone)),
+    ]
+    if target_kw is not None:
+        readings.append(Reading("target_kw", float(target_kw), "kW"))
+    return PollResult(f"{window_stream(live.meter)}/{LIVE_FOLDER}", live.ts, tuple(readings))
 
 
 def poll_to_json(result: PollResult) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from agent.model import PollResult, Quality
 from energy.clock import ClockState, ClockWatch, StepDetector, read_clock_state
 from energy.config import EnergyPlan, GroupSpec
 from energy.history import History, StoredWindow
-from energy.records import alarm_poll, live_payload, poll_from_json, poll_to_json, window_poll
+from energy.records import alarm_poll, live_payload, live_poll, poll_from_json, poll_to_json, window_poll
 from energy.windows import (
     EXPORT_ONLY,
     Alarm,
@@ -135,7 +135,8 @@ class GroupTracker:
 class EnergyStage:
     def __init__(self, plan: EnergyPlan, state_path: Path, history: History | None,
                  submit: Callable[[PollResult], Awaitable[None]], flush: Callable[[], Awaitable[None]],
-                 publish_live: Callable[[str, bytes], None] | None = None, gateway: str = "", site: str = "",
+                 publish_live: Callable[[str, bytes, PollResult], None] | None = None, gateway: str = "",
+                 site: str = "",
                  clock_state: Callable[[], ClockState] = read_clock_state,
                  detector: StepDetector | None = None, monotonic: Callable[[], float] = time.monotonic,
                  save_interval: float = SAVE_INTERVAL, clock: ClockWatch | None = None) -> None:
@@ -307,7 +308,8 @@ class EnergyStage:
         spec = self._specs[live.meter]
         recent = self.recent[live.meter]
         self._publish_live(live.meter, live_payload(live, self._gateway, self._site, spec.zone,
-                                                    recent[0] if recent else None, spec.target_kw))
+                                                    recent[0] if recent else None, spec.target_kw),
+                           live_poll(live, spec.zone, spec.target_kw))
 
     async def _hand_over(self, derived: list[PollResult]) -> None:
         """Invariants 2 and 3: decided on disk, then handed over, then known stored."""

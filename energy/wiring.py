@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from agent.model import PollResult
 from agent.payload import iso_utc
 from energy.clock import ClockWatch
 from energy.config import TRIAL_WINDOW_S, plan
@@ -40,10 +41,12 @@ async def start_stage(config: Any, writer: Any, uplink: Any, clock: ClockWatch |
     folder = state_dir(config)
     fields = {"prefix": config.mqtt.topic_prefix, "site": config.gateway.site, "gateway": config.gateway.id}
 
-    def publish_live(meter: str, payload: bytes) -> None:
+    def publish_live(meter: str, payload: bytes, state: PollResult) -> None:
+        # The retained JSON state, and with Sparkplug the same figures as metrics of the meter's device
+        # (a group's: the device named like the group, which its windows already are).
         publish = getattr(uplink, "publish_state", None)
         if publish is not None:
-            publish(DEMAND_TOPIC.format(meter=meter, **fields), payload)
+            publish(DEMAND_TOPIC.format(meter=meter, **fields), payload, state)
 
     stage = EnergyStage(energy, folder / STATE_FILE, History(folder / HISTORY_FILE), writer.submit, writer.flush,
                         publish_live, config.gateway.id, config.gateway.site,

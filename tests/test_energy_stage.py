@@ -341,7 +341,7 @@ def live_stage(tmp_path: Path, plan: EnergyPlan, sink: Sink, history: History | 
     clocks = Clocks(t)
     published: list[tuple[float, dict]] = []
     energy = EnergyStage(plan, tmp_path / "energy-state.json", history, sink.submit, sink.flush,
-                         lambda meter, payload: published.append((clocks.mono, json.loads(payload))),
+                         lambda meter, payload, state: published.append((clocks.mono, json.loads(payload))),
                          "gw", "site", clock_state=lambda: ClockState(True, True, 0.001, 0.01),
                          detector=StepDetector(lambda: clocks.wall, lambda: clocks.mono),
                          monotonic=lambda: clocks.mono)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -358,9 +360,11 @@ class _Collect:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes]] = []
+        self.qos: list[int] = []
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         self.messages.append((topic, payload))
+        self.qos.append(qos)
 
     def message_callback_add(self, topic: str, callback: object) -> None:
         pass
@@ -504,3 +508,197 @@ async def test_the_device_death_watch_ends_with_the_uplink_also_when_the_broker_
         mosquitto.stop()
         await eventually(lambda: uplink.last_error is not None, 10, "the link to drop")  # waiting to reconnect
     assert not _watchers()
+
+
+async def test_live_state_is_born_first_sent_by_exception_at_qos_0_and_only_while_the_device_lives(
+        tmp_path: Path, tahu: Path) -> None:
+    """Live demand (agent/sparkplug invariant 7): nothing before the session is up; its first values inside a
+    DBIRTH that names them beside the buffered metrics; then DDATA at QoS 0 with only what changed and no seq
+    property; nothing while the device is dead; the node's seq runs on through all of it."""
+    from agent.health import DeviceHealth, FailureLog
+    from agent.model import PollResult, Reading
+    from agent.payload import Encoder
+    from agent.sparkplug import SparkplugSession
+    from buffer.store import StoredBatch
+    from energy.records import live_poll
+    from energy.windows import LiveDemand
+
+    zone = ZoneInfo("Asia/Seoul")
+    start = 1_764_000_000.0
+
+    def live(ts: float, kwh: float, alarms: tuple[float, ...]) -> PollResult:
+        return live_poll(LiveDemand("m", ts, start, start + 900, kwh, 400.0, kwh * 4 + 100, alarms), zone, 500.0)
+
+    encoder = Encoder("gw", "site", "buf")
+    poll = PollResult("m", start + 1, (Reading("energy_active_import", 1000.0, "kWh"),))
+    wire = _Collect()
+    session = SparkplugSession("g", "node", None, "buf", tmp_path / "bdseq", "test", lambda: None)
+    session.attach(wire)
+    assert not session.publish_live(live(start + 1, 0.1, ()))  # not connected: dropped, not held
+    session.connected()  # NBIRTH
+    session.publish(wire, "m", [StoredBatch(1, 1, "m", poll.ts, encoder.encode(poll, 1))], historical=False)
+    assert session.publish_live(live(start + 2, 0.2, ()))  # new metrics: a DBIRTH with them, no DDATA
+    assert session.publish_live(live(start + 3, 0.3, (450.0,)))  # DDATA: energy, projection and the alarm
+    health = DeviceHealth("m", FailureLog("device m", logging.getLogger("tests.sparkplug")))
+    session.health = {"m": health}
+    health.failures.failed("no answer")
+    assert not session.publish_live(live(start + 4, 0.4, (450.0,)))  # the meter is dead
+    session.stop()
+    decoded = decode(tahu, wire.messages)
+    assert [d["kind"] for d in decoded] == ["NBIRTH", "DBIRTH", "DDATA", "DBIRTH", "DDATA", "NDEATH"]
+    check_seq(decoded)
+    check_births(decoded)
+    birth = {m["name"]: m for m in decoded[3]["payload"]["metrics"]}
+    assert "energy_active_import" in birth  # the device's readings stay in its birth
+    live_birth = {name[len("demand/live/"):]: m for name, m in birth.items() if name.startswith("demand/live/")}
+    assert {name: (m["type"], m["value"]) for name, m in live_birth.items()} == {
+        "energy_kwh": ("Double", 0.2), "power_kw": ("Double", 400.0), "projected_kw": ("Double", 100.8),
+        "alarms_raised": ("Int64", "0"), "alarm_level_kw": ("Double", 0.0), "estimated_s": ("Double", 0.0),
+        "window_start": ("String", "2025-11-25T01:00:00+09:00"), "target_kw": ("Double", 500.0)}
+    assert live_birth["projected_kw"]["properties"]["engUnit"]["value"] == "kW"
+    assert all(int(m["timestamp"]) == (start + 2) * 1000 for m in live_birth.values())
+    by_alias = {int(m["alias"]): name for name, m in live_birth.items()}
+    changed = {by_alias[int(m["alias"])]: m for m in decoded[4]["payload"]["metrics"]}
+    assert {name: m["value"] for name, m in changed.items()} == {
+        "energy_kwh": 0.3, "projected_kw": 101.2, "alarms_raised": "1", "alarm_level_kw": 450.0}
+    assert all("properties" not in m or "seq" not in m["properties"] for m in changed.values())
+    assert all(int(m["timestamp"]) == (start + 3) * 1000 for m in changed.values())
+    assert wire.qos[wire.messages.index(next(m for m in wire.messages if "/DDATA/" in m[0]))] == 1  # buffered
+    assert wire.qos[4] == 0  # live
+
+
+class _LiveJson:
+    """A subscriber to the gateway's retained JSON live demand topics, keeping each state in order."""
+
+    def __init__(self, port: int) -> None:
+        self.states: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="live-json-test")
+        self.client.on_connect = lambda c, *a: c.subscribe("edge/test-site/gw-test/demand/#", qos=0)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.states.append(json.loads(message.payload))
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.states)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def test_live_demand_reaches_the_host_as_born_metrics_equal_to_the_json_and_not_while_it_is_offline(
+        tmp_path: Path, mosquitto: Any, capture: Capture, agent_process: Any, tahu: Path) -> None:
+    """An energy meter in Sparkplug mode with a primary host: the live demand goes on the retained JSON topic
+    all along, and to the host as demand/live/* metrics of the meter (declared in a DBIRTH before any DDATA
+    uses them, equal to the JSON's figures, in the node's one seq with the buffered DDATA) only while the
+    host is online: stale a second later, it is dropped while the host is offline, not held."""
+    def publish_state(online: bool) -> None:
+        body = json.dumps({"online": online, "timestamp": int(time.time() * 1000)})
+        capture.client.publish("spBv1.0/STATE/scada", body, qos=1, retain=True).wait_for_publish(5)
+
+    async def host(online: bool) -> None:  # off the event loop: the Modbus server in this process must answer
+        await asyncio.to_thread(publish_state, online)
+
+    async def sparkplug_count() -> int:
+        return len([k for k in capture.kinds() if k != "STATE"])
+
+    meter = SimServer({1: PowerMeter(seed=1)}, update_interval=0.2)  # about 45 kW and more: both levels raised
+    await meter.start()
+    live_json = _LiveJson(mosquitto.port)
+    monitor = Monitor("127.0.0.1", mosquitto.port, topic_filter="spBv1.0/#").start()
+    device = meter_device(meter.port) + """
+        [devices.energy]
+        window = "1m"
+        import_point = "active_energy_wh"
+        counter_unit = "Wh"
+        target_kw = 40
+        alarm_levels = [50, 100]
+        """
+    config = agent_config(tmp_path, mosquitto.port, device, extra_mqtt="""
+        encoding = "sparkplug"
+        [mqtt.sparkplug]
+        group_id = "plant-1"
+        primary_host_id = "scada"
+        """)
+    try:
+        await host(False)
+        agent = agent_process(config, tmp_path / "agent.log")
+        agent.start()
+        deadline = time.monotonic() + 20
+        while live_json.count() < 2:  # waited in this event loop, where the Modbus server answers
+            assert time.monotonic() < deadline, agent.log()[-3000:]
+            await asyncio.sleep(0.1)
+        assert await sparkplug_count() == 0, "sent before the primary host was online"
+        await host(True)
+        # The backlog, then about 5 s of polls (every 200 ms) and of live demand (every second).
+        await wait_kinds(capture, lambda k: k.count("DDATA") >= 35)
+        await host(False)
+        await asyncio.sleep(0.5)  # what was already on its way arrives
+        held, json_before = await sparkplug_count(), live_json.count()
+        await asyncio.sleep(2.0)
+        assert await sparkplug_count() == held, "sent while the primary host was offline"
+        assert live_json.count() > json_before, "the JSON live state must go on for its other consumers"
+        assert agent.terminate() == 0
+    finally:
+        await meter.stop()
+        live_json.close()
+        monitor_report = monitor.report(final=True)
+        monitor.stop()
+
+    decoded = decode(tahu, capture.messages)
+    check_seq(decoded)  # live and buffered DDATA in one unbroken seq
+    named = check_births(decoded)  # every live metric born before a DDATA used it
+    live_aliases = {alias: m["name"][len("demand/live/"):] for alias, m in named.items()
+                    if m["name"].startswith("demand/live/")}
+    assert set(live_aliases.values()) == {"energy_kwh", "power_kw", "projected_kw", "alarms_raised",
+                                          "alarm_level_kw", "estimated_s", "window_start", "target_kw"}
+    data = [d for d in decoded if d["kind"] == "DDATA"]
+    live_data = [d for d in data if any(int(m["alias"]) in live_aliases for m in d["payload"]["metrics"])]
+    assert len(live_data) >= 3
+    # A live DDATA carries live metrics only, without our seq (they are not buffer rows); the buffered ones
+    # still carry every reading exactly once by it.
+    assert all(int(m["alias"]) in live_aliases and "seq" not in m.get("properties", {})
+               for d in live_data for m in d["payload"]["metrics"])
+    buffered = [seq_of(m) for d in data if d not in live_data for m in d["payload"]["metrics"]]
+    assert_exactly_once(buffered)
+    # What the host holds after each live message (a DBIRTH carries every value, a DDATA those that changed)
+    # equals the JSON state of the same moment, within its rounding.
+    held_values: dict[str, Any] = {}
+    at: dict[int, dict[str, Any]] = {}
+    for message in decoded:
+        if message["kind"] not in ("DBIRTH", "DDATA"):
+            continue
+        moments = set()
+        for metric in message["payload"]["metrics"]:
+            name = live_aliases.get(int(metric["alias"]))
+            if name is not None:
+                held_values[name] = metric["value"]
+                moments.add(int(metric["timestamp"]))
+        for moment in moments:
+            at[moment] = dict(held_values)
+    compared = 0
+    for state in live_json.states:
+        host_view = at.get(int(state["ts"] * 1000))
+        if host_view is None:
+            continue  # sent while the host was offline (or nothing changed at that moment)
+        compared += 1
+        for key in ("energy_kwh", "power_kw", "projected_kw", "estimated_s", "target_kw"):
+            assert host_view[key] == pytest.approx(state[key], abs=1e-6), (key, host_view, state)
+        assert host_view["window_start"] == state["window_start"]
+        assert int(host_view["alarms_raised"]) == len(state["alarms_kw"])
+        assert host_view["alarm_level_kw"] == pytest.approx(max(state["alarms_kw"], default=0.0))
+    assert compared >= 3
+    assert any(int(view["alarms_raised"]) > 0 for view in at.values())  # the alarm levels reached the host
+    # edge-agent monitor takes the live metrics for what they are, not for readings without a seq.
+    gateway = next(g for g in monitor_report.gateways if g.gateway == "gw-test")
+    assert gateway.invalid == 0, gateway.invalid_errors
+    assert (gateway.gaps, gateway.duplicates) == (0, 0)

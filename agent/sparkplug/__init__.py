@@ -5,8 +5,9 @@ The gateway is an edge node (`spBv1.0/<group>/N.../<edge node>`), each configure
 This package owns everything Sparkplug: the session state (bdSeq, seq, births, aliases, the primary host's
 STATE) and the framing of buffer rows as DDATA. The uplink (agent/uplink.py) calls it through a narrow seam:
 `attach` when it makes the MQTT client, `connected`/`disconnected` on the link's changes, `ready` before
-sending, `publish` per data message, `status` for the periodic status, `stop` at a clean shutdown; the
-uplink's task group runs `watch_devices` for as long as the uplink runs.
+sending, `publish` per data message, `publish_live` per live state (energy's live demand), `status` for the
+periodic status, `stop` at a clean shutdown; the uplink's task group runs `watch_devices` for as long as the
+uplink runs.
 
 Invariants:
 1. Only the buffer is sent, as in every encoding: a DDATA carries buffer rows (stored in the JSON encoding)
@@ -30,6 +31,10 @@ Invariants:
    cost is duplicates, which our sequence numbers expose, never a loss.
 6. With a primary host configured, nothing is born and no data sent until its STATE says online; when it
    says offline, data waits in the buffer and goes out as a backlog with is_historical once it is back.
+7. Live states (a meter's live demand, `publish_live`) are not buffered: DDATA at QoS 0 without our "seq"
+   property, in a folder named `live` (LIVE_FOLDER), only while `ready` and the device is not dead; dropped
+   otherwise, never held, since they are stale a second later. They take the node's seq like every other
+   message, and a new one of their metrics makes a DBIRTH first, as in `publish`.
 
 paho-mqtt runs its callbacks in the connection's thread; `_pre_connect` runs there (it must arm the will
 before the CONNECT goes out), everything else is handed to the event loop. Every publish is made on the
@@ -49,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.health import DeviceHealth
+from agent.model import PollResult
 from agent.sparkplug.sparkplug_b_pb2 import Payload
 from buffer.store import LOSS_REASONS
 
@@ -65,6 +71,13 @@ TYPE_NAMES = {INT64: "Int64", UINT64: "UInt64", FLOAT: "Float", DOUBLE: "Double"
               STRING: "String"}
 _U64 = (1 << 64) - 1
 WATCH = 0.25  # seconds between looks at the devices' health, for DDEATH
+LIVE_FOLDER = "live"  # live state metrics: "demand/live/projected_kw" (invariant 7)
+
+
+def is_live(name: str) -> bool:
+    """A metric of a live state (not a buffered reading: no seq property). Point names hold no '/'
+    (agent/names.py), so a level "live" before the last is always this folder."""
+    return LIVE_FOLDER in name.split("/")[:-1]
 
 
 def datatype_of(value: Any) -> int | None:
@@ -294,6 +307,47 @@ class SparkplugSession:
             self._publish_ddeath(device, state)
         return info, topic, len(body)
 
+    def publish_live(self, state: PollResult) -> bool:
+        """A live state (invariant 7): the readings of `state` as metrics of its device in the folder of its
+        stream ("incomer-1/demand/live" -> device incomer-1, metrics "demand/live/..."), as a DDATA at QoS 0
+        carrying only the values that changed (Sparkplug's report by exception: a host keeps the last value
+        of each metric), or inside a DBIRTH when a metric is new. False when not sent: the session is not
+        ready (not connected, not born, primary host offline) or the device is dead."""
+        if not self.ready or self._client is None:
+            return False
+        device, _, folder = state.device.partition("/")
+        device_state = self._devices.setdefault(device, _Device())
+        if self._dead(device, device_state):
+            return False
+        ts = int(state.ts * 1000)
+        rebirth = not device_state.born
+        changed: list[_Point] = []
+        for reading in state.readings:
+            name = f"{folder}/{reading.point}" if folder else reading.point
+            datatype = datatype_of(reading.value) or DOUBLE
+            point = device_state.points.get(name)
+            if point is None:
+                point = device_state.points[name] = _Point(self._alias(), datatype, reading.unit)
+                rebirth = True
+            elif datatype != point.datatype or reading.unit != point.unit:
+                point.datatype, point.unit = datatype, reading.unit
+                rebirth = True
+            if point.value != reading.value:
+                changed.append(point)
+            point.value, point.ts = reading.value, ts
+        if rebirth:
+            self._publish_dbirth(device, device_state)  # it carries every value, these ones too
+            return True
+        if not changed:
+            return True
+        payload = Payload(timestamp=int(time.time() * 1000), seq=self._next_seq())
+        for point in changed:
+            metric = payload.metrics.add(alias=point.alias, timestamp=ts, datatype=point.datatype)
+            set_value(metric, point.datatype, point.value)
+        self._client.publish(f"{NAMESPACE}/{self.group_id}/DDATA/{self.edge_node_id}/{device}",
+                             payload.SerializeToString(), qos=0)
+        return True
+
     def status(self, details: dict[str, Any]) -> None:
         """The periodic status: node metrics, in the next NBIRTH and as NDATA now."""
         values = _node_values(details)
@@ -500,10 +554,13 @@ def birth_points(payload: Any) -> dict[int, tuple[str, str | None]]:
 
 def data_polls(payload: Any, points: dict[int, tuple[str, str | None]]) -> list[dict[str, Any]]:
     """A decoded DDATA's readings in the JSON encoding's shape: polls ({ts (epoch seconds), readings}),
-    a poll being a run of metrics with one timestamp. Raises KeyError for an alias the DBIRTH did not name
-    and ValueError for a metric without our "seq" property. For the monitor; a platform does the same."""
+    a poll being a run of metrics with one timestamp. Live state metrics (`is_live`) are not readings and are
+    left out. Raises KeyError for an alias the DBIRTH did not name and ValueError for a metric without our
+    "seq" property. For the monitor; a platform does the same."""
     polls: list[dict[str, Any]] = []
     for metric in payload.metrics:
+        if is_live(points[metric.alias][0]):
+            continue
         properties = {key: value_of(value) for key, value in
                       zip(metric.properties.keys, metric.properties.values, strict=False)}
         if "seq" not in properties:
