@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -292,12 +293,7 @@ def snippet(device_name: str, line: dict[str, Any], unit_id: int, base: int, cha
              f"holding register {base}.",
              f"# {ident.get('Mn', '?')} {ident.get('Md', '?')}, serial {ident.get('SN', '?')}, version "
              f"{ident.get('Vr', '?')}."]
-    counts: dict[str, int] = {}
-    for found in chain:
-        kind = KIND.get(found.id)
-        if kind is None:
-            continue
-        counts[kind] = counts.get(kind, 0) + 1
+    counts = Counter(KIND[found.id] for found in chain if found.id in KIND)  # numbered only when repeated
     seen: dict[str, int] = {}
     for found in chain:
         kind = KIND.get(found.id)
