@@ -246,7 +246,14 @@ def meter_spec(device: Any, section: EnergySection) -> MeterSpec:
         zone=ZoneInfo(section.timezone),
         max_kw=section.max_kw or (10 * section.target_kw if section.target_kw else None),
         max_gap_s=section.max_gap or max(3 * poll, 10.0), target_kw=section.target_kw,
-        levels_kw=section.levels_kw(), hysteresis_kw=(section.target_kw or 0.0) * section.hysteresis / 100)
+        levels_kw=section.levels_kw(), hysteresis_kw=(section.target_kw or 0.0) * section.hysteresis / 100,
+        lookback_s=lookback(section.window))
+
+
+def lookback(window_s: int) -> float:
+    """How long a counter slope the present power is: a minute, a quarter of a 1-minute trial window (a
+    minute's slope would lag it by half its length, and its alarm could not fire before its end)."""
+    return min(60.0, window_s / 4)
 
 
 def plan(devices: Any, plant: PlantEnergy) -> EnergyPlan:
@@ -254,6 +261,7 @@ def plan(devices: Any, plant: PlantEnergy) -> EnergyPlan:
     meters = {d.name: meter_spec(d, d.energy) for d in devices if getattr(d, "energy", None) is not None}
     groups = tuple(GroupSpec(MeterSpec(
         name=g.name, import_point="", window_s=g.window, zone=ZoneInfo(g.timezone), target_kw=g.target_kw,
-        levels_kw=g.levels_kw(), hysteresis_kw=(g.target_kw or 0.0) * g.hysteresis / 100),
+        levels_kw=g.levels_kw(), hysteresis_kw=(g.target_kw or 0.0) * g.hysteresis / 100,
+        lookback_s=lookback(g.window)),
         tuple(g.meters), g.minus_export) for g in plant.groups)
     return EnergyPlan(meters, groups)

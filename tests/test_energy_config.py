@@ -36,6 +36,7 @@ def test_a_meter_gets_its_wrap_unit_and_alarm_levels_from_its_point_and_target()
     assert spec.window_s == 900 and str(spec.zone) == "Asia/Seoul"
     assert spec.levels_kw == (450.0, 500.0) and spec.hysteresis_kw == 25.0 and spec.max_kw == 5000.0
     assert spec.max_gap_s == 10.0 and spec.export_point is None
+    assert spec.lookback_s == 60.0  # present power: a minute's slope
 
 
 def test_a_profile_meter_uses_its_energy_points_by_default() -> None:
@@ -139,7 +140,8 @@ def test_a_bad_energy_table_exits_78_from_the_command_line(tmp_path: Path) -> No
 @pytest.mark.parametrize("window", ['"1m"', '"60s"', "60"])
 def test_a_one_minute_window_is_accepted_for_commissioning_trials(window: str) -> None:
     config = parse_config(GATEWAY + meter("incomer-1", f"window = {window}, target_kw = 50"))
-    assert plan(config.devices, config.energy).meters["incomer-1"].window_s == 60
+    spec = plan(config.devices, config.energy).meters["incomer-1"]
+    assert spec.window_s == 60 and spec.lookback_s == 15.0  # a minute's slope would lag it by half its length
 
 
 @pytest.mark.parametrize("window", ['"2m"', '"10s"', '"90s"'])

@@ -276,6 +276,34 @@ def test_the_first_window_after_commissioning_has_an_estimated_live_demand_but_i
     assert nxt and all(e.estimated_s == 0.0 for e in nxt)  # the next window is read from its edge
 
 
+def test_no_alarm_on_the_slope_of_a_few_readings_after_a_start() -> None:
+    """CI run of stop 18: commissioned with 200 ms polls of a 1 Wh counter, the slope of the first two
+    readings was 3 or 4 Wh over 0.2 s (54 or 72 kW for a steady 61 kW), and with a jittered poll more: the
+    projection of the first window crossed a 65 kW level, raised, then cleared as the slope settled. An alarm
+    is raised or cleared only on a present power measured over the full lookback; before that the projection
+    is sent (live demand) but decides nothing. The same after a restart: the slope starts again."""
+    start = window_start(T0, 900, SEOUL)
+    meter = SimMeter(Profile(start, base=61.0), resolution=0.001)
+    tracker = MeterTracker(spec(target_kw=65.0, levels_kw=(65.0,), hysteresis_kw=3.25, resolution=0.001))
+    # Polls 200 ms apart with a scheduler's jitter (some 250 ms, some 150 ms), the first where the counter's
+    # 1 Wh steps make the first slope 72 kW.
+    times = [T0 + 0.17 + 0.2 * i + (0.05 if i % 2 else 0.0) for i in range(5 * 60 * 5)]
+    events = feed(tracker, meter, times)
+    live = [e for e in events if isinstance(e, LiveDemand)]
+    assert max(e.projected_kw for e in live[:5]) > 65.0  # the few readings' slope does overshoot...
+    assert not [e for e in events if isinstance(e, AlarmEvent)]  # ...and decides nothing
+    assert [e.settled for e in live].index(True) == next(i for i, e in enumerate(live) if e.ts - times[0] >= 60)
+    resumed = MeterTracker(tracker.spec)
+    resumed.restore(tracker.snapshot())
+    later = feed(resumed, meter, [times[-1] + 2 + 0.2 * i + (0.05 if i % 2 else 0.0) for i in range(600)])
+    assert not [e for e in later if isinstance(e, AlarmEvent)]
+    # A steady 70 kW is over the level: raised once the slope is a minute long, not at the first reading.
+    high = SimMeter(Profile(start, base=70.0), resolution=0.001)
+    tracker = MeterTracker(tracker.spec)
+    alarms = [e for e in feed(tracker, high, times) if isinstance(e, AlarmEvent)]
+    assert [(a.raised, a.ts - times[0] >= 60) for a in alarms] == [(True, True)]
+
+
 @pytest.mark.parametrize("added", [True, False])
 def test_a_state_saved_before_the_export_counter_was_added_or_removed_resumes(added: bool) -> None:
     """The energy table changed between two runs: an export counter added (profile ls_gimac1000 replaced by

@@ -590,6 +590,10 @@ class _LiveJson:
         with self._lock:
             return len(self.states)
 
+    def alarmed(self) -> bool:
+        with self._lock:
+            return any(state["alarms_kw"] for state in self.states)
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
@@ -633,8 +637,10 @@ async def test_live_demand_reaches_the_host_as_born_metrics_equal_to_the_json_an
         await host(False)
         agent = agent_process(config, tmp_path / "agent.log")
         agent.start()
-        deadline = time.monotonic() + 20
-        while live_json.count() < 2:  # waited in this event loop, where the Modbus server answers
+        deadline = time.monotonic() + 40
+        # Until the alarm levels are raised (waited in this event loop, where the Modbus server answers):
+        # alarms wait for a present power measured over the full lookback, 15 s in a 1-minute window.
+        while not live_json.alarmed():
             assert time.monotonic() < deadline, agent.log()[-3000:]
             await asyncio.sleep(0.1)
         assert await sparkplug_count() == 0, "sent before the primary host was online"
