@@ -167,12 +167,15 @@ LS_GIMAC1000_EX = MeterMap("ls_gimac1000_ex", "LS ELECTRIC [GIMAC1000] Modbus Ma
 # (30045-30519 and 30537-30541, two registers each) and the EX Giga counters 30534-30535 (p.6).
 GIMAC1000_EX_ONLY = ((FC04, 44, 519), (FC04, 533, 534), (FC04, 536, 541))
 
-# Rootech Accura 2300S/2350 Communication User Guide rev 1.41 (2015-07-20), chapter 2 p.29: register number
-# minus one, function 03. The module 0 block (11201...) comes from two public integrations (an OpenEMS
-# Accura2300 component and a C++ client), not from Rootech's measurement pages: every row is third-party.
+# Rootech "Accura 2300S/2350 Communication User Guide" rev 1.41 (2015-07-20), chapter 2 "Modbus Map Overview",
+# printed p.29 (copy read: manualslib 1601927 ?page=29): holding registers, "register address is calculated by
+# subtracting one from register number" - so FC03 and address = register - 1 in every row are Rootech's. The
+# guide's measurement-data pages were in no copy that could be read (searched 2026-12-04), so the registers,
+# types and units of the module 0 block (11201...) come from two public integrations (an OpenEMS Accura2300
+# component and a C++ client): every row is third-party, and there is no energy counter or voltage row.
 _ACCURA = "third-party"
 ROOTECH_ACCURA2350 = MeterMap("rootech_accura2350", "Accura 2300S/2350 Communication User Guide rev 1.41 p.29 "
-                              "(addressing); block layout third-party", (
+                              "(addressing, holding registers); block layout third-party", (
     _r("current_l1", "11201", FC03, 11200, "float32", 12.5, 1, "A", source=_ACCURA),
     _r("current_l2", "11203", FC03, 11202, "float32", 13.25, 1, "A", source=_ACCURA),
     _r("current_l3", "11205", FC03, 11204, "float32", 11.75, 1, "A", source=_ACCURA),

@@ -99,6 +99,17 @@ def test_the_eocr_isem2_profile_gives_its_consumption_counter_and_no_export() ->
     assert spec.kwh_per_unit == 1.0
 
 
+def test_an_energy_table_on_the_accura2350_profile_is_refused_until_its_counters_are_confirmed() -> None:
+    """The Accura 2350 profile has no energy counter: Rootech's measurement-data pages could not be read, so no
+    register is known to hold one (docs/profiles.md). An energy table on it is a configuration error naming the
+    missing point, not a meter whose demand is silently never computed."""
+    text = GATEWAY + ('[[devices]]\nname = "feeder-7"\ndriver = "modbus"\nhost = "10.0.0.5"\n'
+                      'profile = "rootech_accura2350"\n[devices.energy]\ntarget_kw = 50\n')
+    ((where, message),) = problems(text)
+    assert where == "devices[0].energy.import_point"
+    assert "no point 'energy_active_import'" in message and "active_power_total" in message
+
+
 @pytest.mark.parametrize(("energy", "points", "expected"), [
     ('import_point = "energy_total"', POINTS, [("devices[0].energy.import_point", "no point 'energy_total'")]),
     ('window = "10m"', POINTS, [("devices[0].energy.window", '"5m", "15m", "30m" or "60m"')]),

@@ -171,6 +171,8 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("abb_m4m30", "voltage_l1_n", {"scale": 1.0}),
     ("abb_m4m30", "voltage_l1_n", {"address": 0x5B00}),  # ABB's EQ-meter address: the M4M's system voltage
     ("rootech_accura2350", "active_power_total", {"address": 11267}),  # the register number, not the address
+    # the 2300S serves its map as holding registers (guide rev 1.41 p.29), not input registers
+    ("rootech_accura2350", "active_power_total", {"function": "input"}),
     ("delta_ohm_pmsense", "pm2_5", {"address": 1}),  # PM2.5 as a particle count (N°/ml), not µg/m³ (V1.3 p.15)
     ("delta_ohm_pmsense", "pm10", {"address": 6}),   # the register number (V1.0), not the address
     ("vaisala_gmp252", "co2", {"word_order": "ABCD"}),  # Vaisala sends the low word first (p.118)
