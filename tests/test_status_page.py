@@ -696,7 +696,9 @@ def state_of_an_agent_stopped_mid_window(config: Path, name: str, counter_wh: fl
     now = time.time()
     edge = window_start(now, spec.window_s, spec.zone)
     tracker = MeterTracker(spec)
-    tracker.observe(edge - 1, (counter_wh - 45.0 * (now - edge + 1) / 3.6,))  # 45 kW since a second before the edge
+    # 45 kW since 16 s before the edge: a slope longer than the 1-minute window's lookback (15 s), so the alarm
+    # was raised before the stop and stays raised through the restart (alarms wait for a full-lookback slope).
+    tracker.observe(edge - 16, (counter_wh - 45.0 * (now - edge + 16) / 3.6,))
     tracker.observe(now, (counter_wh,))
     state = {"version": STATE_VERSION, "saved": now, "meters": {name: tracker.snapshot()}, "groups": {}, "outbox": []}
     (config.parent / "energy-state.json").write_text(__import__("json").dumps(state))
