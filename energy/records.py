@@ -88,6 +88,7 @@ def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: S
         "energy_kwh": round(live.energy_kwh, 6), "power_kw": round(live.power_kw, 3),
         "projected_kw": round(live.projected_kw, 3), "target_kw": target_kw,
         "alarms_kw": list(live.alarms), "estimated_s": round(live.estimated_s, 1),
+        "settling_s": round(live.settling_s, 1),
     }
     if latest is not None:
         state["latest_window"] = {"start": latest.start_local, "demand_kw": round(latest.demand_kw, 4),
@@ -108,6 +109,7 @@ def live_poll(live: LiveDemand, zone: Any, target_kw: float | None) -> PollResul
         Reading("alarms_raised", len(live.alarms)),
         Reading("alarm_level_kw", float(max(live.alarms, default=0.0)), "kW"),
         Reading("estimated_s", round(live.estimated_s, 1), "s"),
+        Reading("settling_s", round(live.settling_s, 1), "s"),
         Reading("window_start", local_iso(live.start, zone)),
     ]
     if target_kw is not None:

@@ -125,11 +125,11 @@ class GroupTracker:
         net = self.group.minus_export
         total = sum(c.projected_kw - (c.export_projected_kw if net else 0.0) for c in current)
         energy = sum(c.energy_kwh - (c.export_kwh if net else 0.0) for c in current)
-        settled = all(c.settled for c in current)
-        events: list[Event] = list(self.alarm.update(live.ts, total, live.start)) if settled else []
+        settling_s = max(c.settling_s for c in current)  # the group decides once every member does
+        events: list[Event] = list(self.alarm.update(live.ts, total, live.start)) if not settling_s else []
         events.append(LiveDemand(self.spec.name, live.ts, live.start, live.end, energy,
                                  sum(c.power_kw for c in current), total, tuple(sorted(self.alarm.active)),
-                                 estimated_s=max(c.estimated_s for c in current), settled=settled))
+                                 estimated_s=max(c.estimated_s for c in current), settling_s=settling_s))
         return events
 
 

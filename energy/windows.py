@@ -169,9 +169,9 @@ class LiveDemand:
     export_kwh: float = 0.0  # the export counter's energy so far (meters with export; 0 otherwise)
     export_projected_kw: float = 0.0  # the export demand projected to the end edge (a group's net import subtracts it)
     estimated_s: float = 0.0  # seconds at the window's start before the first reading, estimated from present power
-    # The present power is a slope over the full lookback: until then (after a start, a restart) it is the
-    # counter's steps over a few readings, and the projection raises or clears no alarm.
-    settled: bool = True
+    # Seconds until the present power is a slope over the full lookback (0: it is). Until then (after a start,
+    # a restart) it is the counter's steps over a few readings, and the projection raises or clears no alarm.
+    settling_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,11 +421,11 @@ class MeterTracker:
         export_projected = (export_so_far + export_power * left_h) * 3600 / length if exported else 0.0
         # A slope over a few readings is the counter's steps, not power (a 1 Wh counter read 200 ms apart
         # steps by 54 or 72 kW at 61 kW): the alarm decides on a slope the full lookback long.
-        settled = recent[-1][0] - recent[0][0] >= spec.lookback_s
-        events: list[Event] = list(self.alarm.update(sample.ts, projected, window.start)) if settled else []
+        settling_s = max(spec.lookback_s - (recent[-1][0] - recent[0][0]), 0.0)
+        events: list[Event] = list(self.alarm.update(sample.ts, projected, window.start)) if not settling_s else []
         events.append(LiveDemand(spec.name, sample.ts, window.start, window.end, so_far, power, projected,
                                  tuple(sorted(self.alarm.active)), export_so_far, export_projected, estimated_s,
-                                 settled))
+                                 settling_s))
         return events
 
     # --- state (saved by energy/stage.py) ---

@@ -93,7 +93,8 @@ def _page_item(stage: EnergyStage, spec: MeterSpec, kind: str, now: float) -> di
                         "window_end": local_iso(live.end, spec.zone), "left_s": round(max(live.end - now, 0.0), 1),
                         "ended": now >= live.end, "energy_kwh": round(live.energy_kwh, 4),
                         "power_kw": round(live.power_kw, 2), "projected_kw": round(live.projected_kw, 2),
-                        "alarms_kw": list(live.alarms), "estimated_s": round(live.estimated_s, 1)}
+                        "alarms_kw": list(live.alarms), "estimated_s": round(live.estimated_s, 1),
+                        "settling_s": round(live.settling_s, 1)}
     item["windows"] = [{"start": w.start_local, "demand_kw": round(w.demand_kw, 3),
                         "energy_kwh": round(w.energy_kwh, 4), "coverage": w.coverage, "longest_gap_s": w.longest_gap_s,
                         "flags": [f for f in w.flags.split(",") if f]}

@@ -292,7 +292,9 @@ def test_no_alarm_on_the_slope_of_a_few_readings_after_a_start() -> None:
     live = [e for e in events if isinstance(e, LiveDemand)]
     assert max(e.projected_kw for e in live[:5]) > 65.0  # the few readings' slope does overshoot...
     assert not [e for e in events if isinstance(e, AlarmEvent)]  # ...and decides nothing
-    assert [e.settled for e in live].index(True) == next(i for i, e in enumerate(live) if e.ts - times[0] >= 60)
+    settled = next(i for i, e in enumerate(live) if e.ts - times[0] >= 60)
+    assert all(e.settling_s > 0 for e in live[:settled]) and live[settled].settling_s == 0
+    assert live[0].settling_s == pytest.approx(60 - (live[0].ts - times[0]))  # counts down to the decision
     resumed = MeterTracker(tracker.spec)
     resumed.restore(tracker.snapshot())
     later = feed(resumed, meter, [times[-1] + 2 + 0.2 * i + (0.05 if i % 2 else 0.0) for i in range(600)])

@@ -554,7 +554,8 @@ async def test_live_state_is_born_first_sent_by_exception_at_qos_0_and_only_whil
     assert {name: (m["type"], m["value"]) for name, m in live_birth.items()} == {
         "energy_kwh": ("Double", 0.2), "power_kw": ("Double", 400.0), "projected_kw": ("Double", 100.8),
         "alarms_raised": ("Int64", "0"), "alarm_level_kw": ("Double", 0.0), "estimated_s": ("Double", 0.0),
-        "window_start": ("String", "2025-11-25T01:00:00+09:00"), "target_kw": ("Double", 500.0)}
+        "settling_s": ("Double", 0.0), "window_start": ("String", "2025-11-25T01:00:00+09:00"),
+        "target_kw": ("Double", 500.0)}
     assert live_birth["projected_kw"]["properties"]["engUnit"]["value"] == "kW"
     assert all(int(m["timestamp"]) == (start + 2) * 1000 for m in live_birth.values())
     by_alias = {int(m["alias"]): name for name, m in live_birth.items()}
@@ -666,7 +667,8 @@ async def test_live_demand_reaches_the_host_as_born_metrics_equal_to_the_json_an
     live_aliases = {alias: m["name"][len("demand/live/"):] for alias, m in named.items()
                     if m["name"].startswith("demand/live/")}
     assert set(live_aliases.values()) == {"energy_kwh", "power_kw", "projected_kw", "alarms_raised",
-                                          "alarm_level_kw", "estimated_s", "window_start", "target_kw"}
+                                          "alarm_level_kw", "estimated_s", "settling_s", "window_start",
+                                          "target_kw"}
     data = [d for d in decoded if d["kind"] == "DDATA"]
     live_data = [d for d in data if any(int(m["alias"]) in live_aliases for m in d["payload"]["metrics"])]
     assert len(live_data) >= 3
@@ -697,7 +699,7 @@ async def test_live_demand_reaches_the_host_as_born_metrics_equal_to_the_json_an
         if host_view is None:
             continue  # sent while the host was offline (or nothing changed at that moment)
         compared += 1
-        for key in ("energy_kwh", "power_kw", "projected_kw", "estimated_s", "target_kw"):
+        for key in ("energy_kwh", "power_kw", "projected_kw", "estimated_s", "settling_s", "target_kw"):
             assert host_view[key] == pytest.approx(state[key], abs=1e-6), (key, host_view, state)
         assert host_view["window_start"] == state["window_start"]
         assert int(host_view["alarms_raised"]) == len(state["alarms_kw"])

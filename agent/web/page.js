@@ -35,6 +35,7 @@ const LABELS = {
     window: "Window", left: (d) => `${d} left`, window_ended: "ended with no reading since: is the meter answering?",
     so_far: "Energy so far", power_now: "Power now", projected: "Projected demand at the window's end",
     target: "Target", levels: "levels", no_target: "no target", raised: "Raised", none: "none",
+    settling: (d) => `none yet: alarms are decided in ${d}, once the power is measured long enough`,
     last_reading: "Last counter reading",
     waiting_first: (at) => `Live demand from the counter's second reading (window until ${at}).`,
     estimated: (d) => `first ${d} of this window estimated from the present power (no reading before it: the first window after start-up; this window is not sent)`,
@@ -76,6 +77,7 @@ const LABELS = {
     window: "수요 구간", left: (d) => `${d} 남음`, window_ended: "이후 측정값 없이 구간이 끝남: 계량기 응답을 확인하세요",
     so_far: "구간 누적 전력량", power_now: "현재 전력", projected: "구간 종료 시 예측 수요전력",
     target: "목표 수요전력", levels: "경보 단계", no_target: "목표 없음", raised: "발령된 경보", none: "없음",
+    settling: (d) => `아직 없음: 전력을 충분히 측정한 ${d} 후부터 경보를 판정합니다`,
     last_reading: "마지막 적산값 수집",
     waiting_first: (at) => `전력량계 두 번째 측정부터 실시간 수요 표시 (구간 종료 ${at}).`,
     estimated: (d) => `이 구간의 처음 ${d}은 현재 전력으로 추정한 값입니다 (시작 후 첫 구간: 그 전 측정값이 없어 이 구간은 전송하지 않습니다)`,
@@ -330,7 +332,8 @@ function liveRows(m, now) {
     el("dt", null, t("projected")), el("dd", { class: "projected" }, el("strong", null, kw(live.projected_kw)), " ", scale),
     el("dt", null, t("target")), el("dd", { class: "target" }, target),
     el("dt", null, t("raised")), el("dd", { class: `raised${raised.length ? " error-text" : ""}` },
-      raised.length ? raised.map(kw).join(", ") : t("none")),
+      raised.length ? raised.map(kw).join(", ")
+        : live.settling_s > 0 && m.levels_kw.length ? el("span", { class: "muted settling" }, t("settling")(duration(live.settling_s))) : t("none")),
     el("dt", null, t("last_reading")), el("dd", { class: "last-reading" }, when(live.ts, now)));
 }
 
