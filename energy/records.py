@@ -15,6 +15,7 @@ device in the folder "demand/live" (`live_poll`: the same figures, rounded alike
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from agent.model import PollResult, Quality, Reading
@@ -78,6 +79,11 @@ def alarm_poll(event: AlarmEvent, zone_of: dict[str, Any]) -> PollResult:
     return PollResult(alarm_stream(event.meter), event.ts, tuple(readings))
 
 
+def settling(live: LiveDemand) -> float:
+    """`settling_s` as sent: rounded up to 0.1 s, so that it reads 0 only when alarms are being decided."""
+    return math.ceil(live.settling_s * 10) / 10
+
+
 def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: StoredWindow | None,
                  target_kw: float | None) -> bytes:
     """The retained current state of a meter or group: the open window so far, its projection, the alarm
@@ -88,7 +94,7 @@ def live_payload(live: LiveDemand, gateway: str, site: str, zone: Any, latest: S
         "energy_kwh": round(live.energy_kwh, 6), "power_kw": round(live.power_kw, 3),
         "projected_kw": round(live.projected_kw, 3), "target_kw": target_kw,
         "alarms_kw": list(live.alarms), "estimated_s": round(live.estimated_s, 1),
-        "settling_s": round(live.settling_s, 1),
+        "settling_s": settling(live),
     }
     if latest is not None:
         state["latest_window"] = {"start": latest.start_local, "demand_kw": round(latest.demand_kw, 4),
@@ -109,7 +115,7 @@ def live_poll(live: LiveDemand, zone: Any, target_kw: float | None) -> PollResul
         Reading("alarms_raised", len(live.alarms)),
         Reading("alarm_level_kw", float(max(live.alarms, default=0.0)), "kW"),
         Reading("estimated_s", round(live.estimated_s, 1), "s"),
-        Reading("settling_s", round(live.settling_s, 1), "s"),
+        Reading("settling_s", settling(live), "s"),
         Reading("window_start", local_iso(live.start, zone)),
     ]
     if target_kw is not None:

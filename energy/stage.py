@@ -125,7 +125,9 @@ class GroupTracker:
         net = self.group.minus_export
         total = sum(c.projected_kw - (c.export_projected_kw if net else 0.0) for c in current)
         energy = sum(c.energy_kwh - (c.export_kwh if net else 0.0) for c in current)
-        settling_s = max(c.settling_s for c in current)  # the group decides once every member does
+        # The group decides once every member does: by when each said it would (a member polled less often
+        # than the others has settled by now if its time has come, though it has not said so since).
+        settling_s = max(max(c.ts + c.settling_s for c in current) - live.ts, 0.0)
         events: list[Event] = list(self.alarm.update(live.ts, total, live.start)) if not settling_s else []
         events.append(LiveDemand(self.spec.name, live.ts, live.start, live.end, energy,
                                  sum(c.power_kw for c in current), total, tuple(sorted(self.alarm.active)),

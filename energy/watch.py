@@ -44,6 +44,7 @@ class MeterReport:
     live_energy_kwh: float | None
     live_window_start: str | None
     live_estimated_s: float = 0.0  # first window after commissioning: seconds before the first reading, estimated
+    live_settling_s: float = 0.0  # after a start or restart: seconds until alarms are decided
 
 
 @dataclass
@@ -131,7 +132,8 @@ def _report(meter: str, state: _Meter) -> MeterReport:
     return MeterReport(meter, state.count, missing, state.duplicates, state.conflicting,
                        latest[0] if latest else None, latest[1] if latest else None, latest[2] if latest else None,
                        state.alarm_events, tuple(float(a) for a in alarms or ()), live.get("projected_kw"),
-                       live.get("energy_kwh"), live.get("window_start"), float(live.get("estimated_s") or 0.0))
+                       live.get("energy_kwh"), live.get("window_start"), float(live.get("estimated_s") or 0.0),
+                       float(live.get("settling_s") or 0.0))
 
 
 def _holes(start: float, end: float, following: float) -> int:
@@ -154,7 +156,8 @@ def meter_lines(meters: tuple[MeterReport, ...]) -> list[str]:
         live = "" if m.projected_kw is None else f"  now {m.live_energy_kwh:g} kWh, projected {m.projected_kw:g} kW"
         if m.live_estimated_s:
             live += f" (first {m.live_estimated_s:.0f} s estimated)"
-        alarm = f"  ALARM at {', '.join(f'{a:g}' for a in m.alarms_kw)} kW" if m.alarms_kw else ""
+        alarm = f"  ALARM at {', '.join(f'{a:g}' for a in m.alarms_kw)} kW" if m.alarms_kw else \
+            f"  alarms decided in {max(1, round(m.live_settling_s))} s" if m.live_settling_s else ""
         problems = f"  MISSING {m.missing}" if m.missing else ""
         problems += f"  CONFLICTING {m.conflicting}" if m.conflicting else ""
         lines.append(f"    {m.meter} demand: windows {m.windows} (dup {m.duplicates}){problems}  {latest}{live}{alarm}")

@@ -243,6 +243,11 @@ class MeterTracker:
         self.alarm = Alarm(spec)
         self._recent: deque[tuple[float, float, float]] = deque()  # (ts, import kWh, export kWh) over the lookback
         self._pending_flags: set[Flag] = set()
+        # Alarms are decided on a slope of readings taken since this time (None: any). After a restart the
+        # power is still the slope from the last reading before the stop (the energy counted across the outage
+        # is real), but an average over an outage is not present power: alarms wait a lookback of new readings.
+        self._settle_from: float | None = None
+        self._settle_on_next = False
 
     # --- inputs ---
 
@@ -421,7 +426,10 @@ class MeterTracker:
         export_projected = (export_so_far + export_power * left_h) * 3600 / length if exported else 0.0
         # A slope over a few readings is the counter's steps, not power (a 1 Wh counter read 200 ms apart
         # steps by 54 or 72 kW at 61 kW): the alarm decides on a slope the full lookback long.
-        settling_s = max(spec.lookback_s - (recent[-1][0] - recent[0][0]), 0.0)
+        if self._settle_on_next:
+            self._settle_from, self._settle_on_next = sample.ts, False
+        since = recent[0][0] if self._settle_from is None else max(recent[0][0], self._settle_from)
+        settling_s = max(spec.lookback_s - (sample.ts - since), 0.0)
         events: list[Event] = list(self.alarm.update(sample.ts, projected, window.start)) if not settling_s else []
         events.append(LiveDemand(spec.name, sample.ts, window.start, window.end, so_far, power, projected,
                                  tuple(sorted(self.alarm.active)), export_so_far, export_projected, estimated_s,
@@ -472,6 +480,7 @@ class MeterTracker:
             self._recent.clear()
             energy = self.last.energy
             self._recent.append((self.last.ts, energy[0], energy[1] if len(energy) > 1 else 0.0))
+            self._settle_on_next = True  # alarms wait for a lookback of readings after the restart
         alarms = state.get("alarms")
         if isinstance(alarms, list):
             self.alarm = Alarm(self.spec, tuple(float(a) for a in alarms))

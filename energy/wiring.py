@@ -16,6 +16,7 @@ from agent.payload import iso_utc
 from energy.clock import ClockWatch
 from energy.config import TRIAL_WINDOW_S, plan
 from energy.history import History
+from energy.records import settling
 from energy.stage import EnergyStage
 from energy.windows import MeterSpec, local_iso
 
@@ -94,7 +95,7 @@ def _page_item(stage: EnergyStage, spec: MeterSpec, kind: str, now: float) -> di
                         "ended": now >= live.end, "energy_kwh": round(live.energy_kwh, 4),
                         "power_kw": round(live.power_kw, 2), "projected_kw": round(live.projected_kw, 2),
                         "alarms_kw": list(live.alarms), "estimated_s": round(live.estimated_s, 1),
-                        "settling_s": round(live.settling_s, 1)}
+                        "settling_s": settling(live)}
     item["windows"] = [{"start": w.start_local, "demand_kw": round(w.demand_kw, 3),
                         "energy_kwh": round(w.energy_kwh, 4), "coverage": w.coverage, "longest_gap_s": w.longest_gap_s,
                         "flags": [f for f in w.flags.split(",") if f]}

@@ -73,7 +73,9 @@ async def test_the_window_arrives_with_the_analytic_value_and_a_killed_agent_com
     t0 = now
     profile = Profile(t0, base=60.0, ramp=0.5)  # kW: 60 now, rising 30 kW a minute
     meter = SimMeter(profile, start_kwh=1_000_000.0, resolution=0.001)
-    target = profile.power_kw(first_edge) + 3  # the projection (slope over 60 s) crosses it ~40 s in
+    # The projection (slope over 15 s, the 1-minute window's lookback) crosses it ~13 s in; alarms are decided
+    # from 15 s after the agents' first reading.
+    target = profile.power_kw(first_edge) + 3
     async with SimServer({1: ProfileMeter(meter)}, update_interval=None) as simulator:
         agents = {}
         for gateway in ("gw-clean", "gw-killed"):

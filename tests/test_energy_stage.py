@@ -17,8 +17,8 @@ from agent.model import PollResult, Quality, Reading
 from energy.clock import ClockState, StepDetector
 from energy.config import EnergyPlan, GroupSpec
 from energy.history import History, report
-from energy.stage import EnergyStage
-from energy.windows import MeterSpec, window_start
+from energy.stage import EnergyStage, GroupTracker
+from energy.windows import AlarmEvent, LiveDemand, MeterSpec, window_start
 
 SEOUL = ZoneInfo("Asia/Seoul")
 T0 = datetime(2024, 5, 14, 9, 7, 30, tzinfo=SEOUL).timestamp()
@@ -482,3 +482,22 @@ async def test_the_retained_live_state_names_the_latest_window_also_after_a_rest
     await run(again, list(polls("incomer-1", meter, poll_times(first_edge + 930, first_edge + 932, 1.0))))
     assert published and published[0][1]["latest_window"] == before
     await again.close()
+
+
+def test_a_group_decides_once_every_member_has_settled_by_its_own_account() -> None:
+    """A group's alarm waits until every member's present power is a full-lookback slope. A member polled less
+    often than the others said, at its last reading, when that would be; once that time has come the group
+    decides, without waiting for the member to say so again."""
+    group = GroupTracker(GroupSpec(MeterSpec("plant", "", target_kw=100.0, levels_kw=(100.0,)), ("a", "b"), False))
+    start = window_start(T0, 900, SEOUL)
+
+    def live(meter: str, ts: float, projected: float, settling: float) -> LiveDemand:
+        return LiveDemand(meter, ts, start, start + 900, 1.0, projected, projected, (), settling_s=settling)
+
+    assert group.observe(live("a", T0, 60.0, 30.0)) == []  # b has no live demand yet
+    (early,) = group.observe(live("b", T0 + 1, 60.0, 0.0))  # a settles at T0 + 30: nothing decided
+    assert isinstance(early, LiveDemand) and early.settling_s == pytest.approx(29.0)
+    (still,) = group.observe(live("b", T0 + 20, 60.0, 0.0))
+    assert still.settling_s == pytest.approx(10.0)
+    raised, later = group.observe(live("b", T0 + 31, 60.0, 0.0))  # 120 kW, and a's time has come
+    assert isinstance(raised, AlarmEvent) and raised.raised and later.settling_s == 0.0

@@ -31,3 +31,12 @@ def test_a_live_state_read_from_its_edge_says_nothing_more() -> None:
     read = LiveDemand("incomer-1", START + 460, START, START + 900, 51.2, 400.0, 403.5, ())
     line = view_of(read)
     assert line.endswith("projected 403.5 kW") and "estimated" not in line
+
+
+def test_a_live_state_still_settling_says_when_alarms_are_decided() -> None:
+    """Rounded up, as sent: 0.04 s left is not 'decided' (0), nor 'in 0 s'."""
+    for settling, words in ((41.3, "alarms decided in 41 s"), (0.04, "alarms decided in 1 s")):
+        live = LiveDemand("incomer-1", START + 460, START, START + 900, 51.2, 400.0, 403.5, (), settling_s=settling)
+        assert view_of(live).endswith(f"projected 403.5 kW  {words}")
+    raised = LiveDemand("incomer-1", START + 460, START, START + 900, 51.2, 400.0, 403.5, (400.0,), settling_s=20.0)
+    assert view_of(raised).endswith("ALARM at 400 kW")  # an alarm raised before a restart stays in view

@@ -281,7 +281,8 @@ def test_no_alarm_on_the_slope_of_a_few_readings_after_a_start() -> None:
     readings was 3 or 4 Wh over 0.2 s (54 or 72 kW for a steady 61 kW), and with a jittered poll more: the
     projection of the first window crossed a 65 kW level, raised, then cleared as the slope settled. An alarm
     is raised or cleared only on a present power measured over the full lookback; before that the projection
-    is sent (live demand) but decides nothing. The same after a restart: the slope starts again."""
+    is sent (live demand) but decides nothing. The same after a restart: the slope back to the last reading
+    before the stop is the outage's average, not the power now."""
     start = window_start(T0, 900, SEOUL)
     meter = SimMeter(Profile(start, base=61.0), resolution=0.001)
     tracker = MeterTracker(spec(target_kw=65.0, levels_kw=(65.0,), hysteresis_kw=3.25, resolution=0.001))
@@ -295,15 +296,29 @@ def test_no_alarm_on_the_slope_of_a_few_readings_after_a_start() -> None:
     settled = next(i for i, e in enumerate(live) if e.ts - times[0] >= 60)
     assert all(e.settling_s > 0 for e in live[:settled]) and live[settled].settling_s == 0
     assert live[0].settling_s == pytest.approx(60 - (live[0].ts - times[0]))  # counts down to the decision
-    resumed = MeterTracker(tracker.spec)
-    resumed.restore(tracker.snapshot())
-    later = feed(resumed, meter, [times[-1] + 2 + 0.2 * i + (0.05 if i % 2 else 0.0) for i in range(600)])
-    assert not [e for e in later if isinstance(e, AlarmEvent)]
     # A steady 70 kW is over the level: raised once the slope is a minute long, not at the first reading.
     high = SimMeter(Profile(start, base=70.0), resolution=0.001)
     tracker = MeterTracker(tracker.spec)
     alarms = [e for e in feed(tracker, high, times) if isinstance(e, AlarmEvent)]
     assert [(a.raised, a.ts - times[0] >= 60) for a in alarms] == [(True, True)]
+    # 90 kW from the next edge, raised; the agent stops for 3 minutes while the plant is off, and restarts at
+    # 90 kW. The window still heads over 65 kW (72 kW), but the slope back to the last reading before the
+    # stop is near 0 kW: decided on it, the alarm would clear at the restart and rise again a minute later.
+    second = start + 900
+    before = SimMeter(Profile(second, base=90.0), resolution=0.001)
+    tracker = MeterTracker(tracker.spec)
+    run = [second + 0.17 + 0.2 * i for i in range(600)]
+    assert [a.raised for a in feed(tracker, before, run) if isinstance(a, AlarmEvent)] == [True]
+    resumed = MeterTracker(tracker.spec)
+    resumed.restore(tracker.snapshot())
+    again = run[-1] + 180
+    back = SimMeter(Profile(again, base=90.0), start_kwh=before.counter(run[-1]), resolution=0.001)
+    later = feed(resumed, back, [again + 0.2 * i for i in range(900)])
+    assert not [e for e in later if isinstance(e, AlarmEvent)]  # still raised, never cleared and raised again
+    live = [e for e in later if isinstance(e, LiveDemand)]
+    assert live[0].projected_kw < 65.0 - 3.25  # what the outage's slope says at the first reading
+    assert all(e.settling_s > 0 for e in live if e.ts - again < 59.9) and live[-1].settling_s == 0
+    assert all(e.alarms == (65.0,) for e in live) and live[-1].projected_kw == pytest.approx(72.0, abs=0.5)
 
 
 @pytest.mark.parametrize("added", [True, False])

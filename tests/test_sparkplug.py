@@ -644,6 +644,7 @@ async def test_live_demand_reaches_the_host_as_born_metrics_equal_to_the_json_an
         while not live_json.alarmed():
             assert time.monotonic() < deadline, agent.log()[-3000:]
             await asyncio.sleep(0.1)
+        assert live_json.states[0]["settling_s"] > 0  # counted down until the alarm could be decided
         assert await sparkplug_count() == 0, "sent before the primary host was online"
         await host(True)
         # The backlog, then about 5 s of polls (every 200 ms) and of live demand (every second).

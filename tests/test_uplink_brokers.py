@@ -319,17 +319,20 @@ async def test_a_sigkill_re_sends_at_most_the_in_flight_window(
     def on_message(topic: str, body: dict[str, Any]) -> None:
         arrived.append(body["polls"][0]["readings"][0]["seq"])
         if trigger and len(arrived) >= trigger["at"]:
-            # From the subscriber's thread, as the broker forwards the message: the broker's PUBACK of it is
-            # still on its way to the agent, or not yet acted on, so this kill most often lands mid-send.
-            trigger.pop("agent").process.send_signal(signal.SIGKILL)
+            # From the monitor's worker thread, moments after the broker forwarded the message: the broker's
+            # PUBACK of it is often still on its way to the agent, or not yet acted on, so this kill lands
+            # mid-send far more often than one timed from the test's loop. Disarmed before the signal, so the
+            # next run's trigger (set once this agent is seen dead) is never the one cleared.
+            target = trigger.pop("agent")
             trigger.clear()
+            target.process.send_signal(signal.SIGKILL)
 
     with Monitor("127.0.0.1", mosquitto.port, TOPIC, on_message=on_message) as monitor:
         # Kill while it drains the backlog, once this run got a few messages through, until `kills` kills
         # happened and at least one of them landed with a message in flight (a kill between an
         # acknowledgement and the next send re-sends nothing and shows nothing): at most 20 runs.
         # A kill timed from the test's own loop landed in flight in about 1 run of 6 (no such kill in 20 runs
-        # failed the suite on a loaded machine); one from the subscriber's callback lands there far more often.
+        # failed the suite on a loaded machine); one from the subscriber's callback in 2 to 4 of 6.
         for run in range(20):
             agent = agent_process(config, tmp_path / "agent.log")
             agent.start()

@@ -184,7 +184,8 @@ class _LiveView:
                 for meter in gateway.meters:
                     if meter.projected_kw is not None:
                         alarm = f"  ALARM at {', '.join(f'{a:g}' for a in meter.alarms_kw)} kW" if meter.alarms_kw \
-                            else ""
+                            else f"  (alarms decided in {max(1, round(meter.live_settling_s))} s)" \
+                            if meter.live_settling_s else ""
                         estimated = f" (its first {meter.live_estimated_s:.0f} s estimated: read from the next " \
                             "edge on)" if meter.live_estimated_s else ""
                         print(f"{'':9} {meter.meter:<12} demand now: {meter.live_energy_kwh:.3f} kWh so far in the "

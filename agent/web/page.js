@@ -32,6 +32,7 @@ const LABELS = {
     energy: "Energy and demand", streams: "Latest windows",
     meters: "Meters", windows: "Windows closed since start", alarms_active: "Alarm levels raised",
     kind_meter: "meter", kind_group: "group", alarm_normal: "normal", alarm_raised: "ALARM", alarm_waiting: "waiting",
+    alarm_settling: "settling",
     window: "Window", left: (d) => `${d} left`, window_ended: "ended with no reading since: is the meter answering?",
     so_far: "Energy so far", power_now: "Power now", projected: "Projected demand at the window's end",
     target: "Target", levels: "levels", no_target: "no target", raised: "Raised", none: "none",
@@ -74,6 +75,7 @@ const LABELS = {
     energy: "에너지·수요전력", streams: "최근 수요 구간",
     meters: "계량기", windows: "시작 이후 마감된 구간", alarms_active: "발령 중인 경보 단계",
     kind_meter: "계량기", kind_group: "합계 그룹", alarm_normal: "정상", alarm_raised: "경보", alarm_waiting: "대기 중",
+    alarm_settling: "판정 대기",
     window: "수요 구간", left: (d) => `${d} 남음`, window_ended: "이후 측정값 없이 구간이 끝남: 계량기 응답을 확인하세요",
     so_far: "구간 누적 전력량", power_now: "현재 전력", projected: "구간 종료 시 예측 수요전력",
     target: "목표 수요전력", levels: "경보 단계", no_target: "목표 없음", raised: "발령된 경보", none: "없음",
@@ -298,11 +300,14 @@ function flagWords(w) {
   return words.length ? words.join("; ") : t("flag_none");
 }
 
+// No level raised, and none decided yet: the present power is not yet a slope long enough (after a start).
+function settling(m) { return m.live && m.live.settling_s > 0 && m.levels_kw.length > 0; }
+
 // The alarm's state in words and colour: none raised, some levels (warn), the top level (bad).
 function alarmBadge(m) {
   if (!m.live) return badge("starting", t("alarm_waiting"));
   const raised = m.live.alarms_kw || [];
-  if (!raised.length) return badge("ok", t("alarm_normal"));
+  if (!raised.length) return settling(m) ? badge("starting", t("alarm_settling")) : badge("ok", t("alarm_normal"));
   const top = m.levels_kw.length ? Math.max(...m.levels_kw) : Infinity;
   return badge(Math.max(...raised) >= top ? "bad" : "warn", `${t("alarm_raised")} ≥ ${kw(Math.max(...raised))}`);
 }
@@ -333,7 +338,7 @@ function liveRows(m, now) {
     el("dt", null, t("target")), el("dd", { class: "target" }, target),
     el("dt", null, t("raised")), el("dd", { class: `raised${raised.length ? " error-text" : ""}` },
       raised.length ? raised.map(kw).join(", ")
-        : live.settling_s > 0 && m.levels_kw.length ? el("span", { class: "muted settling" }, t("settling")(duration(live.settling_s))) : t("none")),
+        : settling(m) ? el("span", { class: "muted settling" }, t("settling")(duration(Math.ceil(live.settling_s)))) : t("none")),
     el("dt", null, t("last_reading")), el("dd", { class: "last-reading" }, when(live.ts, now)));
 }
 
@@ -370,7 +375,7 @@ function drawEnergy(energy, now) {
   ]);
   const meters = energy.meters || [];
   document.getElementById("energy-meters").replaceChildren(...meters.map((m) => {
-    const state = !m.live ? "waiting" : (m.live.alarms_kw || []).length ? "raised" : "normal";
+    const state = !m.live ? "waiting" : (m.live.alarms_kw || []).length ? "raised" : settling(m) ? "settling" : "normal";
     return el("article", { class: "card meter-energy", "data-meter": m.name, "data-alarm": state },
       el("div", { class: "device-head" },
         el("h3", null, m.name, " ", el("span", { class: "muted kind" },
