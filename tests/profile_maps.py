@@ -429,6 +429,19 @@ VAISALA_GMP252 = MeterMap("vaisala_gmp252", "Vaisala GMP252 User Guide M211897EN
     _r("temperature", "5 (0004hex)", FC03, 0x0004, "float32", 23.75, 1, "°C", "CDAB"),  # Measured T, p.113
 ))
 
+# Vaisala "HMDW110 User Guide" M211726EN-D, Appendix A: Table 51 Modbus Measurement Data Registers p.79 (register
+# number in decimal, address in hex, 32-bit float, unit; numbered from 1); function codes Table 50 p.78 (03, 16,
+# 43/14: no 04); floats least significant word first at the listed register (A.3, p.78). The same Table 51 is in
+# Vaisala's "HMDW110 Quick Guide" M211692EN-D on docs.vaisala.com. Raw values from Vaisala's own example of a
+# measurement message ("send 5 T= 22.8 'C RH= 39.8 %RH Td= 8.4 'C Tw= 14.6 'C", user guide M211726EN-F,
+# "Measurement output", docs.vaisala.com), so they agree with each other as one moment of real air.
+VAISALA_HMDW110 = MeterMap("vaisala_hmdw110", "Vaisala HMDW110 User Guide M211726EN-D, Table 51, p.79", (
+    _r("humidity", "1 (0000hex)", FC03, 0x0000, "float32", 39.8, 1, "%RH", "CDAB"),   # Relative humidity, p.79
+    _r("temperature", "3 (0002hex)", FC03, 0x0002, "float32", 22.8, 1, "°C", "CDAB"),  # Temperature, p.79
+    _r("dew_frost_point", "9 (0008hex)", FC03, 0x0008, "float32", 8.4, 1, "°C", "CDAB"),  # Dew/frost point, p.79
+    _r("wet_bulb_temperature", "19 (0012hex)", FC03, 0x0012, "float32", 14.6, 1, "°C", "CDAB"),  # Wet bulb, p.79
+))
+
 # Schneider Electric Korea "EOCR-iSEM2 Register map" Rev. 1.4.0 (2025-02-10, RD24-03-005), sheet "Map": the
 # "Address" column in decimal, function 03 (row 3: "supports the following MODBUS function codes 03, 06, 16"), every
 # register typed u16; a 32-bit value is a ": MSB" row followed by its ": LSB" row (high word first). Units as printed:
@@ -469,4 +482,4 @@ MAPS: dict[str, MeterMap] = {m.profile: m for m in (
     ELT_MB350UC,
     EASTRON_SDM630, LS_GIMAC1000, LS_GIMAC1000_EX, ROOTECH_ACCURA2350, SCHNEIDER_PM5500, ABB_M4M30, JANITZA_UMG604,
     CARLO_GAVAZZI_EM24, CARLO_GAVAZZI_EM24_RS485, GENERIC_ENV_SENSOR, EPLUSE_EE072, EPLUSE_EE872,
-    DELTA_OHM_PMSENSE, VAISALA_GMP252, SCHNEIDER_EOCR_ISEM2)}
+    DELTA_OHM_PMSENSE, VAISALA_GMP252, VAISALA_HMDW110, SCHNEIDER_EOCR_ISEM2)}

@@ -20,7 +20,8 @@ UNITS = {"V", "A", "kW", "kvar", "kVA", "Hz", "kWh", "kvarh", "kVAh", "°C", "%R
 REQUIRED_MODELS = {"ls_gimac1000", "rootech_accura2350", "schneider_pm5500", "eastron_sdm630", "abb_m4m30",
                    "elt_mb350uc",
                    "janitza_umg604", "carlo_gavazzi_em24", "carlo_gavazzi_em24_rs485", "generic_env_sensor",
-                   "epluse_ee072", "epluse_ee872", "delta_ohm_pmsense", "vaisala_gmp252", "schneider_eocr_isem2"}
+                   "epluse_ee072", "epluse_ee872", "delta_ohm_pmsense", "vaisala_gmp252", "schneider_eocr_isem2",
+                   "vaisala_hmdw110"}
 GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'
 
 

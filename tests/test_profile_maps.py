@@ -177,6 +177,10 @@ async def test_the_profile_reads_its_vendors_meter_correctly(profile_id: str) ->
     ("delta_ohm_pmsense", "pm10", {"address": 6}),   # the register number (V1.0), not the address
     ("vaisala_gmp252", "co2", {"word_order": "ABCD"}),  # Vaisala sends the low word first (p.118)
     ("vaisala_gmp252", "co2", {"address": 1}),          # register number 1 used as the address
+    ("vaisala_hmdw110", "humidity", {"word_order": "ABCD"}),  # low word first (M211726EN-D p.78)
+    ("vaisala_hmdw110", "dew_frost_point", {"address": 9}),   # register number 9 used as the address (p.79)
+    # the newer HMD60/HMD65's map (M212243EN-C) has Dew/frost point at 0006hex; the HMDW110 has it at 0008hex
+    ("vaisala_hmdw110", "dew_frost_point", {"address": 6}),
     # 302 is "L1 Current (Trip n-0)", the record of the last trip, which a public program reads as the live current
     ("schneider_eocr_isem2", "current_l1", {"address": 302}),
     ("schneider_eocr_isem2", "energy_active_import", {"address": 142}),  # the map's numbers taken as one-based
@@ -305,14 +309,19 @@ async def test_the_basic_profile_reads_a_no_model_whole() -> None:
     assert driver.sent_last_poll == 3 and len(readings) == len(table.rows)
 
 
-async def test_a_co2_value_the_gmp252_marks_unavailable_is_sent_bad_not_as_a_number() -> None:
-    """Vaisala's GMP252 guide (M211897EN-D p.113): a temporarily missing measurement answers normally, with a
-    quiet NaN (7FC00000h) in the float registers. It must reach the platform as a bad reading."""
-    table = MAPS["vaisala_gmp252"]
-    co2 = next(row for row in table.rows if row.name == "co2")
+@pytest.mark.parametrize(("profile_id", "missing", "present"), [
+    ("vaisala_gmp252", "co2", "temperature"),      # GMP252 guide M211897EN-D p.113
+    ("vaisala_hmdw110", "humidity", "temperature"),  # HMDW110 guide M211726EN-D p.79
+])
+async def test_a_value_a_vaisala_device_marks_unavailable_is_sent_bad_not_as_a_number(
+        profile_id: str, missing: str, present: str) -> None:
+    """Vaisala's guides: a temporarily missing measurement answers normally, with a quiet NaN (7FC00000h) in the
+    float registers. It must reach the platform as a bad reading, and the other values stay good."""
+    table = MAPS[profile_id]
+    row = next(row for row in table.rows if row.name == missing)
     device = meter(table)
-    device.set(co2.function, co2.address, encode(replace(co2, raw=math.nan)))
-    readings = {reading.point: reading for reading in await poll("vaisala_gmp252", device)}
-    assert readings["co2"].quality is Quality.BAD
-    assert readings["co2"].value is None
-    assert readings["temperature"].quality is Quality.GOOD
+    device.set(row.function, row.address, encode(replace(row, raw=math.nan)))
+    readings = {reading.point: reading for reading in await poll(profile_id, device)}
+    assert readings[missing].quality is Quality.BAD
+    assert readings[missing].value is None
+    assert readings[present].quality is Quality.GOOD
