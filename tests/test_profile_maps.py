@@ -82,14 +82,22 @@ def device_for(profile_id: str, port: int, **entry: Any) -> ModbusDevice:
     return ModbusDevice.model_validate(raw)
 
 
-async def poll(profile_id: str, device: FixedRegisters, **entry: Any) -> list[Reading]:
-    """One poll of `device`, served by a real pymodbus server, through the shipped profile and the real driver."""
+async def polls(profile_id: str, device: FixedRegisters, count: int = 1,
+                **entry: Any) -> list[tuple[list[Reading], int]]:
+    """`count` polls of `device`, served by a real pymodbus server, through the shipped profile and the real
+    driver: each poll's readings and the requests it sent."""
     async with SimServer({1: device}, update_interval=None) as server:
         driver = ModbusDriver(device_for(profile_id, server.port, **entry))
         try:
-            return await driver.poll()
+            return [(await driver.poll(), driver.sent_last_poll) for _ in range(count)]
         finally:
             await driver.close()
+
+
+async def poll(profile_id: str, device: FixedRegisters, **entry: Any) -> list[Reading]:
+    """One poll of `device` (see `polls`): its readings."""
+    ((readings, _),) = await polls(profile_id, device, **entry)
+    return readings
 
 
 async def mismatches(profile_id: str, **entry: Any) -> dict[str, str]:
@@ -204,14 +212,9 @@ async def test_the_mb350uc_is_read_in_one_request_within_its_limits() -> None:
     device.longest_read = 4
     device.refuse(3, 0, 0x004F)
     device.refuse(3, 0x0054, len(device.registers(3)) - 1)
-    async with SimServer({1: device}, update_interval=None) as server:
-        driver = ModbusDriver(device_for("elt_mb350uc", server.port))
-        try:
-            readings = await driver.poll()
-        finally:
-            await driver.close()
+    ((readings, sent),) = await polls("elt_mb350uc", device)
     assert disagreements(table, readings) == {}
-    assert len(readings) == len(table.rows) and driver.sent_last_poll == 1
+    assert len(readings) == len(table.rows) and sent == 1
 
 
 async def test_abb_m4m_no_value_marks_are_sent_bad_not_as_numbers() -> None:
@@ -277,15 +280,7 @@ async def test_the_ex_profile_on_a_basic_no_model_loses_only_the_ex_points() -> 
                if any(f == row.function and first <= row.address <= last for f, first, last in GIMAC1000_EX_ONLY)}
     assert ex_only == {"energy_active_export", "energy_reactive_export", "active_power_l1", "active_power_l2",
                        "active_power_l3", "demand_active_power", "demand_active_power_max"}
-    async with SimServer({1: no_model(table)}, update_interval=None) as server:
-        driver = ModbusDriver(device_for("ls_gimac1000_ex", server.port))
-        try:
-            first = await driver.poll()
-            sent_first = driver.sent_last_poll
-            second = await driver.poll()
-            sent_second = driver.sent_last_poll
-        finally:
-            await driver.close()
+    (first, sent_first), (second, sent_second) = await polls("ls_gimac1000_ex", no_model(table), count=2)
     for readings in (first, second):
         problems = disagreements(table, readings)
         assert set(problems) == ex_only, problems
@@ -299,14 +294,9 @@ async def test_the_ex_profile_on_a_basic_no_model_loses_only_the_ex_points() -> 
 
 async def test_the_basic_profile_reads_a_no_model_whole() -> None:
     table = MAPS["ls_gimac1000"]
-    async with SimServer({1: no_model(table)}, update_interval=None) as server:
-        driver = ModbusDriver(device_for("ls_gimac1000", server.port))
-        try:
-            readings = await driver.poll()
-        finally:
-            await driver.close()
+    ((readings, sent),) = await polls("ls_gimac1000", no_model(table))
     assert disagreements(table, readings) == {}
-    assert driver.sent_last_poll == 3 and len(readings) == len(table.rows)
+    assert sent == 3 and len(readings) == len(table.rows)
 
 
 @pytest.mark.parametrize(("profile_id", "missing", "present"), [
