@@ -205,6 +205,18 @@ async def test_a_group_sums_its_meters_minus_export_and_alarms_on_the_sum(tmp_pa
     assert alarms[0].ts < start + 1800
 
 
+async def feed_with_refused_export(energy: EnergyStage, grid: SimMeter, pv: SimMeter, until: float,
+                                   outage: tuple[float, float]) -> None:
+    """Polls of incomer-1 every second from T0 to `until`: import from `grid`, export from `pv`, except during
+    `outage`, when the meter refuses the export register."""
+    refused = Reading("energy_active_export", None, "kWh", Quality.BAD, "the meter refuses it: Modbus exception 2")
+    for t in poll_times(T0, until, 1.0):
+        energy.clocks.at(t)  # type: ignore[attr-defined]
+        export = refused if outage[0] <= t < outage[1] else Reading("energy_active_export", pv.counter(t), "kWh")
+        await energy.submit(PollResult("incomer-1", t, (Reading("energy_active_import", grid.counter(t), "kWh"),
+                                                        export)))
+
+
 async def test_an_export_counter_that_fails_does_not_stop_the_import_windows(tmp_path: Path,
                                                                              caplog: pytest.LogCaptureFixture) -> None:
     """A meter whose export register is refused (an EX-only register on a basic model, a decode problem) still
@@ -217,13 +229,7 @@ async def test_an_export_counter_that_fails_does_not_stop_the_import_windows(tmp
     sink = Sink()
     energy = stage(tmp_path, sink, plan)
     await energy.start()
-    outage = (start + 1000, start + 1300)  # inside the second window
-    refused = Reading("energy_active_export", None, "kWh", Quality.BAD, "the meter refuses it: Modbus exception 2")
-    for t in poll_times(T0, start + 2705, 1.0):
-        energy.clocks.at(t)  # type: ignore[attr-defined]
-        export = refused if outage[0] <= t < outage[1] else Reading("energy_active_export", pv.counter(t), "kWh")
-        await energy.submit(PollResult("incomer-1", t, (Reading("energy_active_import", grid.counter(t), "kWh"),
-                                                        export)))
+    await feed_with_refused_export(energy, grid, pv, start + 2705, (start + 1000, start + 1300))  # 2nd window
     windows = sink.stream("incomer-1/demand")
     assert [w.ts - 900 for w in windows] == [start, start + 900, start + 1800]
     for window in windows:  # the import is complete in every window, outage or not
@@ -256,13 +262,7 @@ async def test_a_group_net_of_an_unread_export_is_uncertain_and_a_gross_group_is
     sink = Sink()
     energy = stage(tmp_path, sink, plan)
     await energy.start()
-    outage = (start + 1000, start + 1300)  # inside the second window
-    refused = Reading("energy_active_export", None, "kWh", Quality.BAD, "the meter refuses it: Modbus exception 2")
-    for t in poll_times(T0, start + 1805, 1.0):
-        energy.clocks.at(t)  # type: ignore[attr-defined]
-        export = refused if outage[0] <= t < outage[1] else Reading("energy_active_export", pv.counter(t), "kWh")
-        await energy.submit(PollResult("incomer-1", t, (Reading("energy_active_import", grid.counter(t), "kWh"),
-                                                        export)))
+    await feed_with_refused_export(energy, grid, pv, start + 1805, (start + 1000, start + 1300))  # 2nd window
     net, gross = sink.stream("plant/demand"), sink.stream("gross/demand")
     assert [w.ts - 900 for w in net] == [w.ts - 900 for w in gross] == [start, start + 900]
     net_energy = [next(r for r in w.readings if r.point == "energy") for w in net]
