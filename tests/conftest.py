@@ -12,9 +12,11 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.config import ConfigError, load_config
 from agent.demo.mosquitto import MosquittoProcess, find_mosquitto
 from drivers.modbus.simulator import HOLDING_REGISTERS, INPUT_REGISTERS, SimServer, SimulatedDevice
 
@@ -137,6 +139,20 @@ def meter_device(port: int, name: str = "power-meter", interval: str = "200ms", 
           {{ name = "active_energy_wh", function = "holding", address = 100, type = "uint32", word_order = "CDAB" }},
         ]
         """
+
+
+def point_config_error(tmp_path: Path, function: str, point: dict[str, Any], neighbour: str) -> tuple[Path, str]:
+    """A config file whose one Modbus device has `point` (its keys written as TOML values) as its first point
+    and the inline table `neighbour` as its second, loaded: the file's path and the error it must raise,
+    rendered as the command line prints it."""
+    fields = ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in point.items())
+    path = tmp_path / "config.toml"
+    path.write_text('[gateway]\nid = "gw-1"\nsite = "plant-a"\n[[devices]]\nname = "m"\ndriver = "modbus"\n'
+                    f'host = "127.0.0.1"\npoints = [\n  {{ function = "{function}", {fields} }},\n  {neighbour},\n]\n',
+                    encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return path, caught.value.render()
 
 
 class AgentProcess:

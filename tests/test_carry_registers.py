@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError, load_config
 from agent.model import Float32, Quality, Reading
 from drivers.modbus import describe
 from drivers.modbus.config import ModbusDevice
@@ -19,10 +18,9 @@ from drivers.modbus.decode import Scaling, device_plan
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.profiles import ProfileError, parse
 from drivers.modbus.simulator import INPUT_REGISTERS, SimServer
-from tests.conftest import FixedRegisters
+from tests.conftest import FixedRegisters, point_config_error
 
 pytestmark = pytest.mark.timeout(30)
-GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'
 GIGA = 1e9
 
 # As the GIMAC1000 lays them out: a float32 in Wh at 30033 (address 32), its Giga counter at 30531 (530).
@@ -251,15 +249,8 @@ async def test_a_roll_over_between_the_two_requests_is_sent_bad_once() -> None:
 ])
 def test_bad_carry_settings_name_the_dotted_path(tmp_path: Path, point: dict[str, Any], where: str,
                                                  message: str) -> None:
-    entry = {"name": "wh", "address": 32, "type": "float32", **point}
-    fields = ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in entry.items())
-    path = tmp_path / "config.toml"
-    path.write_text(GATEWAY + '[[devices]]\nname = "m"\ndriver = "modbus"\nhost = "127.0.0.1"\npoints = [\n'
-                    f'  {{ function = "input", {fields} }},\n'
-                    '  { name = "hz", function = "input", address = 6, type = "float32" },\n]\n', encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    rendered = caught.value.render()
+    path, rendered = point_config_error(tmp_path, "input", {"name": "wh", "address": 32, "type": "float32", **point},
+                                        '{ name = "hz", function = "input", address = 6, type = "float32" }')
     assert f"{path}: devices[0].{where}" in rendered and message in rendered, rendered
 
 

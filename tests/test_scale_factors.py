@@ -8,16 +8,14 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError, load_config
 from agent.model import Quality, Reading
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.decode import device_plan
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.simulator import HOLDING_REGISTERS, SimServer
-from tests.conftest import FixedRegisters
+from tests.conftest import FixedRegisters, point_config_error
 
 pytestmark = pytest.mark.timeout(30)
-GATEWAY = '[gateway]\nid = "gw-1"\nsite = "plant-a"\n'
 
 
 def device(points: list[dict[str, Any]], **extra: Any) -> ModbusDevice:
@@ -110,15 +108,8 @@ async def test_a_named_exponent_marked_not_available_makes_its_points_bad() -> N
 ])
 def test_bad_scale_settings_name_the_dotted_path(tmp_path: Path, point: dict[str, Any], where: str,
                                                  message: str) -> None:
-    entry = {"name": "w", "address": 4, "type": "int16", **point}
-    fields = ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in entry.items())
-    path = tmp_path / "config.toml"
-    path.write_text(GATEWAY + '[[devices]]\nname = "inv"\ndriver = "modbus"\nhost = "127.0.0.1"\npoints = [\n'
-                    f'  {{ function = "holding", {fields} }},\n'
-                    '  { name = "hz", function = "holding", address = 6, type = "uint16" },\n]\n', encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    rendered = caught.value.render()
+    path, rendered = point_config_error(tmp_path, "holding", {"name": "w", "address": 4, "type": "int16", **point},
+                                        '{ name = "hz", function = "holding", address = 6, type = "uint16" }')
     assert f"{path}: devices[0].{where}" in rendered and message in rendered, rendered
 
 
