@@ -422,16 +422,27 @@ def _point_problems(points: list[tuple[int, ModbusPoint]],
     return out
 
 
+def _register_point(prefix: str, type_: str, function: str, address: int) -> ModbusPoint:
+    """A register another point reads beside its own, as the planner reads it when no point of the device is
+    that register: a point of its own, read in the same poll as its dependants and never sent."""
+    return ModbusPoint(name=f"{prefix}.{function}.{address}", function=function, address=address,  # type: ignore[arg-type]
+                       type=type_)  # type: ignore[arg-type]
+
+
+def _read_as_is(point: ModbusPoint, type_: str) -> bool:
+    """A register point of `type_` taken as the device sends it (no scale, offset or register of its own to
+    apply): what an exponent (int16) or a roll-over counter (uint16) must be to serve another point."""
+    return point.type == type_ and point.function not in BIT_FUNCTIONS and point.scale == 1.0 \
+        and point.offset == 0.0 and not point.uses_other_register
+
+
 def scale_point(function: str, address: int) -> ModbusPoint:
-    """The exponent register a `scale_register` names, as the planner reads it: an int16 point of its own,
-    read in the same poll as its dependants and never sent."""
-    return ModbusPoint(name=f"sf.{function}.{address}", function=function, address=address,  # type: ignore[arg-type]
-                       type="int16")
+    """The exponent register a `scale_register` names: an int16."""
+    return _register_point("sf", "int16", function, address)
 
 
 def _is_exponent(point: ModbusPoint) -> bool:
-    return point.type == "int16" and point.function not in BIT_FUNCTIONS and point.scale == 1.0 \
-        and point.offset == 0.0 and not point.uses_other_register
+    return _read_as_is(point, "int16")
 
 
 def _scale_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]) -> list[tuple[str, str]]:
@@ -493,15 +504,12 @@ def _companion_problems(points: list[ModbusPoint], unreadable: list[UnreadableRa
 
 
 def carry_point(function: str, address: int) -> ModbusPoint:
-    """The roll-over counter a `carry_register` names, as the planner reads it: a uint16 point of its own, read
-    in the same poll as its dependants and never sent."""
-    return ModbusPoint(name=f"carry.{function}.{address}", function=function, address=address,  # type: ignore[arg-type]
-                       type="uint16")
+    """The roll-over counter a `carry_register` names: a uint16."""
+    return _register_point("carry", "uint16", function, address)
 
 
 def _is_carry(point: ModbusPoint) -> bool:
-    return point.type == "uint16" and point.function not in BIT_FUNCTIONS and point.scale == 1.0 \
-        and point.offset == 0.0 and not point.uses_other_register
+    return _read_as_is(point, "uint16")
 
 
 def _carry_problems(points: list[ModbusPoint], unreadable: list[UnreadableRange]) -> list[tuple[str, str]]:
